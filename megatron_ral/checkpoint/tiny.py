@@ -1,0 +1,236 @@
+"""Randomly initialised Qwen2.5-VL checkpoints in Hugging Face format, generated locally.
+
+`make_tiny_checkpoint(out_dir)` writes a directory that `transformers` loads offline:
+config.json, generation_config.json, model.safetensors (released key naming), a small byte-level BPE
+tokenizer carrying the real Qwen2.5-VL special tokens and chat template, and the image/video
+preprocessor configs of `Qwen2_5_VLProcessor`.
+
+Weights are drawn from a seeded generator in a fixed key order, so the same seed and config give the
+same bytes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_ral.checkpoint.tiny_tokenizer import (
+    CHAT_TEMPLATE,
+    build_tokenizer,
+    special_token_ids,
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Test model: GQA 2:1, head_dim 16 (mrope sections sum to 8), 3 layers (uneven PP split), untied.
+    "tiny": {
+        "text_config": {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-6,
+            "max_position_embeddings": 4096,
+            "rope_theta": 1000000.0,
+            "mrope_section": [2, 3, 3],
+        },
+        "vision_config": {
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "fullatt_block_indexes": [1],
+        },
+        "tie_word_embeddings": False,
+    },
+    # Benchmark / quickstart model: GQA 4:1, head_dim 32 (sections sum to 16), 4 layers, tied.
+    "small": {
+        "text_config": {
+            "hidden_size": 256,
+            "intermediate_size": 688,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-6,
+            "max_position_embeddings": 32768,
+            "rope_theta": 1000000.0,
+            "mrope_section": [4, 6, 6],
+        },
+        "vision_config": {
+            "depth": 4,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_heads": 4,
+            "fullatt_block_indexes": [1, 3],
+        },
+        "tie_word_embeddings": True,
+    },
+}
+
+# The embedding rows are padded to a multiple of this (the released vocab sizes are multiples of 128).
+VOCAB_MULTIPLE = 128
+
+# Vision settings shared by every preset (the released values).
+_VISION_COMMON = {
+    "hidden_act": "silu",
+    "in_channels": 3,
+    "patch_size": 14,
+    "temporal_patch_size": 2,
+    "spatial_merge_size": 2,
+    "window_size": 112,
+    "tokens_per_second": 2,
+}
+
+# Released Qwen2.5-VL preprocessor settings.
+_IMAGE_MIN_PIXELS = 56 * 56
+_IMAGE_MAX_PIXELS = 28 * 28 * 16384
+_VIDEO_MIN_PIXELS = 128 * 28 * 28
+_VIDEO_MAX_PIXELS = 768 * 28 * 28
+_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def build_config(preset: str = "tiny", config_overrides: dict | None = None, vocab_size: int | None = None,
+                 token_ids: dict[str, int] | None = None):
+    """The `Qwen2_5_VLConfig` of a preset, with overrides merged into text_config / vision_config / top level."""
+    from transformers import Qwen2_5_VLConfig
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    spec = _merge(PRESETS[preset], config_overrides or {})
+    text = dict(spec.pop("text_config"))
+    vision = _merge(_VISION_COMMON, spec.pop("vision_config"))
+    vision.setdefault("out_hidden_size", text["hidden_size"])
+    mrope_section = text.pop("mrope_section")
+    rope_theta = text.pop("rope_theta")
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    if sum(mrope_section) * 2 != head_dim:
+        raise ValueError(f"mrope_section {mrope_section} must sum to head_dim/2 = {head_dim // 2}")
+    if vocab_size is not None:
+        text.setdefault("vocab_size", vocab_size)
+    ids = token_ids or {}
+    text.setdefault("bos_token_id", ids.get("<|endoftext|>"))
+    text.setdefault("eos_token_id", ids.get("<|im_end|>"))
+    text.setdefault("pad_token_id", ids.get("<|endoftext|>"))
+    text["rope_parameters"] = {"rope_type": "default", "type": "mrope", "mrope_section": list(mrope_section),
+                               "rope_theta": float(rope_theta)}
+    text.setdefault("tie_word_embeddings", spec.get("tie_word_embeddings", False))
+    top = {
+        "image_token_id": ids.get("<|image_pad|>"),
+        "video_token_id": ids.get("<|video_pad|>"),
+        "vision_start_token_id": ids.get("<|vision_start|>"),
+        "vision_end_token_id": ids.get("<|vision_end|>"),
+    }
+    top = {k: v for k, v in top.items() if v is not None}
+    top.update(spec)
+    dtype = top.pop("dtype", top.pop("torch_dtype", "float32"))
+    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **top)
+    cfg.dtype = dtype
+    cfg.text_config.dtype = dtype
+    cfg.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    return cfg
+
+
+def _released_name(name: str) -> str:
+    """transformers-5 in-memory key -> key of the released checkpoints."""
+    if name.startswith("model.language_model."):
+        return "model." + name[len("model.language_model."):]
+    if name.startswith("model.visual."):
+        return "visual." + name[len("model.visual."):]
+    return name
+
+
+def _init_tensor(name: str, shape: torch.Size, gen: torch.Generator) -> torch.Tensor:
+    """One seeded tensor (float32). Scales keep activations O(1) so logits and attention are not flat."""
+    if name.endswith("norm.weight") or name.endswith("norm1.weight") or name.endswith("norm2.weight") \
+            or name.endswith("ln_q.weight"):
+        return 1.0 + 0.1 * torch.randn(shape, generator=gen)
+    if name.endswith(".bias"):
+        return 0.05 * torch.randn(shape, generator=gen)
+    if "embed_tokens" in name:
+        return torch.randn(shape, generator=gen)
+    fan_in = math.prod(shape[1:]) if len(shape) > 1 else shape[0]
+    return torch.randn(shape, generator=gen) / math.sqrt(fan_in)
+
+
+def random_state_dict(config, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Seeded weights for `config` under the released key naming (lm_head absent when tied)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    shapes = {_released_name(k): v.shape for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    gen = torch.Generator().manual_seed(int(seed))
+    return {name: _init_tensor(name, shapes[name], gen).to(dtype) for name in sorted(shapes)}
+
+
+def _write_processor(out: Path, tokenizer) -> None:
+    from transformers import Qwen2_5_VLProcessor
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    common = dict(patch_size=14, temporal_patch_size=2, merge_size=2, image_mean=_CLIP_MEAN, image_std=_CLIP_STD)
+    image_processor = Qwen2VLImageProcessor(min_pixels=_IMAGE_MIN_PIXELS, max_pixels=_IMAGE_MAX_PIXELS, **common)
+    video_processor = Qwen2VLVideoProcessor(min_pixels=_VIDEO_MIN_PIXELS, max_pixels=_VIDEO_MAX_PIXELS, **common)
+    processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                    video_processor=video_processor, chat_template=CHAT_TEMPLATE)
+    processor.save_pretrained(str(out))
+    # Standalone files as in the released checkpoints (AutoImageProcessor / AutoVideoProcessor read them too).
+    image_processor.save_pretrained(str(out))
+    video_processor.save_pretrained(str(out))
+
+
+def _write_generation_config(out: Path, ids: dict[str, int]) -> None:
+    gen = {
+        "bos_token_id": ids["<|endoftext|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+        "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+        "do_sample": False,
+    }
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+def make_tiny_checkpoint(out_dir: str | os.PathLike, preset: str = "tiny", seed: int = 0,
+                         config_overrides: dict | None = None) -> Path:
+    """Write a random HF Qwen2.5-VL checkpoint (weights, tokenizer, processor) to `out_dir`; return its path.
+
+    config_overrides merges into the preset: keys `text_config` / `vision_config` (dicts) go to the
+    sub-configs, anything else to the top level. A top-level `dtype` ("float32" default, "bfloat16",
+    "float16") selects the dtype the weights are stored in.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    ids = special_token_ids(tokenizer)
+    vocab_size = int(math.ceil(len(tokenizer) / VOCAB_MULTIPLE) * VOCAB_MULTIPLE)
+    config = build_config(preset, config_overrides, vocab_size=vocab_size, token_ids=ids)
+    if config.text_config.vocab_size < len(tokenizer):
+        raise ValueError(f"vocab_size {config.text_config.vocab_size} is smaller than the tokenizer ({len(tokenizer)})")
+    dtype = getattr(torch, str(config.dtype).replace("torch.", ""))
+
+    state = random_state_dict(config, seed=seed, dtype=dtype)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(str(out))
+    _write_generation_config(out, ids)
+    _write_processor(out, tokenizer)
+    return out
