@@ -1,0 +1,117 @@
+"""NVIDIA DALI video decoding of explicit frame indices.
+
+One pipeline serves both devices:
+- CPU (`device_id=None`): `fn.decoders.video` on the CPU backend, which decodes VP8, VP9 and MJPEG;
+  frames come back at their native size and are resized by the shared torch preprocessing.
+- GPU: the same decoder on the "mixed" backend (NVDEC: H.264, HEVC, VP8/VP9, AV1, MPEG-4, MJPEG),
+  followed by a bicubic antialiased `fn.resize` to the Qwen target size on the GPU.
+The frame indices are computed in Python (the Qwen rule) and fed per sample through `frames=`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from megatron_ral.data.errors import MediaError
+from megatron_ral.data.video.probe import VideoInfo
+
+CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
+GPU_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "av1", "mpeg4", "mjpeg"})
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def dali_codecs(device: str) -> frozenset[str]:
+    """Codecs DALI's video decoder handles on `device` ("cpu" | "gpu")."""
+    return GPU_CODECS if device == "gpu" else CPU_CODECS
+
+
+class DaliDecoder:
+    """Decodes explicit frame indices with a DALI pipeline built lazily in the calling process.
+
+    device: "cpu" or "gpu". On GPU `decode(..., size=(h, w))` also resizes on the device and returns
+    frames already at the target size; on CPU `size` is ignored and native frames are returned.
+    """
+
+    name = "dali"
+
+    def __init__(self, device: str = "cpu", device_id: int = 0, num_threads: int = 2):
+        if device not in ("cpu", "gpu"):
+            raise ValueError(f"DALI device must be 'cpu' or 'gpu', got {device!r}")
+        self.device = device
+        self.device_id = device_id
+        self.num_threads = num_threads
+        self._pipe = None
+
+    def can_decode(self, codec: str) -> bool:
+        return codec in dali_codecs(self.device)
+
+    @property
+    def resizes(self) -> bool:
+        """True when the decoder resizes frames itself (GPU path)."""
+        return self.device == "gpu"
+
+    def _build(self):
+        from nvidia.dali import fn, pipeline_def, types
+
+        gpu = self.device == "gpu"
+
+        @pipeline_def(
+            batch_size=1,
+            num_threads=self.num_threads,
+            device_id=self.device_id if gpu else None,
+            exec_dynamic=True,
+            prefetch_queue_depth=1,
+        )
+        def pipeline():
+            encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+            frames = fn.external_source(name="frames", dtype=types.INT32, ndim=1)
+            video = fn.decoders.video(encoded, frames=frames, device="mixed" if gpu else "cpu")
+            if gpu:
+                size = fn.external_source(name="size", dtype=types.FLOAT, ndim=1)
+                video = fn.resize(video, size=size, interp_type=types.INTERP_CUBIC, antialias=True)
+            return video
+
+        pipe = pipeline()
+        pipe.build()
+        return pipe
+
+    def decode(self, info: VideoInfo, indices: list[int], size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Return uint8 frames [len(indices), 3, H, W] in the order of `indices` (on the GPU for device="gpu")."""
+        if not indices:
+            raise ValueError("no frame indices to decode")
+        if min(indices) < 0 or max(indices) >= info.total_frames:
+            # DALI pads out-of-range indices with blank frames; never let that happen silently.
+            raise ValueError(f"frame indices out of range [0, {info.total_frames}) for {info.path}")
+        if not self.can_decode(info.codec):
+            raise ValueError(f"DALI on {self.device} cannot decode {info.codec} ({info.path})")
+        if self._pipe is None:
+            self._pipe = self._build()
+        pipe = self._pipe
+        encoded = np.fromfile(info.path, dtype=np.uint8)
+        pipe.feed_input("encoded", [encoded])
+        pipe.feed_input("frames", [np.asarray(indices, dtype=np.int32)])
+        if self.device == "gpu":
+            if size is None:
+                raise ValueError("the GPU path needs the target size")
+            pipe.feed_input("size", [np.asarray(size, dtype=np.float32)])
+        try:
+            (out,) = pipe.run()
+        except Exception as e:
+            raise MediaError("corrupt_media", info.path, f"DALI decode failed: {str(e).splitlines()[-1] if str(e) else e}") from e
+        if self.device == "gpu":
+            frames = torch.from_dlpack(out.as_tensor())
+        else:
+            frames = torch.from_numpy(np.array(out[0]))
+        if frames.dim() == 5:
+            frames = frames[0]
+        if frames.shape[0] != len(indices):
+            raise MediaError("truncated", info.path, f"DALI returned {frames.shape[0]} of {len(indices)} frames")
+        return frames.permute(0, 3, 1, 2).contiguous()

@@ -1,0 +1,92 @@
+"""Container probing: codec, size, frame count, fps and a frame index, without decoding pixels."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from megatron_ral.data.errors import MediaError
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What the decoders and the frame sampler need to know about a video file.
+
+    total_frames counts the stream's non-empty packets (one packet per displayed frame), so it does
+    not trust a container header that may be missing (WebM) or wrong (truncated files).
+    frame_pts: presentation timestamps in display order (frame i has pts frame_pts[i]), None when
+    the stream has none; keyframes: frame indices of keyframes (ascending).
+    """
+
+    path: str
+    codec: str
+    width: int
+    height: int
+    total_frames: int
+    fps: float
+    pix_fmt: str | None = None
+    frame_pts: list[int] | None = field(default=None, repr=False)
+    keyframes: list[int] = field(default_factory=list, repr=False)
+
+    @property
+    def duration(self) -> float:
+        return self.total_frames / self.fps
+
+
+def check_file(path: str) -> None:
+    """Raise MediaError('missing_file' | 'empty_file') for a path that cannot hold media."""
+    if not os.path.exists(path):
+        raise MediaError("missing_file", path, "no such file")
+    if not os.path.isfile(path):
+        raise MediaError("missing_file", path, "not a regular file")
+    if os.path.getsize(path) == 0:
+        raise MediaError("empty_file", path, "file is empty")
+
+
+def probe_video(path: str) -> VideoInfo:
+    """Demux (no decode) the first video stream of `path` with PyAV."""
+    import av
+
+    check_file(path)
+    try:
+        container = av.open(path)
+    except Exception as e:  # PyAV raises several error types for unreadable containers
+        raise MediaError("corrupt_media", path, f"cannot open container: {e}") from e
+    with container:
+        if not container.streams.video:
+            raise MediaError("no_frames", path, "no video stream")
+        stream = container.streams.video[0]
+        ctx = stream.codec_context
+        codec = ctx.name
+        width, height = ctx.width, ctx.height
+        pix_fmt = ctx.pix_fmt
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        pts: list[int | None] = []
+        keys: list[bool] = []
+        try:
+            for packet in container.demux(stream):
+                if packet.size == 0:
+                    continue
+                pts.append(packet.pts)
+                keys.append(bool(packet.is_keyframe))
+        except Exception as e:
+            if not pts:
+                raise MediaError("corrupt_media", path, f"cannot demux: {e}") from e
+            # A damaged tail: keep the packets read so far.
+    if not pts:
+        raise MediaError("no_frames", path, "video stream has no frames")
+    if not width or not height:
+        raise MediaError("corrupt_media", path, "video stream has no frame size")
+    fps = float(rate) if rate else 0.0
+    if fps <= 0:
+        raise MediaError("corrupt_media", path, "video stream has no frame rate")
+    frame_pts = None
+    keyframes = [0]
+    if all(p is not None for p in pts):
+        order = sorted(range(len(pts)), key=lambda i: pts[i])
+        frame_pts = [pts[i] for i in order]
+        if len(set(frame_pts)) == len(frame_pts):
+            keyframes = [rank for rank, i in enumerate(order) if keys[i]] or [0]
+        else:
+            frame_pts = None
+    return VideoInfo(path, codec, width, height, len(pts), fps, pix_fmt, frame_pts, keyframes)
