@@ -1,0 +1,261 @@
+"""Attention-policy rows from post-RoPE Q and K, with a memory-bounded custom backward.
+
+For query row r at key index t of sample b, with H the total number of query heads (all TP ranks),
+
+    alpha_h[t, i] = softmax_i( scale * q_h[t] . k_{g(h)}[i] + mask[t, i] )       (mask: i <= t, same
+                                                                                    segment, key valid)
+    abar[t, i]    = (1/H) sum_h alpha_h[t, i]
+    p[t, i]       = abar[t, i] / sum_{j < t} abar[t, j]     for allowed i < t, else 0
+
+(paper Eq. 2: the head mean comes first, then the own position is dropped and the row renormalised).
+g(h) = h // (H_local / H_kv_local) is the KV head shared by query group of head h (GQA).
+
+Tensor parallel: each rank holds H/TP query heads and H_kv/TP KV heads. It sums its local heads'
+probabilities, all-reduces the sum over the TP group, and normalises; the factor 1/H cancels in the
+renormalisation. The loss computed from p is replicated on every TP rank (Megatron convention), so the
+gradient dp is the same on all ranks and the backward of the all-reduce is the identity: each rank
+back-propagates the full dL/d(sum) into its own heads only.
+
+Memory. Forward keeps the output p [B, R, T] (compute dtype) plus per-head log-sum-exp [B, H_local, R];
+backward recomputes each head's probabilities chunk by chunk:
+
+    dS[t, i]    = mask_{i<t} (dp[t, i] - sum_j dp[t, j] p[t, j]) / Z_t,   Z_t = sum_{j<t} S[t, j]
+    dlogit_h    = alpha_h * (dS - rowsum(dS * alpha_h))          (softmax backward, per head)
+    dq_h        = scale * dlogit_h @ k_g,    dk_g += scale * dlogit_h^T @ q_h
+
+Nothing of size H x R x T or T x T is ever held; the workspace is a few [heads_per_group, rows, T]
+buffers sized by ``ChunkConfig.workspace_bytes``.
+
+Selective recompute: megatron's ``recompute_granularity="selective"`` (core_attn) runs core attention
+under ``torch.no_grad`` and replays it in backward. Calling the capture from inside that region yields
+rows without a graph, so the attention loss would silently get no gradient. The capture must run
+outside the recomputed region (on the Q and K the layer hands to core attention, before the
+checkpointed call) or the last layer must not use selective core-attention recompute. Pass
+``require_grad=True`` to turn the silent failure into an error.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from megatron_ral.attention.layout import RowLayout, allowed_keys
+
+
+@dataclass(frozen=True)
+class ChunkConfig:
+    """Chunking of the capture.
+
+    Attributes:
+        workspace_bytes: budget for the per-chunk buffers (about (heads per KV group + 4) x rows x T
+            elements of the compute dtype); the number of rows per chunk is derived from it.
+        max_rows: optional upper bound on rows per chunk (tests use small values to exercise chunking).
+    """
+
+    workspace_bytes: int = 256 * 2**20
+    max_rows: int | None = None
+
+    def rows_per_chunk(self, heads_per_group: int, num_keys: int, elem_size: int) -> int:
+        per_row = (heads_per_group + 4) * max(num_keys, 1) * elem_size + 3 * max(num_keys, 1)
+        rows = max(1, self.workspace_bytes // per_row)
+        if self.max_rows is not None:
+            rows = min(rows, self.max_rows)
+        return int(rows)
+
+
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32 (bf16/fp16 inputs are upcast)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _group_size(group: dist.ProcessGroup | None) -> int:
+    if group is None or not dist.is_available() or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group)
+
+
+def _key_range(layout: RowLayout, b: int, r0: int, r1: int) -> tuple[int, int] | None:
+    """Smallest key interval [k0, k1) containing every key visible to rows r0..r1-1; None if none."""
+    pos = layout.row_index[b, r0:r1].long()
+    if layout.row_valid is not None:
+        pos = pos[layout.row_valid[b, r0:r1]]
+    if pos.numel() == 0:
+        return None
+    k1 = int(pos.max()) + 1
+    k0 = 0
+    if layout.segment_ids is not None or layout.key_valid is not None:
+        vis = allowed_keys(layout, b, r0, r1, 0, k1, strict=False).any(0)
+        nz = torch.nonzero(vis)
+        if nz.numel() == 0:
+            return None
+        k0 = int(nz[0])
+    return k0, k1
+
+
+def _chunks(layout: RowLayout, b: int, num_rows: int, rows: int):
+    for r0 in range(0, num_rows, rows):
+        r1 = min(num_rows, r0 + rows)
+        rng = _key_range(layout, b, r0, r1)
+        if rng is not None:
+            yield r0, r1, rng[0], rng[1]
+
+
+def _head_probs(qg: Tensor, kg: Tensor, scale: float, support: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-head softmax probabilities [n, rows, keys] over ``support`` and their log-sum-exp [n, rows]."""
+    s = torch.matmul(qg, kg.transpose(0, 1))
+    s.mul_(scale).masked_fill_(~support, float("-inf"))
+    m = s.amax(dim=-1)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    s.sub_(m.unsqueeze(-1)).exp_()
+    z = s.sum(dim=-1)
+    z = torch.where(z > 0, z, torch.ones_like(z))
+    s.div_(z.unsqueeze(-1))
+    return s, m + torch.log(z)
+
+
+def _recompute_head_probs(qg: Tensor, kg: Tensor, scale: float, support: Tensor, lse: Tensor) -> Tensor:
+    s = torch.matmul(qg, kg.transpose(0, 1))
+    s.mul_(scale).masked_fill_(~support, float("-inf"))
+    return s.sub_(lse.unsqueeze(-1)).exp_()
+
+
+class _AttentionPolicy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, layout, scale, group, chunk):  # noqa: D401 - autograd signature
+        num_rows, batch, hq, d = q.shape
+        num_keys, _, hkv, _ = k.shape
+        n_rep = hq // hkv
+        cdt = compute_dtype(q, k)
+        rows = chunk.rows_per_chunk(n_rep, num_keys, torch.finfo(cdt).bits // 8)
+
+        out = torch.zeros(batch, num_rows, num_keys, dtype=cdt, device=q.device)
+        lse = torch.zeros(batch, hq, num_rows, dtype=cdt, device=q.device)
+        for b in range(batch):
+            qb = q[:, b].to(cdt).transpose(0, 1)  # [Hq, R, d]
+            kb = k[:, b].to(cdt).transpose(0, 1)  # [Hkv, T, d]
+            for r0, r1, k0, k1 in _chunks(layout, b, num_rows, rows):
+                support = allowed_keys(layout, b, r0, r1, k0, k1, strict=False)
+                acc = out[b, r0:r1, k0:k1]
+                for g in range(hkv):
+                    hs = slice(g * n_rep, (g + 1) * n_rep)
+                    probs, l = _head_probs(qb[hs, r0:r1], kb[g, k0:k1], scale, support)
+                    acc += probs.sum(dim=0)
+                    lse[b, hs, r0:r1] = l
+                    del probs
+
+        if _group_size(group) > 1:
+            dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+
+        # Drop the own position (and everything not before it), renormalise in place.
+        norm = torch.ones(batch, num_rows, dtype=cdt, device=q.device)
+        for b in range(batch):
+            for r0 in range(0, num_rows, rows):
+                r1 = min(num_rows, r0 + rows)
+                before = allowed_keys(layout, b, r0, r1, 0, num_keys, strict=True)
+                blk = out[b, r0:r1]
+                blk.masked_fill_(~before, 0.0)
+                z = blk.sum(dim=-1)
+                z = torch.where(z > 0, z, torch.ones_like(z))
+                blk.div_(z.unsqueeze(-1))
+                norm[b, r0:r1] = z
+
+        ctx.save_for_backward(q, k, out, lse, norm)
+        ctx.layout = layout
+        ctx.scale = scale
+        ctx.rows = rows
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, out, lse, norm = ctx.saved_tensors
+        layout, scale, rows = ctx.layout, ctx.scale, ctx.rows
+        num_rows, batch, hq, d = q.shape
+        num_keys, _, hkv, _ = k.shape
+        n_rep = hq // hkv
+        cdt = out.dtype
+
+        dq = torch.zeros(batch, hq, num_rows, d, dtype=cdt, device=q.device) if ctx.needs_input_grad[0] else None
+        dk = torch.zeros(batch, hkv, num_keys, d, dtype=cdt, device=k.device) if ctx.needs_input_grad[1] else None
+        if dq is None and dk is None:
+            return None, None, None, None, None, None
+
+        for b in range(batch):
+            qb = q[:, b].to(cdt).transpose(0, 1)
+            kb = k[:, b].to(cdt).transpose(0, 1)
+            for r0, r1, k0, k1 in _chunks(layout, b, num_rows, rows):
+                support = allowed_keys(layout, b, r0, r1, k0, k1, strict=False)
+                before = allowed_keys(layout, b, r0, r1, k0, k1, strict=True)
+                p_c = out[b, r0:r1, k0:k1]
+                dp_c = grad_out[b, r0:r1, k0:k1].to(cdt)
+                # Gradient w.r.t. the head sum S (renormalisation backward); p is zero outside [k0, k1).
+                inner = (dp_c * p_c).sum(dim=-1, keepdim=True)
+                ds_sum = (dp_c - inner).masked_fill_(~before, 0.0).div_(norm[b, r0:r1].unsqueeze(-1))
+                for g in range(hkv):
+                    hs = slice(g * n_rep, (g + 1) * n_rep)
+                    qg, kg = qb[hs, r0:r1], kb[g, k0:k1]
+                    probs = _recompute_head_probs(qg, kg, scale, support, lse[b, hs, r0:r1])
+                    for h in range(n_rep):  # softmax backward in place: probs_h <- probs_h * (dS - <dS, probs_h>)
+                        c = (probs[h] * ds_sum).sum(dim=-1, keepdim=True)
+                        probs[h].mul_(ds_sum - c)
+                    probs.mul_(scale)
+                    if dq is not None:
+                        dq[b, hs, r0:r1] += torch.matmul(probs, kg)
+                    if dk is not None:
+                        dk[b, g, k0:k1] += torch.matmul(
+                            probs.reshape(-1, k1 - k0).transpose(0, 1), qg.reshape(-1, d)
+                        )
+                    del probs
+
+        gq = None if dq is None else dq.permute(2, 0, 1, 3).to(q.dtype)
+        gk = None if dk is None else dk.permute(2, 0, 1, 3).to(k.dtype)
+        return gq, gk, None, None, None, None
+
+
+def attention_policy(
+    q: Tensor,
+    k: Tensor,
+    layout: RowLayout,
+    softmax_scale: float | None = None,
+    tp_group: dist.ProcessGroup | None = None,
+    chunk: ChunkConfig = ChunkConfig(),
+    require_grad: bool = False,
+) -> Tensor:
+    """Head-averaged, own-position-dropped attention policy rows p [B, R, T].
+
+    Args:
+        q: [R, B, H_local, d] post-RoPE queries of the captured rows only (see ``layout.gather_rows``).
+        k: [T, B, H_kv_local, d] post-RoPE keys of the whole sequence (H_local divisible by H_kv_local).
+        layout: row key indices and masks (:class:`RowLayout`).
+        softmax_scale: logit scale; default 1/sqrt(d).
+        tp_group: tensor-parallel group whose ranks hold the other heads; None for a single rank.
+        chunk: chunking / workspace budget.
+        require_grad: raise if autograd is disabled (e.g. inside a no_grad recompute region) although
+            the rows are meant for a loss.
+
+    Returns:
+        p: float32 (float64 for float64 inputs) [B, R, T]; row r sums to 1 over its keys i < t
+        (0 for invalid rows and rows without an earlier key). Differentiable w.r.t. q and k.
+    """
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"q must be [R, B, H, d] and k [T, B, H_kv, d]; got {tuple(q.shape)}, {tuple(k.shape)}")
+    num_rows, batch, hq, d = q.shape
+    num_keys, kb, hkv, kd = k.shape
+    if kb != batch or kd != d:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch or head dim")
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
+    if (layout.batch_size, layout.num_rows) != (batch, num_rows):
+        raise ValueError(f"layout is [B, R] = {(layout.batch_size, layout.num_rows)}, q gives {(batch, num_rows)}")
+    layout.validate(num_keys)
+    if require_grad and not torch.is_grad_enabled():
+        raise RuntimeError(
+            "attention_policy called with autograd disabled but require_grad=True: the capture must not run "
+            "inside a no_grad region such as megatron's selective core-attention recompute"
+        )
+    layout = layout.to(q.device)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(d)
+    return _AttentionPolicy.apply(q, k, layout, scale, tp_group, chunk)

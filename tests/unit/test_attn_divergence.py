@@ -1,0 +1,123 @@
+"""JSD / KL on attention rows: hand-computed values, the paper's gradient (§3.4), finite differences."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from megatron_ral.attention import aggregate_tokens, divergence, jsd, kl_divergence
+
+LN = math.log
+F64 = torch.float64
+
+
+def t(*v):
+    return torch.tensor(v, dtype=F64)
+
+
+def test_jsd_hand_computed():
+    # p = (1/2, 1/2, 0), q = (1/4, 1/4, 1/2): m = (3/8, 3/8, 1/4)
+    # KL(p||m) = 2 * 1/2 ln(4/3) = ln(4/3); KL(q||m) = 2 * 1/4 ln(2/3) + 1/2 ln 2
+    p, q = t(0.5, 0.5, 0.0), t(0.25, 0.25, 0.5)
+    expected = 0.5 * LN(4 / 3) + 0.5 * (0.5 * LN(2 / 3) + 0.5 * LN(2))
+    assert abs(float(jsd(p, q)) - expected) < 1e-15
+    assert abs(float(jsd(q, p)) - expected) < 1e-15
+
+
+def test_jsd_limits():
+    assert float(jsd(t(1.0, 0.0), t(0.0, 1.0))) == pytest.approx(LN(2), abs=1e-15)  # disjoint: ln 2
+    assert float(jsd(t(0.2, 0.8), t(0.2, 0.8))) == 0.0
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(50, 7, generator=g, dtype=F64) * 3, -1)
+    q = torch.softmax(torch.randn(50, 7, generator=g, dtype=F64) * 3, -1)
+    v = jsd(p, q)
+    assert v.shape == (50,)
+    assert bool((v >= 0).all()) and bool((v <= LN(2)).all())
+    assert torch.allclose(v, jsd(q, p), atol=1e-15)
+
+
+def test_kl_hand_computed_both_ways():
+    p, q = t(0.5, 0.5), t(0.25, 0.75)
+    assert float(kl_divergence(p, q)) == pytest.approx(0.5 * LN(2) + 0.5 * LN(2 / 3), abs=1e-15)
+    assert float(divergence("kl_reverse", p, q)) == pytest.approx(0.25 * LN(0.5) + 0.75 * LN(1.5), abs=1e-15)
+    assert float(divergence("kl", t(0.0, 1.0), t(0.5, 0.5))) == pytest.approx(LN(2), abs=1e-15)
+    assert math.isinf(float(kl_divergence(t(0.5, 0.5), t(1.0, 0.0))))
+    assert float(kl_divergence(t(0.5, 0.5), t(1.0, 0.0), eps=1e-30)) == pytest.approx(0.5 * LN(0.5 / 1e-30) + 0.5 * LN(0.5))
+    with pytest.raises(ValueError, match="unknown divergence"):
+        divergence("tv", p, q)
+
+
+def test_mask_ignores_positions():
+    p, q = t(0.5, 0.5, 0.3), t(0.25, 0.75, 0.9)
+    mask = torch.tensor([True, True, False])
+    assert float(jsd(p, q, mask)) == pytest.approx(float(jsd(p[:2], q[:2])), abs=1e-15)
+    assert float(kl_divergence(p, q, mask)) == pytest.approx(float(kl_divergence(p[:2], q[:2])), abs=1e-15)
+
+
+def test_jsd_gradient_matches_paper_expression():
+    g = torch.Generator().manual_seed(1)
+    p = torch.rand(4, 9, generator=g, dtype=F64).add_(0.05).requires_grad_()
+    q = torch.rand(4, 9, generator=g, dtype=F64).add_(0.05)
+    (grad,) = torch.autograd.grad(jsd(p, q).sum(), (p,))
+    paper = 0.5 * torch.log(2 * p / (p + q))
+    assert torch.allclose(grad, paper.detach(), rtol=0, atol=1e-14)
+
+
+def test_jsd_gradient_through_softmax_matches_paper_expression():
+    g = torch.Generator().manual_seed(2)
+    e = torch.randn(3, 8, generator=g, dtype=F64).requires_grad_()
+    q = torch.softmax(torch.randn(3, 8, generator=g, dtype=F64), -1)
+    p = torch.softmax(e, -1)
+    (grad,) = torch.autograd.grad(jsd(p, q).sum(), (e,))
+    p = p.detach()
+    dj_dp = 0.5 * torch.log(2 * p / (p + q))
+    paper = p * (dj_dp - (p * dj_dp).sum(-1, keepdim=True))
+    assert torch.allclose(grad, paper, rtol=0, atol=1e-14)
+
+
+def test_gradcheck_finite_differences():
+    g = torch.Generator().manual_seed(3)
+    p = torch.rand(2, 5, generator=g, dtype=F64).add_(0.1).requires_grad_()
+    q = torch.rand(2, 5, generator=g, dtype=F64).add_(0.1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: jsd(a, b), (p, q))
+    assert torch.autograd.gradcheck(lambda a, b: kl_divergence(a, b), (p, q))
+    assert torch.autograd.gradcheck(lambda a, b: kl_divergence(b, a), (p, q))
+
+
+def test_zero_probabilities_give_finite_gradients():
+    # Rows from a masked softmax contain exact zeros; no NaN/inf may reach the logits.
+    g = torch.Generator().manual_seed(4)
+    e = torch.randn(3, 6, generator=g, dtype=F64)
+    allowed = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0], [1, 0, 1, 0, 1, 1]], dtype=torch.bool)
+    e = e.masked_fill(~allowed, float("-inf")).requires_grad_()
+    q = torch.softmax(torch.randn(3, 6, generator=g, dtype=F64).masked_fill(~allowed, float("-inf")), -1)
+    q[0, 1] = 0.0  # a zero in q where p > 0
+    q = q / q.sum(-1, keepdim=True)
+    for fn in (jsd, lambda a, b: kl_divergence(b, a)):
+        (grad,) = torch.autograd.grad(fn(torch.softmax(e, -1), q).sum(), (e,))
+        assert torch.isfinite(grad).all()
+        assert float(grad[~allowed].abs().max()) == 0.0
+    # finite differences on the allowed logits only (masked ones stay -inf)
+    base = e.detach()
+
+    def f(vals):
+        full = base.clone()
+        full[allowed] = vals
+        return jsd(torch.softmax(full, -1), q)
+
+    assert torch.autograd.gradcheck(f, (base[allowed].clone().requires_grad_(),))
+
+
+def test_aggregate_tokens_hand_computed():
+    v = t(1.0, 2.0, 3.0, 4.0).view(2, 2)
+    mask = torch.tensor([[True, True], [True, False]])
+    w = t(2.0, 2.0, -1.0, 5.0).view(2, 2)
+    assert float(aggregate_tokens(v, mask)) == pytest.approx(2.0)  # (1 + 2 + 3) / 3
+    assert float(aggregate_tokens(v, mask, "sum")) == pytest.approx(6.0)
+    assert float(aggregate_tokens(v, mask, weights=w)) == pytest.approx((2 + 4 - 3) / 3)
+    assert float(aggregate_tokens(v)) == pytest.approx(2.5)
+    assert float(aggregate_tokens(v, torch.zeros(2, 2, dtype=torch.bool))) == 0.0
+    with pytest.raises(ValueError, match="token aggregation"):
+        aggregate_tokens(v, mask, "seq_mean")
