@@ -1,0 +1,121 @@
+"""Layer specs of the Qwen2.5-VL language model (Qwen2 decoder layers) for megatron-core.
+
+Two backends build the same parameters:
+- ``local``: megatron-core's pure-torch modules (``input_layernorm`` / ``pre_mlp_layernorm`` are
+  separate torch RMSNorms); runs on CPU.
+- ``te``: Transformer Engine modules; the norms are fused into ``linear_qkv`` / ``linear_fc1``
+  (``...linear_qkv.layer_norm_weight``, ``...linear_fc1.layer_norm_weight``).
+
+``auto`` picks ``te`` when Transformer Engine imports and CUDA is available, else ``local``.
+
+The spec of the LAST decoder layer can get its own core attention module (the place where an
+attention-capture variant reads the post-RoPE queries and keys of the last layer): pass
+``last_layer_core_attention`` (a module class or a ModuleSpec built like megatron's
+``DotProductAttention`` / ``TEDotProductAttention``, same constructor and forward signature).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Literal
+
+import torch
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+Backend = Literal["auto", "local", "te"]
+
+
+def transformer_engine_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+
+        from megatron.core.extensions.transformer_engine import TENorm  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def resolve_backend(backend: Backend = "auto") -> Literal["local", "te"]:
+    """'auto' -> 'te' if Transformer Engine imports and CUDA is present, else 'local'."""
+    if backend == "auto":
+        return "te" if (torch.cuda.is_available() and transformer_engine_available()) else "local"
+    if backend == "te" and not transformer_engine_available():
+        raise RuntimeError("layer spec backend 'te' requested but transformer_engine is not importable")
+    if backend not in ("local", "te"):
+        raise ValueError(f"unknown layer spec backend {backend!r}; choose 'auto', 'local' or 'te'")
+    return backend
+
+
+def qwen2_layer_spec(backend: Literal["local", "te"]) -> ModuleSpec:
+    """Spec of one Qwen2 decoder layer (RMSNorm, QKV-biased GQA attention, SwiGLU MLP).
+
+    The biases, GLU and norm type come from the TransformerConfig (add_qkv_bias=True,
+    add_bias_linear=False, gated_linear_unit=True, normalization='RMSNorm').
+    """
+    if backend == "te":
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
+    return get_gpt_layer_local_spec(qk_layernorm=False, normalization="RMSNorm")
+
+
+def final_norm_spec(backend: Literal["local", "te"]):
+    if backend == "te":
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        return TENorm
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    return WrappedTorchNorm
+
+
+def with_core_attention(layer_spec: ModuleSpec, core_attention) -> ModuleSpec:
+    """A copy of ``layer_spec`` whose self-attention uses ``core_attention``."""
+    spec = copy.deepcopy(layer_spec)
+    attn = spec.submodules.self_attention
+    attn.submodules = dataclasses.replace(attn.submodules, core_attention=core_attention)
+    return spec
+
+
+def decoder_layer_specs(
+    config: TransformerConfig, backend: Literal["local", "te"], last_layer_core_attention=None
+) -> list[ModuleSpec]:
+    """Specs of all ``config.num_layers`` decoder layers (global order)."""
+    base = qwen2_layer_spec(backend)
+    specs = [base] * config.num_layers
+    if last_layer_core_attention is not None:
+        specs[-1] = with_core_attention(base, last_layer_core_attention)
+    return specs
+
+
+def decoder_block_spec(
+    config: TransformerConfig,
+    backend: Backend = "auto",
+    last_layer_core_attention=None,
+    vp_stage: int | None = None,
+    pp_rank: int | None = None,
+) -> TransformerBlockSubmodules:
+    """The decoder-block spec holding the layers of this pipeline stage."""
+    backend = resolve_backend(backend)
+    specs = decoder_layer_specs(config, backend, last_layer_core_attention)
+    n_local = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    layout = config.pipeline_model_parallel_layout
+    if layout is not None:
+        from megatron.core.transformer.enums import LayerType
+
+        ids = layout.get_layer_id_list(layer_type=LayerType.decoder, vp_stage=vp_stage, pp_rank=pp_rank)
+        local = [specs[i] for i in ids]
+    else:
+        offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
+        local = specs[offset : offset + n_local]
+    return TransformerBlockSubmodules(layer_specs=local, layer_norm=final_norm_spec(backend))

@@ -1,0 +1,241 @@
+"""Qwen2.5-VL on megatron-core: frozen vision tower + GPTModel language model with M-RoPE.
+
+Parameter names (see contracts): ``vision_model.*`` = HF ``visual.*`` (first pipeline stage only),
+``language_model.*`` = megatron GPTModel names.
+
+Pipeline parallelism: every stage gets the same batch (input_ids, grids, ...) so that each stage
+computes the M-RoPE position ids itself; the first stage embeds tokens and vision features, later
+stages take the previous stage's hidden states through :meth:`set_input_tensor`.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.enums import ModelType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_ral.models.qwen25vl.provider import LMArchitecture, padded_vocab_size
+from megatron_ral.models.qwen25vl.rope_index import RopeIndexConfig, get_rope_index
+from megatron_ral.models.qwen25vl.vision import (
+    VisionEmbeddings,
+    build_vision_tower,
+    encode_vision,
+    merge_vision_embeddings,
+)
+
+
+def attention_mask_from_padding(padding_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Megatron attention mask from an HF (B, S) padding mask (1 = real token).
+
+    Returns None (plain causal attention) when there is no padding or the padding is only on the
+    right: causal attention is then exact for every real token. Otherwise a (B, 1, S, S) bool mask,
+    True = masked: the causal upper triangle plus every padding key.
+    """
+    if padding_mask is None:
+        return None
+    keep = padding_mask.bool()
+    if keep.all():
+        return None
+    # right padding only: each row is 1...1 0...0
+    if not (keep[:, 1:] & ~keep[:, :-1]).any():
+        return None
+    seq = keep.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=keep.device).triu(1)
+    return causal[None, None] | ~keep[:, None, None, :]
+
+
+class Qwen25VLModel(MegatronModule):
+    """Vision tower (first stage) + megatron GPTModel decoder with M-RoPE."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        hf_config,
+        block_spec: TransformerBlockSubmodules,
+        pre_process: bool = True,
+        post_process: bool = True,
+        vision_attn_implementation: str = "sdpa",
+        rope_text_after_vision: str = "max_position",
+        vp_stage: int | None = None,
+        parallel_output: bool = True,
+        backend: str = "local",
+    ) -> None:
+        super().__init__(config=config)
+        arch = LMArchitecture.from_hf(hf_config)
+        self.hf_config = hf_config
+        self.arch = arch
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.vp_stage = vp_stage
+        self.model_type = ModelType.encoder_or_decoder
+        self.vocab_size = arch.vocab_size
+        self.padded_vocab_size = padded_vocab_size(arch.vocab_size, config.tensor_model_parallel_size)
+        self.share_embeddings_and_output_weights = arch.tie_word_embeddings
+        self.image_token_id = int(hf_config.image_token_id)
+        self.video_token_id = int(hf_config.video_token_id)
+        self.rope_config = RopeIndexConfig.from_hf_config(hf_config, text_after_vision=rope_text_after_vision)
+        self.backend = backend
+
+        self.vision_model = None
+        if pre_process:
+            self.vision_model = build_vision_tower(
+                hf_config.vision_config, attn_implementation=vision_attn_implementation,
+                dtype=config.params_dtype,
+            )
+            if torch.cuda.is_available():
+                self.vision_model.cuda(torch.cuda.current_device())
+
+        self.language_model = GPTModel(
+            config=config,
+            transformer_layer_spec=block_spec,
+            vocab_size=self.padded_vocab_size,
+            max_sequence_length=arch.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=parallel_output,
+            share_embeddings_and_output_weights=arch.tie_word_embeddings,
+            position_embedding_type="mrope",
+            rotary_base=arch.rope_theta,
+            scatter_embedding_sequence_parallel=False,
+            vp_stage=vp_stage,
+        )
+
+    # ------------------------------------------------------------------ megatron plumbing
+    def set_input_tensor(self, input_tensor) -> None:
+        self.language_model.set_input_tensor(input_tensor)
+
+    def shared_embedding_or_output_weight(self):
+        return self.language_model.shared_embedding_or_output_weight()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.vision_model is not None:
+            self.vision_model.eval()  # the tower is frozen
+        return self
+
+    # ------------------------------------------------------------------ inputs
+    def compute_position_ids(
+        self,
+        input_ids: torch.Tensor,
+        image_grid_thw: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(3, B, S) M-RoPE position ids and (B, 1) rope deltas of a prompt batch."""
+        return get_rope_index(
+            input_ids, self.rope_config, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
+            second_per_grid_ts=second_per_grid_ts, attention_mask=attention_mask,
+        )
+
+    def encode_vision(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+    ) -> VisionEmbeddings:
+        """Vision features of a batch (first pipeline stage only); reusable across responses."""
+        if self.vision_model is None:
+            raise RuntimeError("encode_vision is only available on the first pipeline stage")
+        return encode_vision(self.vision_model, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+
+    def embed(self, input_ids: torch.Tensor, vision_embeddings: VisionEmbeddings | None) -> torch.Tensor:
+        """(S, B, H) decoder input: token embeddings with vision features merged in."""
+        emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)
+        if vision_embeddings is not None:
+            emb = merge_vision_embeddings(
+                emb, input_ids, vision_embeddings.to(device=emb.device, dtype=emb.dtype),
+                self.image_token_id, self.video_token_id,
+            )
+        else:
+            n_vis = int(((input_ids == self.image_token_id) | (input_ids == self.video_token_id)).sum())
+            if n_vis and input_ids.shape[1] > 1:
+                raise ValueError(
+                    f"input_ids hold {n_vis} image/video placeholder tokens but no pixel values or vision embeddings were given"
+                )
+        if self.config.sequence_parallel:
+            emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
+        return emb
+
+    def mask_padded_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """Set the logits of padded vocabulary entries (index >= vocab_size) to the dtype minimum."""
+        if self.padded_vocab_size == self.vocab_size:
+            return logits
+        width = logits.shape[-1]
+        if width == self.padded_vocab_size:
+            start = 0
+        else:
+            start = parallel_state.get_tensor_model_parallel_rank() * width
+        cols = torch.arange(start, start + width, device=logits.device)
+        return logits.masked_fill(cols >= self.vocab_size, torch.finfo(logits.dtype).min)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        vision_embeddings: VisionEmbeddings | None = None,
+        inference_context=None,
+        runtime_gather_output: bool | None = None,
+        packed_seq_params=None,
+        extra_block_kwargs: dict | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, S, V) — vocab-sharded over TP unless gathered — or per-token loss (B, S)
+        when ``labels`` are given; on non-last pipeline stages the hidden states (S, B, H).
+
+        ``attention_mask``: an HF (B, S) padding mask (1 = real token), a megatron (B, 1, S, S)
+        bool mask (True = masked), or None (causal). ``position_ids`` (3, B, S) are computed from
+        input_ids / grids / second_per_grid_ts / padding when None (prompt-style inputs; pass them
+        explicitly for KV-cache decode steps). ``vision_embeddings`` replaces pixel inputs with
+        features from :meth:`encode_vision` (e.g. computed once for G responses of a prompt).
+        """
+        padding_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+        if position_ids is None:
+            position_ids, _ = self.compute_position_ids(
+                input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, padding_mask
+            )
+        if padding_mask is not None:
+            attention_mask = attention_mask_from_padding(padding_mask)
+            if attention_mask is not None and self.backend == "te":
+                raise NotImplementedError(
+                    "left/inner padding masks are not supported with the Transformer Engine spec; "
+                    "right-pad the batch (causal attention is then exact for real tokens)"
+                )
+
+        decoder_input = None
+        if self.pre_process:
+            if vision_embeddings is None and (pixel_values is not None or pixel_values_videos is not None):
+                vision_embeddings = self.encode_vision(
+                    pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
+                )
+            decoder_input = self.embed(input_ids, vision_embeddings)
+
+        output = self.language_model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            decoder_input=decoder_input,
+            labels=None,
+            inference_context=inference_context,
+            runtime_gather_output=False if labels is not None else runtime_gather_output,
+            packed_seq_params=packed_seq_params,
+            extra_block_kwargs=extra_block_kwargs,
+        )
+        if not self.post_process:
+            return output
+        logits = self.mask_padded_vocab(output)
+        if labels is None:
+            return logits
+        return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)

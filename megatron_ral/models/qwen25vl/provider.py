@@ -1,0 +1,256 @@
+"""Build the megatron-core Qwen2.5-VL model from a Hugging Face ``config.json`` alone.
+
+``load_hf_config`` reads the HF config (directory, file, dict or config object);
+``transformer_config_from_hf`` maps it to a megatron ``TransformerConfig``;
+``build_model`` builds the :class:`Qwen25VLModel` of this rank's pipeline stage.
+
+Vocabulary padding: the embedding / output layer have ``padded_vocab_size(V, tp)`` rows, the
+smallest multiple of lcm(128, tp) that is >= V. The released vocabularies (151936, 152064) and the
+tiny checkpoints are multiples of 128 already, so nothing is padded for power-of-two TP <= 128,
+and the padded size does not depend on TP in that range (checkpoints stay layout-free). Padded
+rows are zero in converted checkpoints and their logits are masked to -inf by the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+VOCAB_PAD_MULTIPLE = 128
+
+
+def load_hf_config(source: Any):
+    """A transformers ``Qwen2_5_VLConfig`` from a checkpoint dir, a config.json path, a dict or a config."""
+    from transformers import Qwen2_5_VLConfig
+
+    if isinstance(source, Qwen2_5_VLConfig):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no HF config.json at {path}")
+        with open(path) as f:
+            source = json.load(f)
+    if not isinstance(source, dict):
+        raise TypeError(f"cannot read a Qwen2.5-VL config from {type(source).__name__}")
+    model_type = source.get("model_type")
+    if model_type not in (None, "qwen2_5_vl"):
+        raise ValueError(
+            f"unsupported model_type {model_type!r}: this model implements Qwen2.5-VL ('qwen2_5_vl') only"
+        )
+    return Qwen2_5_VLConfig.from_dict(source)
+
+
+def padded_vocab_size(vocab_size: int, tensor_parallel_size: int = 1, multiple: int = VOCAB_PAD_MULTIPLE) -> int:
+    """Smallest multiple of lcm(multiple, tp) >= vocab_size."""
+    step = math.lcm(multiple, tensor_parallel_size)
+    return int(math.ceil(vocab_size / step) * step)
+
+
+def _rope_params(text_config) -> tuple[float, list[int]]:
+    params = getattr(text_config, "rope_parameters", None) or {}
+    scaling = getattr(text_config, "rope_scaling", None) or {}
+    theta = params.get("rope_theta", getattr(text_config, "rope_theta", None))
+    section = params.get("mrope_section", scaling.get("mrope_section"))
+    if theta is None:
+        raise ValueError("HF text_config has no rope_theta")
+    if section is None:
+        raise ValueError("HF text_config has no mrope_section (rope_parameters / rope_scaling)")
+    return float(theta), [int(s) for s in section]
+
+
+@dataclass(frozen=True)
+class LMArchitecture:
+    """The language-model facts read from an HF Qwen2.5-VL config."""
+
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    kv_channels: int
+    rms_norm_eps: float
+    rope_theta: float
+    mrope_section: list[int]
+    vocab_size: int
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    hidden_act: str
+    init_std: float = 0.02
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_hf(cls, hf_config) -> "LMArchitecture":
+        t = hf_config.text_config
+        head_dim = t.hidden_size // t.num_attention_heads
+        if getattr(t, "head_dim", None) not in (None, head_dim):
+            raise ValueError(f"head_dim {t.head_dim} != hidden_size / num_attention_heads = {head_dim}")
+        theta, section = _rope_params(t)
+        if 2 * sum(section) != head_dim:
+            raise ValueError(f"mrope_section {section} must sum to head_dim / 2 = {head_dim // 2}")
+        if getattr(t, "use_sliding_window", False):
+            raise ValueError("sliding-window attention (use_sliding_window=true) is not supported")
+        return cls(
+            num_layers=t.num_hidden_layers,
+            hidden_size=t.hidden_size,
+            ffn_hidden_size=t.intermediate_size,
+            num_attention_heads=t.num_attention_heads,
+            num_query_groups=t.num_key_value_heads or t.num_attention_heads,
+            kv_channels=head_dim,
+            rms_norm_eps=float(t.rms_norm_eps),
+            rope_theta=theta,
+            mrope_section=section,
+            vocab_size=t.vocab_size,
+            max_position_embeddings=t.max_position_embeddings,
+            tie_word_embeddings=bool(hf_config.tie_word_embeddings),
+            hidden_act=t.hidden_act,
+            init_std=float(getattr(t, "initializer_range", 0.02)),
+        )
+
+
+def default_dtype() -> torch.dtype:
+    """bf16 on GPU, fp32 on CPU."""
+    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+
+
+def pipeline_layout(split: list[int] | None, num_layers: int, pp_size: int):
+    """Megatron ``pipeline_model_parallel_layout`` for an explicit per-stage layer count list."""
+    if split is None:
+        return None
+    split = [int(n) for n in split]
+    if len(split) != pp_size:
+        raise ValueError(f"pipeline_layer_split {split} has {len(split)} entries for {pp_size} pipeline stages")
+    if sum(split) != num_layers or min(split) < 0:
+        raise ValueError(f"pipeline_layer_split {split} must be non-negative and sum to num_layers={num_layers}")
+    stages = [["decoder"] * n for n in split]
+    stages[0] = ["embedding"] + stages[0]
+    stages[-1] = stages[-1] + ["loss"]
+    return stages
+
+
+def transformer_config_from_hf(
+    hf_config,
+    parallel=None,
+    dtype: torch.dtype | None = None,
+    **overrides,
+) -> TransformerConfig:
+    """Megatron TransformerConfig of the Qwen2.5-VL language model.
+
+    ``parallel``: a ParallelConfig (tensor/pipeline/context parallel sizes, sequence_parallel,
+    pipeline_layer_split); None means a single rank. ``dtype``: parameter dtype (default bf16 on GPU,
+    fp32 on CPU). ``overrides`` are passed to TransformerConfig last (e.g. recompute settings).
+    """
+    hf_config = load_hf_config(hf_config)
+    arch = LMArchitecture.from_hf(hf_config)
+    if arch.hidden_act != "silu":
+        raise ValueError(f"hidden_act {arch.hidden_act!r} unsupported (Qwen2.5-VL uses silu)")
+    dtype = dtype or default_dtype()
+    tp = getattr(parallel, "tensor_model_parallel_size", 1) if parallel is not None else 1
+    pp = getattr(parallel, "pipeline_model_parallel_size", 1) if parallel is not None else 1
+    cp = getattr(parallel, "context_parallel_size", 1) if parallel is not None else 1
+    sp = bool(getattr(parallel, "sequence_parallel", False)) if parallel is not None else False
+    split = getattr(parallel, "pipeline_layer_split", None) if parallel is not None else None
+    if arch.num_attention_heads % tp or arch.num_query_groups % tp:
+        raise ValueError(
+            f"tensor_model_parallel_size={tp} must divide the attention heads ({arch.num_attention_heads}) "
+            f"and KV heads ({arch.num_query_groups})"
+        )
+    kwargs: dict[str, Any] = dict(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        mrope_section=list(arch.mrope_section),
+        rotary_interleaved=False,
+        init_method_std=arch.init_std,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
+        sequence_parallel=sp,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        attention_softmax_in_fp32=True,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        # micro-batches may differ in length (RL rollouts); the pipeline then exchanges shapes.
+        # (megatron rejects this flag with its default MoE dispatcher, unused by this dense model)
+        variable_seq_lengths=True,
+        moe_token_dispatcher_type="alltoall",
+    )
+    if split is not None:
+        kwargs["pipeline_model_parallel_layout"] = pipeline_layout(split, arch.num_layers, pp)
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def build_model(
+    hf_config,
+    parallel=None,
+    *,
+    backend: str = "auto",
+    dtype: torch.dtype | None = None,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    last_layer_core_attention=None,
+    vision_attn_implementation: str = "sdpa",
+    rope_text_after_vision: str = "max_position",
+    vp_stage: int | None = None,
+    **config_overrides,
+):
+    """The Qwen25VLModel of this rank's pipeline stage (megatron parallel_state must be initialized).
+
+    pre_process / post_process default to whether this rank is the first / last pipeline stage.
+    ``last_layer_core_attention``: core-attention module for the last decoder layer (see layer_specs).
+    """
+    from megatron.core import parallel_state
+
+    from megatron_ral.models.qwen25vl.layer_specs import decoder_block_spec, resolve_backend
+    from megatron_ral.models.qwen25vl.model import Qwen25VLModel
+
+    hf_config = load_hf_config(hf_config)
+    backend = resolve_backend(backend)
+    config = transformer_config_from_hf(hf_config, parallel, dtype=dtype, **config_overrides)
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    block_spec = decoder_block_spec(
+        config, backend, last_layer_core_attention=last_layer_core_attention, vp_stage=vp_stage
+    )
+    return Qwen25VLModel(
+        config=config,
+        hf_config=hf_config,
+        block_spec=block_spec,
+        pre_process=pre_process,
+        post_process=post_process,
+        vision_attn_implementation=vision_attn_implementation,
+        rope_text_after_vision=rope_text_after_vision,
+        vp_stage=vp_stage,
+        backend=backend,
+    )
