@@ -8,10 +8,11 @@ Two backends build the same parameters:
 
 ``auto`` picks ``te`` when Transformer Engine imports and CUDA is available, else ``local``.
 
-The spec of the LAST decoder layer can get its own core attention module (the place where an
-attention-capture variant reads the post-RoPE queries and keys of the last layer): pass
-``last_layer_core_attention`` (a module class or a ModuleSpec built like megatron's
-``DotProductAttention`` / ``TEDotProductAttention``, same constructor and forward signature).
+The LAST decoder layer gets its own core attention module, the place where the attention policy
+is read from the post-RoPE queries and keys: by default (``last_layer_core_attention="capture"``)
+the backend's core attention with a capture hook (see capture.py; no cost while no hook is set).
+Pass None for the plain module, or any module class / ModuleSpec with the constructor and forward
+signature of megatron's ``DotProductAttention`` / ``TEDotProductAttention``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+from megatron_ral.models.qwen25vl.capture import capture_core_attention
 
 Backend = Literal["auto", "local", "te"]
 
@@ -88,11 +91,17 @@ def with_core_attention(layer_spec: ModuleSpec, core_attention) -> ModuleSpec:
 
 
 def decoder_layer_specs(
-    config: TransformerConfig, backend: Literal["local", "te"], last_layer_core_attention=None
+    config: TransformerConfig, backend: Literal["local", "te"], last_layer_core_attention="capture"
 ) -> list[ModuleSpec]:
     """Specs of all ``config.num_layers`` decoder layers (global order)."""
     base = qwen2_layer_spec(backend)
     specs = [base] * config.num_layers
+    if last_layer_core_attention == "capture":
+        plain = base.submodules.self_attention.submodules.core_attention
+        if isinstance(plain, ModuleSpec):
+            last_layer_core_attention = dataclasses.replace(plain, module=capture_core_attention(plain.module))
+        else:
+            last_layer_core_attention = capture_core_attention(plain)
     if last_layer_core_attention is not None:
         specs[-1] = with_core_attention(base, last_layer_core_attention)
     return specs
@@ -101,7 +110,7 @@ def decoder_layer_specs(
 def decoder_block_spec(
     config: TransformerConfig,
     backend: Backend = "auto",
-    last_layer_core_attention=None,
+    last_layer_core_attention="capture",
     vp_stage: int | None = None,
     pp_rank: int | None = None,
 ) -> TransformerBlockSubmodules:

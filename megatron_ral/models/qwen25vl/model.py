@@ -111,6 +111,15 @@ class Qwen25VLModel(MegatronModule):
     def shared_embedding_or_output_weight(self):
         return self.language_model.shared_embedding_or_output_weight()
 
+    def last_layer_core_attention(self):
+        """Core attention of the model's last decoder layer if this rank holds it, else None."""
+        if not self.post_process:
+            return None
+        layers = self.language_model.decoder.layers
+        if len(layers) == 0 or layers[-1].layer_number != self.config.num_layers:
+            return None
+        return layers[-1].self_attention.core_attention
+
     def train(self, mode: bool = True):
         super().train(mode)
         if self.vision_model is not None:

@@ -217,7 +217,7 @@ def build_model(
     dtype: torch.dtype | None = None,
     pre_process: bool | None = None,
     post_process: bool | None = None,
-    last_layer_core_attention=None,
+    last_layer_core_attention="capture",
     vision_attn_implementation: str = "sdpa",
     rope_text_after_vision: str = "max_position",
     vp_stage: int | None = None,
@@ -226,7 +226,8 @@ def build_model(
     """The Qwen25VLModel of this rank's pipeline stage (megatron parallel_state must be initialized).
 
     pre_process / post_process default to whether this rank is the first / last pipeline stage.
-    ``last_layer_core_attention``: core-attention module for the last decoder layer (see layer_specs).
+    ``last_layer_core_attention``: core attention of the last decoder layer; "capture" (default) is
+    the backend's module with a capture hook (capture.py), None the plain one (see layer_specs).
     """
     from megatron.core import parallel_state
 
