@@ -141,9 +141,10 @@ def task_count(rng, spec):
         for i in range(appear[k], n):
             _square(frames[i], y, x, size, COLORS[colors[k]])
     times = ", ".join(f"{appear[k] / spec.video_fps:.1f}s" for k in range(count))
+    noun = "square" if count == 1 else "squares"
     process = (
         f"<think>I count the squares as they appear: new ones show up at {times}. "
-        f"No square disappears, and the last frame shows {count} of them. So {count} shapes appear.</think>"
+        f"No square disappears, and the last frame shows {count} {noun}. So {count} {noun} appear in total.</think>"
     )
     return frames, "How many squares appear in the video in total?", "numerical", [], str(count), process
 
@@ -184,7 +185,8 @@ def image_count(rng, spec):
     slots = [(y, x) for y in (spec.height // 8, spec.height // 2 + spec.height // 8) for x in (spec.width // 8, spec.width // 2 + spec.width // 8)]
     for k in rng.permutation(len(slots))[:count]:
         _square(img, *slots[k], size, COLORS[rng.choice(list(COLORS))])
-    process = f"<think>I look at each corner region of the image and find a square in {count} of them, so there are {count} squares.</think>"
+    noun = "square" if count == 1 else "squares"
+    process = f"<think>I look at each corner region of the image and find a square in {count} of them, so there {'is' if count == 1 else 'are'} {count} {noun}.</think>"
     return img, "How many squares are in the image?", "numerical", [], str(count), process
 
 
