@@ -1,0 +1,10 @@
+"""The one error type a bad configuration raises."""
+
+
+class ConfigError(ValueError):
+    """A bad configuration value: ``key`` is the dotted name, ``rule`` what it broke."""
+
+    def __init__(self, key: str, rule: str):
+        self.key = key
+        self.rule = rule
+        super().__init__(f"config error: {key}: {rule}")

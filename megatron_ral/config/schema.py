@@ -1,0 +1,166 @@
+"""Typed configuration: one dataclass per concern, passed explicitly to the code that uses it.
+
+Every field has a default that runs the embedded tiny example on CPU; the docstring of each class is the
+configuration reference (README repeats it). Validation lives in ``validate.py``; YAML loading and
+``key=value`` overrides in ``loader.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class ModelConfig:
+    """The policy model.
+
+    hf_path: Hugging Face Qwen2.5-VL directory (config.json, tokenizer, processor) the model is built from.
+    load: Megatron distributed checkpoint to load weights from (from tools/convert_hf_to_megatron.py or a
+        training run); empty means take the weights from ``hf_path`` through the converter.
+    layer_spec: "auto" (Transformer Engine when CUDA and TE are present, else local torch), "local" or "te".
+    dtype: "auto" (bf16 on GPU, fp32 on CPU), "bf16", "fp16" or "fp32".
+    freeze_vision: keep the vision tower and merger frozen (the paper trains the LM only).
+    recompute_granularity: None, "selective" or "full" activation recomputation.
+    """
+
+    hf_path: str = ""
+    load: str = ""
+    layer_spec: str = "auto"
+    dtype: str = "auto"
+    freeze_vision: bool = True
+    recompute_granularity: Optional[str] = None
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout. data parallel size = world size / (TP * PP * CP).
+
+    pipeline_layer_split: explicit number of LM layers per pipeline stage (uneven splits allowed);
+        None splits evenly (then PP must divide the layer count).
+    sequence_parallel: needs TP > 1 and the Transformer Engine layer spec (CUDA).
+    use_distributed_optimizer: shard optimizer state over data-parallel ranks (megatron-core).
+    """
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+    pipeline_layer_split: Optional[list[int]] = None
+    use_distributed_optimizer: bool = True
+
+
+@dataclass
+class AlgorithmConfig:
+    """What is optimised.
+
+    name: "sft", "grpo", "ral" (GRPO + attention loss) or "ral_distill" (+ on-policy teacher distillation).
+    rollouts_per_prompt: G, responses sampled per prompt (paper: 8); group-normalised advantages need >= 2.
+    updates_per_rollout: optimizer steps taken on each rollout batch (mini-batches x epochs). The RAL
+        term is exactly zero on the first update after a rollout (p_theta = p_old), so "ral" needs >= 2.
+    clip_eps / clip_eps_high: PPO ratio clip range [1 - clip_eps, 1 + clip_eps_high] (high defaults to low).
+    kl_beta: weight of the KL to the reference policy (paper: 0.04).
+    lambda_attn: weight of the attention loss A * D(p_theta || p_old) (paper searched 0.5, 1, 5).
+    attn_divergence: "jsd" (paper), "kl" (KL(p_theta || p_old)) or "reverse_kl".
+    attn_aggregation: "token_mean" (Eq. 3) or "sum" (Sec. 3.4) over response tokens.
+    gkd_mu, gamma_attn: distillation weights (logit GKD and attention JSD to the teacher).
+    teacher_hf_path / teacher_load: the teacher model for "ral_distill".
+    answer_only: RAL-zero (no <think> in prompt, format reward or SFT data).
+    reward_accuracy_weight / reward_format_weight: r = w_acc * r_acc + w_fmt * r_fmt (paper: 0.9 / 0.1).
+    """
+
+    name: str = "ral"
+    rollouts_per_prompt: int = 8
+    updates_per_rollout: int = 2
+    clip_eps: float = 0.2
+    clip_eps_high: Optional[float] = None
+    kl_beta: float = 0.04
+    lambda_attn: float = 1.0
+    attn_divergence: str = "jsd"
+    attn_aggregation: str = "token_mean"
+    gkd_mu: float = 1.0
+    gamma_attn: float = 0.5
+    teacher_hf_path: str = ""
+    teacher_load: str = ""
+    answer_only: bool = False
+    reward_accuracy_weight: float = 0.9
+    reward_format_weight: float = 0.1
+
+
+@dataclass
+class GenerationConfig:
+    """Rollout sampling.
+
+    temperature / top_p / top_k: sampling (top_k 0 = off; temperature 0 = greedy).
+    max_new_tokens: response length cap. kv_cache_tokens: KV-cache budget in tokens per rank; a batch
+        that would exceed it is split.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 512
+    kv_cache_tokens: int = 65536
+
+
+@dataclass
+class OptimizerConfig:
+    """Adam(W) through megatron-core's optimizer (distributed when parallel.use_distributed_optimizer)."""
+
+    lr: float = 1e-5
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"
+
+
+@dataclass
+class TrainingConfig:
+    """The loop. prompts_per_step: prompts per rollout batch (global); micro_batch_size: sequences per
+    micro-batch; train_steps: rollout steps (0 = one pass over the data)."""
+
+    seed: int = 1234
+    prompts_per_step: int = 8
+    micro_batch_size: int = 1
+    train_steps: int = 0
+    run_dir: str = "runs/default"
+
+
+@dataclass
+class CheckpointConfig:
+    """save_dir: where dist checkpoints go (empty: RUN_DIR/checkpoints); save_interval in steps (0 = only
+    at the end); keep_last: how many to keep; resume: continue from the newest checkpoint in save_dir."""
+
+    save_dir: str = ""
+    save_interval: int = 0
+    keep_last: int = 2
+    resume: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    """wandb_mode: "offline" (default, never touches the network), "online" or "disabled"; the WANDB_MODE
+    environment variable, when set, wins. tensorboard: also write TensorBoard scalars."""
+
+    wandb_project: str = "megatron_ral"
+    wandb_mode: str = "offline"
+    run_name: str = ""
+    tensorboard: bool = False
+    log_interval: int = 1
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)

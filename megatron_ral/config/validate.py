@@ -1,0 +1,159 @@
+"""Cross-field rules, checked before anything is allocated. Each rule raises one ConfigError naming the key."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from megatron_ral.config.errors import ConfigError
+from megatron_ral.config.schema import Config
+
+ALGORITHMS = ("sft", "grpo", "ral", "ral_distill")
+RL_ALGORITHMS = ("grpo", "ral", "ral_distill")
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The few model sizes the parallel layout must agree with."""
+
+    num_layers: int
+    num_attention_heads: int
+    num_query_groups: int
+
+
+def model_dims_from_hf(hf_path: str | Path) -> ModelDims:
+    """Read layer/head counts from an HF Qwen2.5-VL ``config.json`` (top level or ``text_config``)."""
+    cfg_file = Path(hf_path) / "config.json"
+    if not cfg_file.is_file():
+        raise ConfigError("model.hf_path", f"no config.json in {hf_path}")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError("model.hf_path", f"{cfg_file} is not valid JSON ({e})") from None
+    text = cfg.get("text_config") or cfg
+    try:
+        heads = int(text["num_attention_heads"])
+        return ModelDims(
+            num_layers=int(text["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_query_groups=int(text.get("num_key_value_heads", heads)),
+        )
+    except KeyError as e:
+        raise ConfigError("model.hf_path", f"{cfg_file} lacks {e.args[0]}") from None
+
+
+def _check(cond: bool, key: str, rule: str) -> None:
+    if not cond:
+        raise ConfigError(key, rule)
+
+
+def _one_of(value: object, options: tuple, key: str) -> None:
+    _check(value in options, key, f"must be one of {', '.join(map(str, options))}; got {value!r}")
+
+
+def validate(cfg: Config, world_size: int | None = None, dims: ModelDims | None = None,
+             cuda_available: bool | None = None) -> Config:
+    """Check every rule; return ``cfg`` unchanged when it passes.
+
+    ``dims`` defaults to the sizes read from ``model.hf_path`` when that directory exists; ``world_size``
+    and ``cuda_available`` are checked only when given.
+    """
+    p = cfg.parallel
+    tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
+    _check(tp >= 1, "parallel.tensor_model_parallel_size", "must be >= 1")
+    _check(pp >= 1, "parallel.pipeline_model_parallel_size", "must be >= 1")
+    _check(cp >= 1, "parallel.context_parallel_size", "must be >= 1")
+    if world_size is not None:
+        _check(world_size % (tp * pp * cp) == 0, "parallel.tensor_model_parallel_size",
+               f"world size {world_size} must be divisible by TP*PP*CP = {tp}*{pp}*{cp} = {tp * pp * cp}")
+    if p.sequence_parallel:
+        _check(tp > 1, "parallel.sequence_parallel", "needs tensor_model_parallel_size > 1")
+        _check(cfg.model.layer_spec != "local", "parallel.sequence_parallel",
+               "needs the Transformer Engine layer spec (megatron-core's torch norms refuse sequence parallelism)")
+        if cuda_available is False:
+            raise ConfigError("parallel.sequence_parallel",
+                              "needs CUDA and Transformer Engine; megatron-core's torch norms refuse it on CPU")
+    if dims is None and cfg.model.hf_path and Path(cfg.model.hf_path).is_dir():
+        dims = model_dims_from_hf(cfg.model.hf_path)
+    if dims is not None:
+        _check(dims.num_attention_heads % tp == 0, "parallel.tensor_model_parallel_size",
+               f"TP={tp} must divide the number of attention heads ({dims.num_attention_heads})")
+        _check(dims.num_query_groups % tp == 0, "parallel.tensor_model_parallel_size",
+               f"TP={tp} must divide the number of query groups / KV heads ({dims.num_query_groups})")
+        if p.pipeline_layer_split is None:
+            _check(dims.num_layers % pp == 0, "parallel.pipeline_model_parallel_size",
+                   f"PP={pp} must divide the number of layers ({dims.num_layers}); "
+                   "or give parallel.pipeline_layer_split")
+    if p.pipeline_layer_split is not None:
+        split = p.pipeline_layer_split
+        _check(len(split) == pp, "parallel.pipeline_layer_split",
+               f"must have one entry per pipeline stage (PP={pp}), got {len(split)}")
+        _check(all(n >= 1 for n in split), "parallel.pipeline_layer_split", "every stage needs >= 1 layer")
+        if dims is not None:
+            _check(sum(split) == dims.num_layers, "parallel.pipeline_layer_split",
+                   f"must sum to the number of layers ({dims.num_layers}), got {sum(split)}")
+
+    _one_of(cfg.model.layer_spec, ("auto", "local", "te"), "model.layer_spec")
+    _one_of(cfg.model.dtype, ("auto", "bf16", "fp16", "fp32"), "model.dtype")
+    _one_of(cfg.model.recompute_granularity, (None, "selective", "full"), "model.recompute_granularity")
+    if cfg.model.layer_spec == "te" and cuda_available is False:
+        raise ConfigError("model.layer_spec", "'te' needs CUDA and Transformer Engine; use 'auto' or 'local'")
+
+    a = cfg.algorithm
+    _one_of(a.name, ALGORITHMS, "algorithm.name")
+    if a.name in RL_ALGORITHMS:
+        _check(a.rollouts_per_prompt >= 2, "algorithm.rollouts_per_prompt",
+               f"must be >= 2 for group-normalised advantages, got {a.rollouts_per_prompt}")
+    _check(a.updates_per_rollout >= 1, "algorithm.updates_per_rollout", "must be >= 1")
+    if a.name in ("ral", "ral_distill") and a.lambda_attn > 0:
+        _check(a.updates_per_rollout >= 2, "algorithm.updates_per_rollout",
+               "must be >= 2 for RAL: the attention loss is zero on the first update after a rollout "
+               "(p_theta = p_old), so with 1 it never acts")
+    _check(a.clip_eps > 0, "algorithm.clip_eps", f"must be > 0, got {a.clip_eps}")
+    if a.clip_eps_high is not None:
+        _check(a.clip_eps_high > 0, "algorithm.clip_eps_high", f"must be > 0, got {a.clip_eps_high}")
+    _check(a.kl_beta >= 0, "algorithm.kl_beta", f"must be >= 0, got {a.kl_beta}")
+    _check(a.lambda_attn >= 0, "algorithm.lambda_attn", f"must be >= 0, got {a.lambda_attn}")
+    _one_of(a.attn_divergence, ("jsd", "kl", "reverse_kl"), "algorithm.attn_divergence")
+    _one_of(a.attn_aggregation, ("token_mean", "sum"), "algorithm.attn_aggregation")
+    if a.name == "ral_distill":
+        _check(bool(a.teacher_hf_path or a.teacher_load), "algorithm.teacher_hf_path",
+               "ral_distill needs a teacher (teacher_hf_path or teacher_load)")
+        _check(a.gkd_mu >= 0, "algorithm.gkd_mu", "must be >= 0")
+        _check(a.gamma_attn >= 0, "algorithm.gamma_attn", "must be >= 0")
+    _check(a.reward_accuracy_weight >= 0 and a.reward_format_weight >= 0, "algorithm.reward_accuracy_weight",
+           "reward weights must be >= 0")
+
+    g = cfg.generation
+    _check(g.temperature >= 0, "generation.temperature", f"must be >= 0, got {g.temperature}")
+    _check(0 < g.top_p <= 1, "generation.top_p", f"must be in (0, 1], got {g.top_p}")
+    _check(g.top_k >= 0, "generation.top_k", "must be >= 0 (0 disables top-k)")
+    _check(g.max_new_tokens >= 1, "generation.max_new_tokens", "must be >= 1")
+    _check(g.kv_cache_tokens >= 1, "generation.kv_cache_tokens", "must be >= 1")
+
+    o = cfg.optimizer
+    _check(o.lr > 0, "optimizer.lr", f"must be > 0, got {o.lr}")
+    _check(0 <= o.min_lr <= o.lr, "optimizer.min_lr", "must be in [0, optimizer.lr]")
+    _check(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
+    _check(0 <= o.adam_beta1 < 1, "optimizer.adam_beta1", "must be in [0, 1)")
+    _check(0 <= o.adam_beta2 < 1, "optimizer.adam_beta2", "must be in [0, 1)")
+    _check(o.adam_eps > 0, "optimizer.adam_eps", "must be > 0")
+    _check(o.clip_grad >= 0, "optimizer.clip_grad", "must be >= 0 (0 disables clipping)")
+    _check(o.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
+    _one_of(o.lr_schedule, ("constant", "linear", "cosine"), "optimizer.lr_schedule")
+
+    t = cfg.training
+    _check(t.prompts_per_step >= 1, "training.prompts_per_step", "must be >= 1")
+    _check(t.micro_batch_size >= 1, "training.micro_batch_size", "must be >= 1")
+    _check(t.train_steps >= 0, "training.train_steps", "must be >= 0")
+    _check(bool(t.run_dir), "training.run_dir", "must not be empty")
+
+    c = cfg.checkpoint
+    _check(c.save_interval >= 0, "checkpoint.save_interval", "must be >= 0")
+    _check(c.keep_last >= 1, "checkpoint.keep_last", "must be >= 1 (the last good checkpoint is always kept)")
+
+    lg = cfg.logging
+    _one_of(lg.wandb_mode, ("offline", "online", "disabled"), "logging.wandb_mode")
+    _check(lg.log_interval >= 1, "logging.log_interval", "must be >= 1")
+    return cfg
