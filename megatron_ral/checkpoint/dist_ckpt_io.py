@@ -1,0 +1,275 @@
+"""Megatron-Core distributed checkpoints (torch_dist backend) read and written one chunk at a time.
+
+A torch_dist checkpoint directory holds PyTorch DCP files (``.metadata`` + ``__*_*.distcp``), the
+megatron ``metadata.json`` (backend names) and ``common.pt`` (the non-sharded part of the state dict).
+In the DCP metadata every megatron ShardedTensor is one entry keyed by its sharded key, with its global
+shape and the list of stored chunks (offsets, sizes); a ShardedObject is a bytes entry keyed by
+``key/shard_<offsets>_<fragmentation>``. On load, DCP copies the overlap of the stored chunks with
+each rank's local shard, so the chunking used at save time does not constrain the layout at load time.
+
+`write_dist_checkpoint` writes such a directory from chunk specs whose data is produced on demand
+(while the DCP writer streams that item to disk), so only one chunk is resident at a time.
+`DistCheckpointReader.read` reads any rectangular region of a stored tensor.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import (
+    LoadPlan,
+    LoadPlanner,
+    ReadItem,
+    SavePlan,
+    TensorWriteData,
+    WriteItem,
+    WriteItemType,
+)
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+
+from megatron_ral.checkpoint.safetensors_io import CheckpointFileError
+
+MEGATRON_METADATA = {
+    "sharded_backend": "torch_dist",
+    "sharded_backend_version": 1,
+    "common_backend": "torch",
+    "common_backend_version": 1,
+}
+DIST_FILES = (".metadata", "metadata.json", "common.pt")
+
+
+@dataclass
+class ChunkSpec:
+    """One stored chunk of a tensor: offsets into the global tensor and a function producing its data."""
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    produce: Callable[[], torch.Tensor]
+    label: str = ""  # progress group (e.g. "layer 3")
+    order: tuple = ()  # write order key (stable sort over all chunks of all tensors)
+
+
+@dataclass
+class TensorSpec:
+    key: str
+    global_shape: tuple[int, ...]
+    dtype: torch.dtype
+    chunks: list[ChunkSpec] = field(default_factory=list)
+
+
+@dataclass
+class BytesSpec:
+    key: str
+    produce: Callable[[], io.BytesIO]
+
+
+def none_object_bytes() -> io.BytesIO:
+    """Serialized ShardedObject payload of an ``_extra_state`` that is None (what megatron stores)."""
+    buf = io.BytesIO()
+    torch.save([None], buf)
+    buf.seek(0)
+    return buf
+
+
+class _LazySavePlanner(DefaultSavePlanner):
+    """A DCP save planner whose write items come from specs and whose data is produced on request."""
+
+    def __init__(self, tensors: Sequence[TensorSpec], objects: Sequence[BytesSpec],
+                 on_chunk: Callable[[TensorSpec, ChunkSpec], None] | None = None):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self._tensors = list(tensors)
+        self._objects = list(objects)
+        self._on_chunk = on_chunk
+        self._producers: dict[tuple[str, tuple[int, ...]], tuple[TensorSpec, ChunkSpec]] = {}
+        self._bytes: dict[str, BytesSpec] = {}
+
+    def create_local_plan(self) -> SavePlan:
+        items: list[WriteItem] = []
+        for obj in self._objects:
+            self._bytes[obj.key] = obj
+            items.append(WriteItem(index=MetadataIndex(obj.key), type=WriteItemType.BYTE_IO))
+        pairs = sorted(((spec, chunk) for spec in self._tensors for chunk in spec.chunks), key=lambda p: p[1].order)
+        for spec, chunk in pairs:
+            single = len(spec.chunks) == 1 and tuple(spec.chunks[0].sizes) == tuple(spec.global_shape)
+            offsets = torch.Size(chunk.offsets)
+            self._producers[(spec.key, tuple(offsets))] = (spec, chunk)
+            items.append(WriteItem(
+                index=MetadataIndex(spec.key, offsets),
+                type=WriteItemType.TENSOR if single else WriteItemType.SHARD,
+                tensor_data=TensorWriteData(
+                    chunk=ChunkStorageMetadata(offsets=offsets, sizes=torch.Size(chunk.sizes)),
+                    properties=TensorProperties(dtype=spec.dtype),
+                    size=torch.Size(spec.global_shape),
+                ),
+            ))
+        self.plan = SavePlan(items)
+        return self.plan
+
+    def resolve_data(self, write_item: WriteItem):
+        if write_item.type == WriteItemType.BYTE_IO:
+            return self._bytes[write_item.index.fqn].produce()
+        spec, chunk = self._producers[(write_item.index.fqn, tuple(write_item.index.offset))]
+        data = chunk.produce()
+        if tuple(data.shape) != tuple(chunk.sizes) or data.dtype != spec.dtype:
+            raise RuntimeError(f"{spec.key} chunk at {chunk.offsets}: produced {tuple(data.shape)} {data.dtype}, "
+                               f"expected {tuple(chunk.sizes)} {spec.dtype}")
+        if self._on_chunk is not None:
+            self._on_chunk(spec, chunk)
+        return data.contiguous()
+
+
+def write_dist_checkpoint(directory: str | os.PathLike, tensors: Sequence[TensorSpec], objects: Sequence[BytesSpec],
+                          common_state: dict | None = None,
+                          on_chunk: Callable[[TensorSpec, ChunkSpec], None] | None = None) -> None:
+    """Write a megatron-core torch_dist checkpoint into the (existing, empty) `directory`, chunk by chunk."""
+    directory = Path(directory)
+    writer = FileSystemWriter(str(directory), single_file_per_rank=True, thread_count=1, sync_files=True)
+    planner = _LazySavePlanner(tensors, objects, on_chunk)
+    dcp_save({}, storage_writer=writer, planner=planner, no_dist=True)
+    torch.save(common_state or {}, directory / "common.pt")
+    (directory / "metadata.json").write_text(json.dumps(MEGATRON_METADATA))
+
+
+def is_dist_checkpoint(directory: str | os.PathLike) -> bool:
+    d = Path(directory)
+    return (d / ".metadata").is_file() and (d / "metadata.json").is_file()
+
+
+class _RegionLoadPlanner(LoadPlanner):
+    """Reads requested rectangular regions of stored tensors into caller-provided buffers."""
+
+    def __init__(self, requests: dict[str, tuple[tuple[int, ...], torch.Tensor]]):
+        self.requests = requests
+        self.metadata: Metadata | None = None
+
+    def set_up_planner(self, state_dict=None, metadata: Metadata | None = None, is_coordinator: bool = False,
+                       **_) -> None:
+        self.metadata = metadata
+
+    def create_local_plan(self) -> LoadPlan:
+        items: list[ReadItem] = []
+        for key, (offsets, target) in self.requests.items():
+            md = self.metadata.state_dict_metadata[key]
+            chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=target.shape)
+            items += create_read_items_for_chunk_list(key, md, [chunk])
+        return LoadPlan(items)
+
+    def create_global_plan(self, global_plan):
+        return global_plan
+
+    def finish_plan(self, central_plan):
+        return central_plan
+
+    def load_bytes(self, read_item, value) -> None:  # objects are not read through this planner
+        pass
+
+    def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
+        target = self.requests[read_item.dest_index.fqn][1]
+        for dim, (off, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+            target = target.narrow(dim, off, length)
+        return target
+
+    def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None:
+        pass
+
+
+class DistCheckpointReader:
+    """Random access to the tensors of a torch_dist checkpoint directory."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        if not (self.directory / ".metadata").is_file():
+            raise CheckpointFileError(f"{self.directory}: not a torch_dist checkpoint (no .metadata file)")
+        backend = self.directory / "metadata.json"
+        if backend.is_file():
+            try:
+                name = json.loads(backend.read_text()).get("sharded_backend")
+            except json.JSONDecodeError as e:
+                raise CheckpointFileError(f"{backend}: corrupt ({e})") from None
+            if name != "torch_dist":
+                raise CheckpointFileError(f"{backend}: sharded backend {name!r} is not supported (torch_dist only)")
+        self._reader = FileSystemReader(str(self.directory))
+        try:
+            self.metadata: Metadata = self._reader.read_metadata()
+        except Exception as e:  # pickle errors, truncation
+            raise CheckpointFileError(f"{self.directory / '.metadata'}: cannot read ({e})") from None
+        self._reader.set_up_storage_reader(self.metadata, True)
+        self._check_files()
+
+    def _check_files(self) -> None:
+        ends: dict[str, int] = {}
+        for info in self.metadata.storage_data.values():
+            ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+        for rel, end in sorted(ends.items()):
+            path = self.directory / rel
+            if not path.is_file():
+                raise CheckpointFileError(f"{path}: checkpoint data file missing")
+            if path.stat().st_size < end:
+                raise CheckpointFileError(f"{path}: truncated ({path.stat().st_size} bytes, metadata needs {end})")
+
+    def tensor_keys(self) -> list[str]:
+        return [k for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)]
+
+    def object_keys(self) -> list[str]:
+        return [k for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)]
+
+    def __contains__(self, key: str) -> bool:
+        return isinstance(self.metadata.state_dict_metadata.get(key), TensorStorageMetadata)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._md(key).size)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._md(key).properties.dtype
+
+    def chunks(self, key: str) -> list[ChunkStorageMetadata]:
+        return list(self._md(key).chunks)
+
+    def _md(self, key: str) -> TensorStorageMetadata:
+        md = self.metadata.state_dict_metadata.get(key)
+        if not isinstance(md, TensorStorageMetadata):
+            raise KeyError(f"{self.directory}: no tensor {key!r} in the checkpoint")
+        return md
+
+    def read_many(self, regions: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]) -> dict[str, torch.Tensor]:
+        """Read {key: (offsets, sizes)} regions (one per key) into new tensors of the stored dtype."""
+        requests = {}
+        for key, (offsets, sizes) in regions.items():
+            shape = self.shape(key)
+            if len(offsets) != len(shape) or any(o < 0 or o + s > g for o, s, g in zip(offsets, sizes, shape)):
+                raise ValueError(f"{key}: region {offsets}+{sizes} outside the global shape {shape}")
+            requests[key] = (tuple(offsets), torch.empty(tuple(sizes), dtype=self.dtype(key)))
+        planner = _RegionLoadPlanner(requests)
+        planner.set_up_planner(None, self.metadata, True)
+        plan = self._reader.prepare_local_plan(planner.create_local_plan())
+        plan = self._reader.prepare_global_plan([plan])[0]
+        try:
+            self._reader.read_data(plan, planner).wait()
+        except (EOFError, RuntimeError, OSError) as e:
+            raise CheckpointFileError(f"{self.directory}: cannot read {sorted(regions)} ({e})") from None
+        return {k: t for k, (_, t) in requests.items()}
+
+    def read(self, key: str, offsets: tuple[int, ...] | None = None, sizes: tuple[int, ...] | None = None
+             ) -> torch.Tensor:
+        """Read a region of one tensor (the whole tensor by default)."""
+        shape = self.shape(key)
+        offsets = tuple(offsets) if offsets is not None else (0,) * len(shape)
+        sizes = tuple(sizes) if sizes is not None else tuple(g - o for g, o in zip(shape, offsets))
+        return self.read_many({key: (offsets, sizes)})[key]
