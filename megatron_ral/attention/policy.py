@@ -23,8 +23,8 @@ backward recomputes each head's probabilities chunk by chunk:
     dlogit_h    = alpha_h * (dS - rowsum(dS * alpha_h))          (softmax backward, per head)
     dq_h        = scale * dlogit_h @ k_g,    dk_g += scale * dlogit_h^T @ q_h
 
-Nothing of size H x R x T or T x T is ever held; the workspace is a few [heads_per_group, rows, T]
-buffers sized by ``ChunkConfig.workspace_bytes``.
+Nothing of size H x R x T or T x T is ever held; the workspace is a [heads_per_chunk, rows, T] score
+buffer and a few [rows, T] buffers, sized by ``ChunkConfig.workspace_bytes``.
 
 Selective recompute: megatron's ``recompute_granularity="selective"`` (core_attn) runs core attention
 under ``torch.no_grad`` and replays it in backward. Calling the capture from inside that region yields
@@ -51,16 +51,23 @@ class ChunkConfig:
     """Chunking of the capture.
 
     Attributes:
-        workspace_bytes: budget for the per-chunk buffers (about (heads per KV group + 4) x rows x T
-            elements of the compute dtype); the number of rows per chunk is derived from it.
+        workspace_bytes: budget for the per-chunk buffers (about (heads_per_chunk + 4) x rows x T elements
+            of the compute dtype); the number of rows per chunk is derived from it.
+        heads_per_chunk: query heads whose scores are computed at once (within one KV group; clipped to
+            the group size). 1 keeps the workspace smallest; larger values make fewer, larger GEMMs.
         max_rows: optional upper bound on rows per chunk (tests use small values to exercise chunking).
     """
 
     workspace_bytes: int = 256 * 2**20
+    heads_per_chunk: int = 1
     max_rows: int | None = None
 
-    def rows_per_chunk(self, heads_per_group: int, num_keys: int, elem_size: int) -> int:
-        per_row = (heads_per_group + 4) * max(num_keys, 1) * elem_size + 3 * max(num_keys, 1)
+    def __post_init__(self) -> None:
+        if self.heads_per_chunk < 1:
+            raise ValueError(f"heads_per_chunk must be >= 1, got {self.heads_per_chunk}")
+
+    def rows_per_chunk(self, heads: int, num_keys: int, elem_size: int) -> int:
+        per_row = (heads + 4) * max(num_keys, 1) * elem_size + 3 * max(num_keys, 1)
         rows = max(1, self.workspace_bytes // per_row)
         if self.max_rows is not None:
             rows = min(rows, self.max_rows)
@@ -104,23 +111,48 @@ def _chunks(layout: RowLayout, b: int, num_rows: int, rows: int):
             yield r0, r1, rng[0], rng[1]
 
 
-def _head_probs(qg: Tensor, kg: Tensor, scale: float, support: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-head softmax probabilities [n, rows, keys] over ``support`` and their log-sum-exp [n, rows]."""
-    s = torch.matmul(qg, kg.transpose(0, 1))
-    s.mul_(scale).masked_fill_(~support, float("-inf"))
-    m = s.amax(dim=-1)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    s.sub_(m.unsqueeze(-1)).exp_()
-    z = s.sum(dim=-1)
-    z = torch.where(z > 0, z, torch.ones_like(z))
-    s.div_(z.unsqueeze(-1))
-    return s, m + torch.log(z)
+class _Workspace:
+    """Reusable flat buffers for the per-chunk scores (avoids a fresh large allocation per head group)."""
+
+    def __init__(self, heads: int, rows: int, keys: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.scores = torch.empty(heads * rows * keys, dtype=dtype, device=device)
+        self.row = torch.empty(rows * keys, dtype=dtype, device=device)
+
+    def score_view(self, heads: int, rows: int, keys: int) -> Tensor:
+        return self.scores[: heads * rows * keys].view(heads * rows, keys)
+
+    def row_view(self, rows: int, keys: int) -> Tensor:
+        return self.row[: rows * keys].view(rows, keys)
 
 
-def _recompute_head_probs(qg: Tensor, kg: Tensor, scale: float, support: Tensor, lse: Tensor) -> Tensor:
-    s = torch.matmul(qg, kg.transpose(0, 1))
-    s.mul_(scale).masked_fill_(~support, float("-inf"))
-    return s.sub_(lse.unsqueeze(-1)).exp_()
+def _bias(layout: RowLayout, b: int, r0: int, r1: int, k0: int, k1: int, dtype: torch.dtype) -> Tensor:
+    """Additive softmax mask [rows, keys]: 0 where the key is visible (i <= t), -inf elsewhere."""
+    support = allowed_keys(layout, b, r0, r1, k0, k1, strict=False)
+    bias = torch.zeros(support.shape, dtype=dtype, device=support.device)
+    return bias.masked_fill_(~support, float("-inf"))
+
+
+def _scores(ws: _Workspace, qg: Tensor, kg: Tensor, bias: Tensor) -> Tensor:
+    """[n, rows, keys] = (scale q_h) . k + bias, written into the workspace (qg is pre-scaled)."""
+    n, rows, d = qg.shape
+    s = ws.score_view(n, rows, kg.shape[0])
+    torch.mm(qg.reshape(n * rows, d), kg.transpose(0, 1), out=s)
+    s3 = s.view(n, rows, kg.shape[0])
+    return s3.add_(bias)
+
+
+def _per_sample(q: Tensor, k: Tensor, b: int, scale: float, cdt: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Pre-scaled queries [Hq, R, d] and keys [Hkv, T, d] of sample b, contiguous, compute dtype."""
+    qb = (q[:, b].to(cdt) * scale).transpose(0, 1).contiguous()
+    kb = k[:, b].to(cdt).transpose(0, 1).contiguous()
+    return qb, kb
+
+
+def _head_blocks(hkv: int, n_rep: int, hc: int):
+    """(KV head g, slice of its query heads) in blocks of at most ``hc`` heads."""
+    for g in range(hkv):
+        for h0 in range(0, n_rep, hc):
+            yield g, slice(g * n_rep + h0, g * n_rep + min(n_rep, h0 + hc))
 
 
 class _AttentionPolicy(torch.autograd.Function):
@@ -129,23 +161,29 @@ class _AttentionPolicy(torch.autograd.Function):
         num_rows, batch, hq, d = q.shape
         num_keys, _, hkv, _ = k.shape
         n_rep = hq // hkv
+        hc = min(chunk.heads_per_chunk, n_rep)
         cdt = compute_dtype(q, k)
-        rows = chunk.rows_per_chunk(n_rep, num_keys, torch.finfo(cdt).bits // 8)
+        rows = chunk.rows_per_chunk(hc, num_keys, torch.finfo(cdt).bits // 8)
 
         out = torch.zeros(batch, num_rows, num_keys, dtype=cdt, device=q.device)
         lse = torch.zeros(batch, hq, num_rows, dtype=cdt, device=q.device)
+        ws = _Workspace(hc, min(rows, num_rows), num_keys, cdt, q.device)
         for b in range(batch):
-            qb = q[:, b].to(cdt).transpose(0, 1)  # [Hq, R, d]
-            kb = k[:, b].to(cdt).transpose(0, 1)  # [Hkv, T, d]
+            qb, kb = _per_sample(q, k, b, scale, cdt)
             for r0, r1, k0, k1 in _chunks(layout, b, num_rows, rows):
-                support = allowed_keys(layout, b, r0, r1, k0, k1, strict=False)
+                bias = _bias(layout, b, r0, r1, k0, k1, cdt)
                 acc = out[b, r0:r1, k0:k1]
-                for g in range(hkv):
-                    hs = slice(g * n_rep, (g + 1) * n_rep)
-                    probs, l = _head_probs(qb[hs, r0:r1], kb[g, k0:k1], scale, support)
-                    acc += probs.sum(dim=0)
-                    lse[b, hs, r0:r1] = l
-                    del probs
+                for g, hs in _head_blocks(hkv, n_rep, hc):
+                    s = _scores(ws, qb[hs, r0:r1], kb[g, k0:k1], bias)
+                    m = s.amax(dim=-1)
+                    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+                    s.sub_(m.unsqueeze(-1)).exp_()
+                    z = s.sum(dim=-1)
+                    z = torch.where(z > 0, z, torch.ones_like(z))
+                    s.div_(z.unsqueeze(-1))
+                    acc += s.sum(dim=0)
+                    lse[b, hs, r0:r1] = m + torch.log(z)
+        del ws
 
         if _group_size(group) > 1:
             dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
@@ -167,12 +205,13 @@ class _AttentionPolicy(torch.autograd.Function):
         ctx.layout = layout
         ctx.scale = scale
         ctx.rows = rows
+        ctx.hc = hc
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, out, lse, norm = ctx.saved_tensors
-        layout, scale, rows = ctx.layout, ctx.scale, ctx.rows
+        layout, scale, rows, hc = ctx.layout, ctx.scale, ctx.rows, ctx.hc
         num_rows, batch, hq, d = q.shape
         num_keys, _, hkv, _ = k.shape
         n_rep = hq // hkv
@@ -183,32 +222,34 @@ class _AttentionPolicy(torch.autograd.Function):
         if dq is None and dk is None:
             return None, None, None, None, None, None
 
+        ws = _Workspace(hc, min(rows, num_rows), num_keys, cdt, q.device)
         for b in range(batch):
-            qb = q[:, b].to(cdt).transpose(0, 1)
-            kb = k[:, b].to(cdt).transpose(0, 1)
+            qb, kb = _per_sample(q, k, b, scale, cdt)
             for r0, r1, k0, k1 in _chunks(layout, b, num_rows, rows):
-                support = allowed_keys(layout, b, r0, r1, k0, k1, strict=False)
+                nk = k1 - k0
+                bias = _bias(layout, b, r0, r1, k0, k1, cdt)
                 before = allowed_keys(layout, b, r0, r1, k0, k1, strict=True)
                 p_c = out[b, r0:r1, k0:k1]
                 dp_c = grad_out[b, r0:r1, k0:k1].to(cdt)
                 # Gradient w.r.t. the head sum S (renormalisation backward); p is zero outside [k0, k1).
-                inner = (dp_c * p_c).sum(dim=-1, keepdim=True)
+                inner = torch.einsum("rk,rk->r", dp_c, p_c).unsqueeze(-1)
                 ds_sum = (dp_c - inner).masked_fill_(~before, 0.0).div_(norm[b, r0:r1].unsqueeze(-1))
-                for g in range(hkv):
-                    hs = slice(g * n_rep, (g + 1) * n_rep)
+                del before
+                tmp = ws.row_view(r1 - r0, nk)
+                for g, hs in _head_blocks(hkv, n_rep, hc):
                     qg, kg = qb[hs, r0:r1], kb[g, k0:k1]
-                    probs = _recompute_head_probs(qg, kg, scale, support, lse[b, hs, r0:r1])
-                    for h in range(n_rep):  # softmax backward in place: probs_h <- probs_h * (dS - <dS, probs_h>)
-                        c = (probs[h] * ds_sum).sum(dim=-1, keepdim=True)
-                        probs[h].mul_(ds_sum - c)
-                    probs.mul_(scale)
+                    s = _scores(ws, qg, kg, bias)
+                    s.sub_(lse[b, hs, r0:r1].unsqueeze(-1)).exp_()  # per-head probabilities, recomputed
+                    # softmax backward in place: s_h <- s_h * (dS - <dS, s_h>)
+                    c = torch.einsum("hrk,rk->hr", s, ds_sum)
+                    for h in range(s.shape[0]):
+                        torch.sub(ds_sum, c[h].unsqueeze(-1), out=tmp)
+                        s[h].mul_(tmp)
+                    flat = s.view(-1, nk)
                     if dq is not None:
-                        dq[b, hs, r0:r1] += torch.matmul(probs, kg)
+                        dq[b, hs, r0:r1] += torch.mm(flat, kg).view(s.shape[0], r1 - r0, d).mul_(scale)
                     if dk is not None:
-                        dk[b, g, k0:k1] += torch.matmul(
-                            probs.reshape(-1, k1 - k0).transpose(0, 1), qg.reshape(-1, d)
-                        )
-                    del probs
+                        dk[b, g, k0:k1].addmm_(flat.transpose(0, 1), qg.reshape(-1, d))
 
         gq = None if dq is None else dq.permute(2, 0, 1, 3).to(q.dtype)
         gk = None if dk is None else dk.permute(2, 0, 1, 3).to(k.dtype)

@@ -72,7 +72,7 @@ def test_forward_matches_hf_eager_attention(dtype, tol):
     q, k = _inputs(t, 1, h, hkv, d, dtype)
     layout = response_row_layout([9], [t])
     rows = gather_rows(q, layout)
-    p = attention_policy(rows, k, layout, chunk=ChunkConfig(max_rows=5))
+    p = attention_policy(rows, k, layout, chunk=ChunkConfig(max_rows=5, heads_per_chunk=2))  # GQA group of 3: blocks 2+1
     ref = hf_policy_one_sample(rows[:, 0], k[:, 0], layout.row_index[0].tolist(), 1 / math.sqrt(d))
     assert p.dtype == dtype and p.shape == (1, t - 9, t)
     assert _rel(p[0], ref) < tol
@@ -213,7 +213,9 @@ def test_chunking_does_not_change_results():
     k = k.clone().requires_grad_()
     w = torch.randn(3, layout.num_rows, k.shape[0], dtype=torch.float64)
     outs = []
-    for chunk in (ChunkConfig(max_rows=1), ChunkConfig(max_rows=5), ChunkConfig(workspace_bytes=1)):
+    chunks = (ChunkConfig(max_rows=1), ChunkConfig(max_rows=5), ChunkConfig(workspace_bytes=1),
+              ChunkConfig(heads_per_chunk=2), ChunkConfig(heads_per_chunk=5, max_rows=2))
+    for chunk in chunks:
         p = attention_policy(q_rows, k, layout, chunk=chunk)
         outs.append((p, *torch.autograd.grad((p * w).sum(), (q_rows, k))))
     for other in outs[1:]:
