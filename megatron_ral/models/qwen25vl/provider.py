@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -86,7 +86,6 @@ class LMArchitecture:
     tie_word_embeddings: bool
     hidden_act: str
     init_std: float = 0.02
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def from_hf(cls, hf_config) -> "LMArchitecture":
