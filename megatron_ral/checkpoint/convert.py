@@ -43,6 +43,7 @@ from megatron_ral.checkpoint.safetensors_io import (
     TensorPlan,
     element_size,
 )
+from megatron_ral.models.qwen25vl.provider import padded_vocab_size
 
 DEFAULT_MAX_CHUNK_BYTES = 256 * 1024**2
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
@@ -122,6 +123,20 @@ def _whole_tensor_spec(key: str, src: _HFSource, name: str, max_chunk_bytes: int
     return spec
 
 
+def _vocab_spec(key: str, src: _HFSource, name: str, padded_rows: int, max_chunk_bytes: int, order: tuple,
+                label: str) -> TensorSpec:
+    """Embedding / output layer: the HF rows, then zero rows up to the model's padded vocabulary size."""
+    spec = _whole_tensor_spec(key, src, name, max_chunk_bytes, order, label)
+    rows, cols = spec.global_shape
+    if padded_rows > rows:
+        dtype = spec.dtype
+        spec.global_shape = (padded_rows, cols)
+        spec.chunks.append(ChunkSpec((rows, 0), (padded_rows - rows, cols),
+                                     lambda n=padded_rows - rows: torch.zeros(n, cols, dtype=dtype),
+                                     label, order + (len(spec.chunks),)))
+    return spec
+
+
 def _layer_dtype(src: _HFSource, arch: Qwen25VLArch, hf_suffixes: tuple[str, ...]) -> torch.dtype:
     dtypes = {src.dtype(M.hf_layer(layer, s)) for layer in range(arch.num_layers) for s in hf_suffixes}
     if len(dtypes) != 1:
@@ -153,8 +168,9 @@ def megatron_specs(src: _HFSource, arch: Qwen25VLArch, max_chunk_bytes: int = DE
         M.FC2_W: (("mlp.down_proj.weight",), lambda l: [((0, 0), src.get(M.hf_layer(l, "mlp.down_proj.weight")))]),
     }
 
-    tensors.append(_whole_tensor_spec(P + M.EMBEDDING, src, "model.embed_tokens.weight", max_chunk_bytes,
-                                      (0,), "embedding"))
+    vocab_rows = padded_vocab_size(arch.vocab_size)
+    tensors.append(_vocab_spec(P + M.EMBEDDING, src, "model.embed_tokens.weight", vocab_rows, max_chunk_bytes,
+                               (0,), "embedding"))
     for k_i, kind in enumerate(M.LAYER_KINDS):
         per_layer = shapes[kind]
         if kind == M.FC1_W:
@@ -179,8 +195,8 @@ def megatron_specs(src: _HFSource, arch: Qwen25VLArch, max_chunk_bytes: int = DE
         tensors.append(spec)
     tensors.append(_whole_tensor_spec(P + M.FINAL_NORM, src, "model.norm.weight", max_chunk_bytes, (2,), "final norm"))
     if not arch.tie_word_embeddings:
-        tensors.append(_whole_tensor_spec(P + M.OUTPUT_LAYER, src, "lm_head.weight", max_chunk_bytes, (3,),
-                                          "output layer"))
+        tensors.append(_vocab_spec(P + M.OUTPUT_LAYER, src, "lm_head.weight", vocab_rows, max_chunk_bytes, (3,),
+                                   "output layer"))
     for i, name in enumerate(M.hf_vision_names(arch)):
         label = "vision " + (f"block {name.split('.')[2]}" if ".blocks." in name else name.split(".")[1])
         tensors.append(_whole_tensor_spec(M.vision_megatron_key(name), src, name, max_chunk_bytes, (4, i), label))
@@ -254,17 +270,18 @@ class _MegatronSource:
         self._where: dict[str, tuple[str, bool]] = {}  # kind -> (key or key template, stacked)
         for kind in M.LAYER_KINDS:
             self._where[kind] = self._locate(kind)
-        for key, shape in ((M.LM_PREFIX + M.EMBEDDING, (arch.vocab_size, arch.hidden_size)),
-                           (M.LM_PREFIX + M.FINAL_NORM, (arch.hidden_size,))):
-            self._check(key, shape)
-        out = M.LM_PREFIX + M.OUTPUT_LAYER
+        self._check(M.LM_PREFIX + M.EMBEDDING, (arch.vocab_size, arch.hidden_size), padded_rows=True)
+        self._check(M.LM_PREFIX + M.FINAL_NORM, (arch.hidden_size,))
         if not arch.tie_word_embeddings:
-            self._check(out, (arch.vocab_size, arch.hidden_size))
+            self._check(M.LM_PREFIX + M.OUTPUT_LAYER, (arch.vocab_size, arch.hidden_size), padded_rows=True)
 
-    def _check(self, key: str, shape: tuple[int, ...]) -> None:
+    def _check(self, key: str, shape: tuple[int, ...], padded_rows: bool = False) -> None:
         if key not in self.reader:
             raise CheckpointMismatchError(f"{self.reader.directory}: tensor {key!r} missing from the checkpoint")
-        if self.reader.shape(key) != shape:
+        got = self.reader.shape(key)
+        if padded_rows and len(got) == len(shape) and got[1:] == shape[1:] and got[0] >= shape[0]:
+            return  # vocabulary rows padded by the model; only the first vocab_size rows are exported
+        if got != shape:
             raise CheckpointMismatchError(
                 f"{self.reader.directory}: {key} has global shape {self.reader.shape(key)}, config implies {shape}")
 
@@ -306,13 +323,15 @@ class _MegatronSource:
             out[kind] = t[0] if self._where[kind][1] else t
         return out
 
-    def row_blocks(self, key: str) -> list[tuple[int, int]]:
-        """Row ranges to read a large 2-D tensor by: the stored chunks' row boundaries when they span all columns."""
+    def row_blocks(self, key: str, rows: int) -> list[tuple[int, int]]:
+        """Row ranges covering [0, rows) of a 2-D tensor, cut at the stored chunks' row boundaries when every
+        chunk spans all columns (so each stored chunk is read once)."""
         shape = self.reader.shape(key)
         chunks = self.reader.chunks(key)
         if len(shape) != 2 or any(c.offsets[1] != 0 or c.sizes[1] != shape[1] for c in chunks):
-            return [(0, shape[0])]
-        bounds = sorted({0, shape[0], *(c.offsets[0] for c in chunks), *(c.offsets[0] + c.sizes[0] for c in chunks)})
+            return [(0, rows)]
+        cuts = {c.offsets[0] for c in chunks} | {c.offsets[0] + c.sizes[0] for c in chunks}
+        bounds = sorted({0, rows} | {b for b in cuts if b < rows})
         return list(zip(bounds[:-1], bounds[1:]))
 
 
@@ -352,7 +371,7 @@ def _hf_tensors(src: _MegatronSource, reader: DistCheckpointReader, arch: Qwen25
 
     def blocks(key: str, name: str, label: str):
         shape = reader.shape(key)
-        for a, b in src.row_blocks(key):
+        for a, b in src.row_blocks(key, arch.vocab_size):
             yield name, reader.read(key, (a, 0), (b - a, shape[1])), label
 
     yield from blocks(P + M.EMBEDDING, "model.embed_tokens.weight", "embedding")

@@ -68,23 +68,32 @@ def _reshard_and_save(hf_dir: str, ckpt: str, out: str, tp: int, pp: int, split)
     dist_checkpointing.save(model.sharded_state_dict(), out)
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    root = tmp_path_factory.mktemp("reshard")
-    hf = make_tiny_checkpoint(root / "hf", preset="tiny", seed=11)
-    hf_to_megatron(hf, root / "mcore", progress=False)
-    return root, hf
+CHECKPOINTS = {
+    # GQA 2:1, untied, 3 layers
+    "tiny": dict(preset="tiny", config_overrides=None),
+    # GQA 4:1, tied embeddings, vocabulary 1030 (the model pads it to 1152 rows)
+    "small-tied-padded": dict(preset="small", config_overrides={
+        "text_config": {"num_hidden_layers": 2, "vocab_size": 1030},
+        "vision_config": {"depth": 2, "fullatt_block_indexes": [1]}}),
+}
 
 
-def test_layout_matches_model_and_logits_match_hf(converted):
+def _convert(root, name):
+    hf = make_tiny_checkpoint(root / f"hf-{name}", seed=11, **CHECKPOINTS[name])
+    hf_to_megatron(hf, root / f"mcore-{name}", progress=False, max_chunk_bytes=40_000)
+    return root / f"mcore-{name}", hf
+
+
+@pytest.mark.parametrize("name", list(CHECKPOINTS))
+def test_layout_matches_model_and_logits_match_hf(tmp_path, name):
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
     from megatron_ral.models.qwen25vl.testing import hf_reference_model
 
-    root, hf = converted
-    (out,) = run_distributed(_layout_and_logits, 1, str(hf), str(root / "mcore"))
-    md = FileSystemReader(str(root / "mcore")).read_metadata().state_dict_metadata
+    ckpt, hf = _convert(tmp_path, name)
+    (out,) = run_distributed(_layout_and_logits, 1, str(hf), str(ckpt))
+    md = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
     written = {k: (tuple(v.size), v.properties.dtype) for k, v in md.items() if not isinstance(v, BytesStorageMetadata)}
     assert written == out["tensors"]
     assert {k for k, v in md.items() if isinstance(v, BytesStorageMetadata)} == out["objects"]
@@ -96,15 +105,17 @@ def test_layout_matches_model_and_logits_match_hf(converted):
     prompt = out["inputs"]
     with torch.no_grad():
         expected = ref(**prompt.hf_inputs(ref.config.image_token_id, ref.config.video_token_id)).logits
+    vocab = expected.shape[-1]
     scale = expected.abs().max()
-    assert (out["logits"] - expected).abs().max() <= 1e-4 * scale
+    assert (out["logits"][..., :vocab] - expected).abs().max() <= 1e-4 * scale
 
 
-def test_reshard_tp2_pp2_round_trip_bit_exact(converted):
-    root, hf = converted
-    saved = root / "saved_tp2pp2"
-    run_distributed(_reshard_and_save, 4, str(hf), str(root / "mcore"), str(saved), 2, 2, [1, 2])
-    back = root / "hf_back"
+@pytest.mark.parametrize("name,split", [("tiny", [1, 2]), ("small-tied-padded", None)])
+def test_reshard_tp2_pp2_round_trip_bit_exact(tmp_path, name, split):
+    ckpt, hf = _convert(tmp_path, name)
+    saved = tmp_path / "saved_tp2pp2"
+    run_distributed(_reshard_and_save, 4, str(hf), str(ckpt), str(saved), 2, 2, split)
+    back = tmp_path / "hf_back"
     megatron_to_hf(saved, back, hf_config=hf, progress=False)
     a, b = HFCheckpointReader(hf), HFCheckpointReader(back)
     assert sorted(a.names()) == sorted(b.names())
