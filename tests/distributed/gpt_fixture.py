@@ -56,7 +56,7 @@ def forward_backward(model, data: list[dict], forward_only: bool = False):
 
         def loss_func(output_tensor):
             loss = output_tensor.float().mean()
-            return loss, {"loss": loss.detach()}
+            return loss, {"loss": loss.detach().clone()}  # the schedule scales `loss` in place
 
         return out, loss_func
 
