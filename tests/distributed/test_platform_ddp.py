@@ -62,13 +62,16 @@ def _init(path: str) -> None:
     fx.save(fx.build_model(), path)
 
 
-def _weights(path: str) -> dict:
+def _weights(paths: list[str]) -> list[dict]:
     from megatron_ral.platform import initialize
 
     initialize(ParallelConfig(), seed=0)
     model = fx.build_model()
-    fx.load(model, path)
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    out = []
+    for path in paths:
+        fx.load(model, path)
+        out.append({k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")})
+    return out
 
 
 def test_dp2_distributed_optimizer_equals_single_process(tmp_path):
@@ -80,12 +83,10 @@ def test_dp2_distributed_optimizer_equals_single_process(tmp_path):
     for o in outs + outs4:
         assert abs(o["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"])
         assert abs(o["grad_norm"] - ref["grad_norm"]) <= 1e-5 * ref["grad_norm"]
-    w_ref = run_distributed(_weights, 1, single)[0]
-    w_init = run_distributed(_weights, 1, init)[0]
+    w_init, w_ref, *others = run_distributed(_weights, 1, [init, single, dp2, tp2dp2])[0]
     # Adam's first step is lr * g / (|g| + eps): for gradients near eps, float rounding differences between
     # layouts move single elements by ~1e-6 (lr = 1e-2), hence atol 1e-5 (0.1% of a step).
-    for path in (dp2, tp2dp2):
-        w = run_distributed(_weights, 1, path)[0]
+    for path, w in zip((dp2, tp2dp2), others):
         for k, v in w_ref.items():
             assert not torch.equal(v, w_init[k]) or "norm" in k, f"{k} did not move"
             torch.testing.assert_close(w[k], v, rtol=1e-5, atol=1e-5, msg=lambda m: f"{path} {k}: {m}")
