@@ -1,0 +1,44 @@
+import json
+import logging
+
+from megatron_ral.config.schema import LoggingConfig
+from megatron_ral.logging import MetricsSink, progress, setup_logging
+
+
+def test_jsonl_and_offline_wandb(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_DISABLE_SERVICE", "false")
+    with MetricsSink(tmp_path, LoggingConfig(wandb_mode="offline"), {"a": 1}, rank=0) as sink:
+        sink.log(1, {"reward/total": 0.5, "loss/attn": float("nan")})
+        sink.log(2, {"reward/total": 0.75})
+        assert sink._wandb is None or sink._wandb.settings.mode == "offline"
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [{"step": 1, "reward/total": 0.5, "loss/attn": None}, {"step": 2, "reward/total": 0.75}]
+    # offline runs leave their files under RUN_DIR/wandb, nothing is sent anywhere
+    assert (tmp_path / "wandb").is_dir()
+
+
+def test_env_wins_and_other_ranks_write_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    with MetricsSink(tmp_path / "r0", LoggingConfig(wandb_mode="online"), rank=0) as sink:
+        assert sink._wandb is None
+        sink.log(0, {"x": 1})
+    with MetricsSink(tmp_path / "r1", LoggingConfig(), rank=1) as sink:
+        sink.log(0, {"x": 1})
+    assert (tmp_path / "r0" / "metrics.jsonl").exists() and not (tmp_path / "r1").exists()
+
+
+def test_console_rank_filter(capsys):
+    logger = setup_logging("INFO", rank=1)
+    logging.getLogger("megatron_ral.test").info("hidden on rank 1")
+    logging.getLogger("megatron_ral.test").warning("shown")
+    err = capsys.readouterr().err
+    assert "hidden" not in err and "[rank 1] shown" in err
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+
+
+def test_progress_passes_items_through(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    assert list(progress(range(5), desc="x")) == [0, 1, 2, 3, 4]
+    assert list(progress(range(3), enabled=False)) == [0, 1, 2]
