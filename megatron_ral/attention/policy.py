@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from megatron_ral.attention.layout import RowLayout, allowed_keys
 
@@ -112,14 +113,14 @@ def _chunks(layout: RowLayout, b: int, num_rows: int, rows: int):
 
 
 class _Workspace:
-    """Reusable flat buffers for the per-chunk scores (avoids a fresh large allocation per head group)."""
+    """Reusable flat buffers for the per-chunk scores (no fresh large allocation per head)."""
 
     def __init__(self, heads: int, rows: int, keys: int, dtype: torch.dtype, device: torch.device) -> None:
         self.scores = torch.empty(heads * rows * keys, dtype=dtype, device=device)
         self.row = torch.empty(rows * keys, dtype=dtype, device=device)
 
     def score_view(self, heads: int, rows: int, keys: int) -> Tensor:
-        return self.scores[: heads * rows * keys].view(heads * rows, keys)
+        return self.scores[: heads * rows * keys].view(heads, rows, keys)
 
     def row_view(self, rows: int, keys: int) -> Tensor:
         return self.row[: rows * keys].view(rows, keys)
@@ -132,27 +133,24 @@ def _bias(layout: RowLayout, b: int, r0: int, r1: int, k0: int, k1: int, dtype: 
     return bias.masked_fill_(~support, float("-inf"))
 
 
-def _scores(ws: _Workspace, qg: Tensor, kg: Tensor, bias: Tensor) -> Tensor:
-    """[n, rows, keys] = (scale q_h) . k + bias, written into the workspace (qg is pre-scaled)."""
-    n, rows, d = qg.shape
-    s = ws.score_view(n, rows, kg.shape[0])
-    torch.mm(qg.reshape(n * rows, d), kg.transpose(0, 1), out=s)
-    s3 = s.view(n, rows, kg.shape[0])
-    return s3.add_(bias)
-
-
-def _per_sample(q: Tensor, k: Tensor, b: int, scale: float, cdt: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Pre-scaled queries [Hq, R, d] and keys [Hkv, T, d] of sample b, contiguous, compute dtype."""
-    qb = (q[:, b].to(cdt) * scale).transpose(0, 1).contiguous()
-    kb = k[:, b].to(cdt).transpose(0, 1).contiguous()
-    return qb, kb
-
-
 def _head_blocks(hkv: int, n_rep: int, hc: int):
-    """(KV head g, slice of its query heads) in blocks of at most ``hc`` heads."""
+    """(KV head g, query heads of g) in blocks of at most ``hc`` heads (Megatron/HF GQA order)."""
     for g in range(hkv):
         for h0 in range(0, n_rep, hc):
-            yield g, slice(g * n_rep + h0, g * n_rep + min(n_rep, h0 + hc))
+            yield g, range(g * n_rep + h0, g * n_rep + min(n_rep, h0 + hc))
+
+
+def _scores(s: Tensor, q_rows: Tensor, heads: range, kg: Tensor, bias: Tensor, scale: float) -> Tensor:
+    """s[j] = bias + scale * q_h . k_g for the heads of the block (q_rows [rows, H, d], kg [keys, d])."""
+    kt = kg.transpose(0, 1)
+    for j, h in enumerate(heads):
+        torch.addmm(bias, q_rows[:, h].to(s.dtype), kt, alpha=scale, out=s[j])
+    return s
+
+
+def _rowdot(a: Tensor, b: Tensor, tmp: Tensor) -> Tensor:
+    """sum_k a[r, k] b[r, k] as [rows, 1], using ``tmp`` (same shape) as scratch."""
+    return torch.mul(a, b, out=tmp).sum(dim=-1, keepdim=True)
 
 
 class _AttentionPolicy(torch.autograd.Function):
@@ -169,20 +167,21 @@ class _AttentionPolicy(torch.autograd.Function):
         lse = torch.zeros(batch, hq, num_rows, dtype=cdt, device=q.device)
         ws = _Workspace(hc, min(rows, num_rows), num_keys, cdt, q.device)
         for b in range(batch):
-            qb, kb = _per_sample(q, k, b, scale, cdt)
             for r0, r1, k0, k1 in _chunks(layout, b, num_rows, rows):
                 bias = _bias(layout, b, r0, r1, k0, k1, cdt)
                 acc = out[b, r0:r1, k0:k1]
-                for g, hs in _head_blocks(hkv, n_rep, hc):
-                    s = _scores(ws, qb[hs, r0:r1], kb[g, k0:k1], bias)
+                q_rows = q[r0:r1, b]
+                for g, heads in _head_blocks(hkv, n_rep, hc):
+                    kg = k[k0:k1, b, g].to(cdt)
+                    s = _scores(ws.score_view(len(heads), r1 - r0, k1 - k0), q_rows, heads, kg, bias, scale)
                     m = s.amax(dim=-1)
                     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
                     s.sub_(m.unsqueeze(-1)).exp_()
                     z = s.sum(dim=-1)
                     z = torch.where(z > 0, z, torch.ones_like(z))
                     s.div_(z.unsqueeze(-1))
-                    acc += s.sum(dim=0)
-                    lse[b, hs, r0:r1] = m + torch.log(z)
+                    acc += s.sum(dim=0) if len(heads) > 1 else s[0]
+                    lse[b, heads.start : heads.stop, r0:r1] = m + torch.log(z)
         del ws
 
         if _group_size(group) > 1:
@@ -209,6 +208,7 @@ class _AttentionPolicy(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         q, k, out, lse, norm = ctx.saved_tensors
         layout, scale, rows, hc = ctx.layout, ctx.scale, ctx.rows, ctx.hc
@@ -217,42 +217,40 @@ class _AttentionPolicy(torch.autograd.Function):
         n_rep = hq // hkv
         cdt = out.dtype
 
-        dq = torch.zeros(batch, hq, num_rows, d, dtype=cdt, device=q.device) if ctx.needs_input_grad[0] else None
-        dk = torch.zeros(batch, hkv, num_keys, d, dtype=cdt, device=k.device) if ctx.needs_input_grad[1] else None
+        dq = torch.zeros(q.shape, dtype=cdt, device=q.device) if ctx.needs_input_grad[0] else None
+        dk = torch.zeros(k.shape, dtype=cdt, device=k.device) if ctx.needs_input_grad[1] else None
         if dq is None and dk is None:
             return None, None, None, None, None, None
 
         ws = _Workspace(hc, min(rows, num_rows), num_keys, cdt, q.device)
         for b in range(batch):
-            qb, kb = _per_sample(q, k, b, scale, cdt)
             for r0, r1, k0, k1 in _chunks(layout, b, num_rows, rows):
-                nk = k1 - k0
+                nr, nk = r1 - r0, k1 - k0
+                tmp = ws.row_view(nr, nk)
                 bias = _bias(layout, b, r0, r1, k0, k1, cdt)
                 before = allowed_keys(layout, b, r0, r1, k0, k1, strict=True)
                 p_c = out[b, r0:r1, k0:k1]
                 dp_c = grad_out[b, r0:r1, k0:k1].to(cdt)
                 # Gradient w.r.t. the head sum S (renormalisation backward); p is zero outside [k0, k1).
-                inner = torch.einsum("rk,rk->r", dp_c, p_c).unsqueeze(-1)
-                ds_sum = (dp_c - inner).masked_fill_(~before, 0.0).div_(norm[b, r0:r1].unsqueeze(-1))
-                del before
-                tmp = ws.row_view(r1 - r0, nk)
-                for g, hs in _head_blocks(hkv, n_rep, hc):
-                    qg, kg = qb[hs, r0:r1], kb[g, k0:k1]
-                    s = _scores(ws, qg, kg, bias)
-                    s.sub_(lse[b, hs, r0:r1].unsqueeze(-1)).exp_()  # per-head probabilities, recomputed
-                    # softmax backward in place: s_h <- s_h * (dS - <dS, s_h>)
-                    c = torch.einsum("hrk,rk->hr", s, ds_sum)
-                    for h in range(s.shape[0]):
-                        torch.sub(ds_sum, c[h].unsqueeze(-1), out=tmp)
-                        s[h].mul_(tmp)
-                    flat = s.view(-1, nk)
-                    if dq is not None:
-                        dq[b, hs, r0:r1] += torch.mm(flat, kg).view(s.shape[0], r1 - r0, d).mul_(scale)
-                    if dk is not None:
-                        dk[b, g, k0:k1].addmm_(flat.transpose(0, 1), qg.reshape(-1, d))
+                ds_sum = (dp_c - _rowdot(dp_c, p_c, tmp)).masked_fill_(~before, 0.0)
+                ds_sum.div_(norm[b, r0:r1].unsqueeze(-1))
+                del before, dp_c
+                q_rows = q[r0:r1, b]
+                for g, heads in _head_blocks(hkv, n_rep, hc):
+                    kg = k[k0:k1, b, g].to(cdt)
+                    s = _scores(ws.score_view(len(heads), nr, nk), q_rows, heads, kg, bias, scale)
+                    s.sub_(lse[b, heads.start : heads.stop, r0:r1].unsqueeze(-1)).exp_()  # recomputed probs
+                    for j, h in enumerate(heads):
+                        # softmax backward in place: s_h <- s_h * (dS - <dS, s_h>)
+                        torch.sub(ds_sum, _rowdot(s[j], ds_sum, tmp), out=tmp)
+                        s[j].mul_(tmp)
+                        if dq is not None:
+                            dq[r0:r1, b, h].addmm_(s[j], kg, alpha=scale)
+                        if dk is not None:
+                            dk[k0:k1, b, g].addmm_(s[j].transpose(0, 1), q_rows[:, h].to(cdt), alpha=scale)
 
-        gq = None if dq is None else dq.permute(2, 0, 1, 3).to(q.dtype)
-        gk = None if dk is None else dk.permute(2, 0, 1, 3).to(k.dtype)
+        gq = None if dq is None else dq.to(q.dtype)
+        gk = None if dk is None else dk.to(k.dtype)
         return gq, gk, None, None, None, None
 
 
