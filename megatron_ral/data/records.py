@@ -95,60 +95,90 @@ def parse_record(obj, source: str, require_process: bool = False) -> Record:
     )
 
 
-# A JSON string (with escapes) or one structural bracket.
-_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.S)
+# Byte-level JSON tokens. A record is matched in one step by _OBJECT when it nests at most one level
+# of arrays/objects (the Video-R1 shape); deeper records fall back to the bracket-by-bracket scanner.
+_STRING = rb'"[^"\\]*(?:\\.[^"\\]*)*"'
+_FLAT = rb'(?:[^"\[\]{}]+|' + _STRING + rb")*"
+_NESTED = rb'(?:[^"\[\]{}]+|' + _STRING + rb"|\[" + _FLAT + rb"\]|\{" + _FLAT + rb"\})*"
+_OBJECT = re.compile(rb"\{" + _NESTED + rb"\}", re.S)
+_TOKEN = re.compile(_STRING + rb"|[\[\]{}]", re.S)
+_SPACE = re.compile(rb"\s*")
+
+
+def _newline_positions(data, chunk: int = 1 << 24) -> np.ndarray:
+    """Byte offsets of every newline (vectorised, chunk by chunk)."""
+    out = []
+    for start in range(0, len(data), chunk):
+        block = np.frombuffer(data[start : start + chunk], dtype=np.uint8)
+        out.append(np.flatnonzero(block == 10) + start)
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def _line_of(newlines: np.ndarray, pos) -> np.ndarray:
+    """1-based line number of byte offset(s) `pos`."""
+    return np.searchsorted(newlines, pos, side="left") + 1
+
+
+def _element_end(path: str, data, pos: int, newlines) -> int:
+    """End offset of the JSON object starting at `pos` (bracket-by-bracket, strings skipped)."""
+    m = _OBJECT.match(data, pos)
+    if m:
+        return m.end()
+    depth = 0
+    for tok in _TOKEN.finditer(data, pos):
+        ch = data[tok.start()]
+        if ch == 0x22:
+            continue
+        depth += 1 if ch in (0x5B, 0x7B) else -1
+        if depth == 0:
+            return tok.end()
+        if depth < 0:
+            break
+    raise RecordFileError(f"{path}:{int(_line_of(newlines, pos))}: record is not terminated (unbalanced brackets or an unterminated string)")
 
 
 def _scan_array(path: str, data) -> list[tuple[int, int, int]]:
     """(offset, length, line) of every element of a top-level JSON array of objects."""
-    out: list[tuple[int, int, int]] = []
-    depth = 0
-    start = 0
-    prev_end = None  # end of the previous element (or of the opening bracket)
-    line = 1
-    line_pos = 0
+    newlines = _newline_positions(data)
 
-    def line_at(pos: int) -> int:
-        nonlocal line, line_pos
-        line += data[line_pos:pos].count(b"\n")
-        line_pos = pos
-        return line
+    def fail(pos: int, msg: str):
+        raise RecordFileError(f"{path}:{int(_line_of(newlines, pos))}: {msg}")
 
-    def check_gap(a: int, b: int, expected: bytes) -> None:
-        gap = bytes(data[a:b]).strip()
-        if gap != expected:
-            raise RecordFileError(f"{path}:{line_at(a)}: unexpected text between records: {gap[:40]!r}")
-
-    for m in _TOKEN.finditer(data):
-        ch = data[m.start()]
-        if ch == 0x22:  # string
-            if depth == 1:
-                raise RecordFileError(f"{path}:{line_at(m.start())}: array element is a string, expected an object")
-            continue
-        if ch in (0x5B, 0x7B):  # [ {
-            depth += 1
-            if depth == 1:
-                if ch != 0x5B:
-                    raise RecordFileError(f"{path}:{line_at(m.start())}: expected a JSON array")
-                prev_end = m.end()
-            elif depth == 2:
-                check_gap(prev_end, m.start(), b"," if out else b"")
-                start = m.start()
-        else:  # ] }
-            depth -= 1
-            if depth == 1:
-                out.append((start, m.end() - start, line_at(start)))
-                prev_end = m.end()
-            elif depth == 0:
-                check_gap(prev_end, m.start(), b"")
-                trailing = bytes(data[m.end():]).strip()
-                if trailing:
-                    raise RecordFileError(f"{path}:{line_at(m.end())}: text after the end of the array")
-                return out
-            elif depth < 0:
-                raise RecordFileError(f"{path}:{line_at(m.start())}: unbalanced '{chr(ch)}'")
-    where = line_at(start) if depth >= 2 else line_at(len(data))
-    raise RecordFileError(f"{path}:{where}: file ends inside a record or the array (unterminated JSON)")
+    n = len(data)
+    pos = _SPACE.match(data, 0).end()
+    if data[pos : pos + 3] == b"\xef\xbb\xbf":
+        pos = _SPACE.match(data, pos + 3).end()
+    if pos >= n or data[pos] != 0x5B:
+        fail(pos, "expected a JSON array")
+    pos = _SPACE.match(data, pos + 1).end()
+    spans = []
+    if pos < n and data[pos] == 0x5D:
+        end = pos + 1
+    else:
+        while True:
+            if pos >= n:
+                fail(n, "file ends inside the array (unterminated JSON)")
+            if data[pos] != 0x7B:
+                fail(pos, "array element is not a JSON object")
+            end = _element_end(path, data, pos, newlines)
+            spans.append((pos, end - pos))
+            pos = _SPACE.match(data, end).end()
+            if pos < n and data[pos] == 0x2C:
+                pos = _SPACE.match(data, pos + 1).end()
+                continue
+            if pos < n and data[pos] == 0x5D:
+                end = pos + 1
+                break
+            if pos >= n:
+                fail(n, "file ends inside the array (unterminated JSON)")
+            fail(pos, "unexpected text between records (expected ',' or ']')")
+    if bytes(data[end:]).strip():
+        fail(end, "text after the end of the array")
+    if not spans:
+        return []
+    offsets = np.fromiter((o for o, _ in spans), dtype=np.int64, count=len(spans))
+    lines = _line_of(newlines, offsets)
+    return [(o, length, int(line)) for (o, length), line in zip(spans, lines)]
 
 
 def _scan_lines(path: str, data) -> list[tuple[int, int, int]]:

@@ -33,6 +33,17 @@ def dali_codecs(device: str) -> frozenset[str]:
     return GPU_CODECS if device == "gpu" else CPU_CODECS
 
 
+def _dali_reason(message: str) -> str:
+    """The operator's own error text out of DALI's multi-line pipeline error."""
+    lines = [l.strip() for l in message.splitlines()]
+    if "encountered:" in lines:
+        tail = [l for l in lines[lines.index("encountered:") + 1 :] if l and not l.startswith("C++ context")]
+        tail = [l for l in tail if "no longer valid" not in l]
+        if tail:
+            return tail[0]
+    return next((l for l in lines if l), "unknown error")
+
+
 class DaliDecoder:
     """Decodes explicit frame indices with a DALI pipeline built lazily in the calling process.
 
@@ -105,7 +116,8 @@ class DaliDecoder:
         try:
             (out,) = pipe.run()
         except Exception as e:
-            raise MediaError("corrupt_media", info.path, f"DALI decode failed: {str(e).splitlines()[-1] if str(e) else e}") from e
+            self._pipe = None  # a pipeline that hit an error is rebuilt for the next file
+            raise MediaError("corrupt_media", info.path, f"DALI decode failed: {_dali_reason(str(e))}") from e
         if self.device == "gpu":
             frames = torch.from_dlpack(out.as_tensor())
         else:

@@ -43,6 +43,20 @@ def check_file(path: str) -> None:
         raise MediaError("empty_file", path, "file is empty")
 
 
+def _announced_frames(container, stream, rate) -> int | None:
+    """Frame count the container header promises (frame count, else stream or single-stream duration x fps)."""
+    if stream.frames and stream.frames > 0:
+        return int(stream.frames)
+    if not rate:
+        return None
+    seconds = None
+    if stream.duration and stream.time_base:
+        seconds = float(stream.duration * stream.time_base)
+    elif container.duration and len(container.streams) == 1:
+        seconds = container.duration / 1_000_000  # AV_TIME_BASE
+    return int(round(seconds * float(rate))) if seconds else None
+
+
 def probe_video(path: str) -> VideoInfo:
     """Demux (no decode) the first video stream of `path` with PyAV."""
     import av
@@ -61,6 +75,7 @@ def probe_video(path: str) -> VideoInfo:
         width, height = ctx.width, ctx.height
         pix_fmt = ctx.pix_fmt
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        announced = _announced_frames(container, stream, rate)
         pts: list[int | None] = []
         keys: list[bool] = []
         try:
@@ -80,6 +95,8 @@ def probe_video(path: str) -> VideoInfo:
     fps = float(rate) if rate else 0.0
     if fps <= 0:
         raise MediaError("corrupt_media", path, "video stream has no frame rate")
+    if announced is not None and len(pts) < announced - max(2, 0.02 * announced):
+        raise MediaError("truncated", path, f"the container announces {announced} frames but only {len(pts)} are present")
     frame_pts = None
     keyframes = [0]
     if all(p is not None for p in pts):
