@@ -43,7 +43,6 @@ from megatron_ral.checkpoint.safetensors_io import (
     TensorPlan,
     element_size,
 )
-from megatron_ral.models.qwen25vl.provider import padded_vocab_size
 
 DEFAULT_MAX_CHUNK_BYTES = 256 * 1024**2
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
@@ -167,6 +166,8 @@ def megatron_specs(src: _HFSource, arch: Qwen25VLArch, max_chunk_bytes: int = DE
                      lambda l: [((0,), src.get(M.hf_layer(l, "post_attention_layernorm.weight")))]),
         M.FC2_W: (("mlp.down_proj.weight",), lambda l: [((0, 0), src.get(M.hf_layer(l, "mlp.down_proj.weight")))]),
     }
+
+    from megatron_ral.models.qwen25vl.provider import padded_vocab_size  # the model's rule (imports megatron)
 
     vocab_rows = padded_vocab_size(arch.vocab_size)
     tensors.append(_vocab_spec(P + M.EMBEDDING, src, "model.embed_tokens.weight", vocab_rows, max_chunk_bytes,

@@ -270,7 +270,7 @@ class SafetensorsShardWriter:
         if self._written + nbytes > plan.nbytes:
             raise RuntimeError(f"{self.path}: tensor {name!r} receives more bytes than planned")
         if nbytes:
-            self._f.write(memoryview(data.view(torch.uint8).reshape(-1).numpy()))
+            self._f.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
         self._written += nbytes
         if self._written == plan.nbytes:
             self._i += 1
