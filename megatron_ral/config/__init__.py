@@ -13,6 +13,7 @@ from megatron_ral.config.schema import (
     AlgorithmConfig,
     CheckpointConfig,
     Config,
+    DataConfig,
     GenerationConfig,
     LoggingConfig,
     ModelConfig,
@@ -23,7 +24,7 @@ from megatron_ral.config.schema import (
 from megatron_ral.config.validate import ModelDims, model_dims_from_hf, validate
 
 __all__ = [
-    "AlgorithmConfig", "CheckpointConfig", "Config", "ConfigError", "GenerationConfig", "LoggingConfig",
+    "AlgorithmConfig", "CheckpointConfig", "Config", "DataConfig", "ConfigError", "GenerationConfig", "LoggingConfig",
     "ModelConfig", "ModelDims", "OptimizerConfig", "ParallelConfig", "TrainingConfig", "load_config",
     "model_dims_from_hf", "parse_override", "to_dict", "validate",
 ]

@@ -153,6 +153,12 @@ def validate(cfg: Config, world_size: int | None = None, dims: ModelDims | None 
     _check(c.save_interval >= 0, "checkpoint.save_interval", "must be >= 0")
     _check(c.keep_last >= 1, "checkpoint.keep_last", "must be >= 1 (the last good checkpoint is always kept)")
 
+    try:
+        cfg.data.validate()
+    except ValueError as e:
+        key, _, rule = str(e).partition(" ")
+        raise ConfigError(key, rule) from None
+
     lg = cfg.logging
     _one_of(lg.wandb_mode, ("offline", "online", "disabled"), "logging.wandb_mode")
     _check(lg.log_interval >= 1, "logging.log_interval", "must be >= 1")

@@ -65,6 +65,8 @@ def test_yaml_and_overrides(tmp_path):
     (["logging.wandb_mode=cloud"], None, "logging.wandb_mode", "one of"),
     (["model.layer_spec=fast"], None, "model.layer_spec", "one of"),
     (["model.dtype=fp8"], None, "model.dtype", "one of"),
+    (["data.video_backend=ffmpeg"], None, "data.video_backend", "auto|dali|pyav"),
+    (["data.fps=0"], None, "data.fps", "> 0"),
 ])
 def test_rule_names_key(overrides, world, key, words):
     e = err(overrides, world_size=world)
