@@ -1,0 +1,140 @@
+"""One batch of rows decoding with a KV cache on this rank's pipeline stage.
+
+Layout: rows are left-padded to the longest prompt, so every row's next token is written at the
+same cache column (megatron's static context has one sequence offset for the batch). Padding
+columns are masked out of attention at every step (a (B, 1, 1, T) bool mask, True = masked); rows
+without padding need no mask.
+
+Positions (M-RoPE): the prompt's (3, L) ids come from the model's rope index; a generated token
+gets ``cache_position + rope_delta`` in all three rows, where cache_position counts the row's real
+tokens before it. megatron's static KV path stores keys before rotation and slices the rotary
+table by absolute column, so every step passes the position ids of all columns so far (kept in a
+(3, B, capacity) buffer).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_ral.inference.kv_cache import KVCache
+from megatron_ral.inference.pipeline import StageComm
+from megatron_ral.inference.prompts import PromptInput, concat_vision
+
+
+def _pad_token_id(model) -> int:
+    special = {model.image_token_id, model.video_token_id}
+    return next(i for i in range(len(special) + 1) if i not in special)
+
+
+class DecodeSession:
+    """Prefill then one-token steps for a batch of rows; returns last-stage logits (B, V) fp32
+    (None on other pipeline stages)."""
+
+    def __init__(self, model, comm: StageComm | None = None):
+        if getattr(model.config, "sequence_parallel", False):
+            raise NotImplementedError("generation runs without sequence parallelism; build the model with it off")
+        self.model = model
+        self.comm = comm or StageComm.from_parallel_state()
+        param = next(model.parameters())
+        self.device = param.device
+        self.dtype = model.config.pipeline_dtype or model.config.params_dtype
+        self.hidden_size = model.config.hidden_size
+        self.cache: KVCache | None = None
+        self.positions: torch.Tensor | None = None  # (3, B, capacity)
+        self.padding: torch.Tensor | None = None    # (B, capacity) True = padding column
+        self.next_position: torch.Tensor | None = None  # (B,) position of the next token
+
+    # ------------------------------------------------------------------ state
+    @property
+    def batch_size(self) -> int:
+        return self.positions.shape[1]
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    def _mask(self, upto: int, queries: int) -> torch.Tensor | None:
+        pad = self.padding[:, :upto]
+        if not bool(pad.any()):
+            return None
+        if queries == 1:
+            return pad[:, None, None, :]
+        causal = torch.ones(queries, upto, dtype=torch.bool, device=pad.device).triu(upto - queries + 1)
+        return causal[None, None] | pad[:, None, None, :]
+
+    def _forward(self, input_ids, position_ids, attention_mask, vision_embeddings=None):
+        batch, seq = input_ids.shape
+        if not self.comm.is_first:
+            hidden = self.comm.recv_activation((seq, batch, self.hidden_size), self.dtype, self.device)
+            self.model.set_input_tensor(hidden)
+        out = self.model(
+            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+            vision_embeddings=vision_embeddings, inference_context=self.cache.context, runtime_gather_output=True,
+        )
+        if not self.comm.is_last:
+            self.comm.send_activation(out)
+            return None
+        return out[:, -1].float()
+
+    # ------------------------------------------------------------------ phases
+    @torch.no_grad()
+    def prefill(self, prompts: list[PromptInput], max_new_tokens: int, vision_embeddings=None) -> torch.Tensor | None:
+        """Run the prompts (left-padded) through the model, filling the cache; returns the logits of
+        each prompt's next token. The cache has room for ``max_new_tokens - 1`` more columns (the
+        last sampled token is never fed back). Vision features are encoded here (first stage) unless
+        given, once for all prompts."""
+        model = self.model
+        lengths = [len(p) for p in prompts]
+        seq = max(lengths)
+        capacity = seq + max(max_new_tokens - 1, 0)
+        batch = len(prompts)
+        dev = self.device
+        ids = torch.full((batch, seq), _pad_token_id(model), dtype=torch.long, device=dev)
+        self.positions = torch.zeros(3, batch, capacity, dtype=torch.long, device=dev)
+        self.padding = torch.zeros(batch, capacity, dtype=torch.bool, device=dev)
+        self.next_position = torch.zeros(batch, dtype=torch.long, device=dev)
+        for b, p in enumerate(prompts):
+            start = seq - lengths[b]
+            row = p.input_ids.to(dev)
+            ids[b, start:] = row
+            self.padding[b, :start] = True
+            pos, delta = model.compute_position_ids(
+                row[None], p.image_grid_thw, p.video_grid_thw, p.second_per_grid_ts)
+            self.positions[:, b, start:seq] = pos[:, 0].to(dev)
+            self.next_position[b] = lengths[b] + int(delta.reshape(-1)[0])
+        if self.comm.is_first and vision_embeddings is None:
+            vision = concat_vision(prompts)
+            if vision["pixel_values"] is not None or vision["pixel_values_videos"] is not None:
+                vision_embeddings = model.encode_vision(**vision)
+        self.cache = KVCache(batch, capacity)
+        logits = self._forward(ids, self.positions[:, :, :seq], self._mask(seq, seq), vision_embeddings)
+        self.cache.advance(seq)
+        return logits
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """Feed one token per row (B,); returns the logits of the following token."""
+        col = self.length
+        if col >= self.cache.capacity:
+            raise RuntimeError(f"KV cache full ({self.cache.capacity} columns)")
+        self.positions[:, :, col] = self.next_position
+        self.next_position += 1
+        logits = self._forward(tokens.reshape(-1, 1).to(self.device), self.positions[:, :, : col + 1],
+                               self._mask(col + 1, 1))
+        self.cache.advance(1)
+        return logits
+
+    def select_rows(self, index: torch.Tensor | list[int]) -> None:
+        """New row i = old row index[i] (repeat a prompt's row G times, drop finished rows); then drop
+        the leading columns that are padding for every remaining row."""
+        index = torch.as_tensor(index, dtype=torch.long, device=self.device)
+        self.cache.select_rows(index)
+        self.positions = self.positions.index_select(1, index)
+        self.padding = self.padding.index_select(0, index)
+        self.next_position = self.next_position.index_select(0, index)
+        real = ~self.padding[:, : self.length]
+        lead = int(real.any(dim=0).to(torch.int8).argmax()) if real.numel() else 0
+        if lead > 0:
+            self.cache.drop_leading(lead)
+            self.positions = self.positions[:, :, lead:].contiguous()
+            self.padding = self.padding[:, lead:].contiguous()
