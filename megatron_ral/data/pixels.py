@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torchvision.transforms.v2 import functional as tvF
+import torch.nn.functional as F
 
 from megatron_ral.data.geometry import VisionParams, grid_thw, smart_resize, video_resize_target
 
@@ -37,11 +37,18 @@ class VisionInput:
 def resize_frames(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Bicubic resize with antialiasing of uint8 frames [T, 3, H, W] -> uint8 [T, 3, height, width].
 
-    Same operation (torchvision, uint8 in and out) as transformers' Qwen2-VL processors and qwen-vl-utils.
+    The operation torchvision's resize performs for the Qwen2-VL processors and qwen-vl-utils: on CPU
+    torch's native uint8 antialiased bicubic kernel; elsewhere float32, then clamp to [0, 255], round
+    and cast back.
     """
-    if frames.shape[-2:] == (height, width):
+    if tuple(frames.shape[-2:]) == (height, width):
         return frames
-    return tvF.resize(frames, [height, width], interpolation=tvF.InterpolationMode.BICUBIC, antialias=True)
+    if frames.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 frames, got {frames.dtype}")
+    if frames.device.type == "cpu":
+        return F.interpolate(frames, size=[height, width], mode="bicubic", align_corners=False, antialias=True)
+    out = F.interpolate(frames.float(), size=[height, width], mode="bicubic", align_corners=False, antialias=True)
+    return out.clamp_(0, 255).round_().to(torch.uint8)
 
 
 def normalize(frames: torch.Tensor, params: VisionParams) -> torch.Tensor:
