@@ -56,8 +56,8 @@ class DataConfig:
     dali_device: str = "auto"
     dali_threads: int = 2
 
-    # Background decoding: DataLoader worker processes (0 = decode in the training process)
-    # and batches prefetched per worker.
+    # Background decoding: DataLoader worker processes (0 = decode in the training process) and
+    # the number of batches kept decoded ahead of the trainer.
     num_workers: int = 2
     prefetch_factor: int = 2
 

@@ -9,11 +9,9 @@ every failure and can resume from (epoch, position).
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Iterator
 
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from megatron_ral.data.collate import Batch, collate
@@ -24,9 +22,7 @@ from megatron_ral.data.processor import QwenVLProcessor
 from megatron_ral.data.records import RecordIndex
 from megatron_ral.data.samples import Failure, Sample, SampleBuilder
 from megatron_ral.data.sharding import epoch_order, shard
-from megatron_ral.data.video.backend import log_choice_once, select_backend
-
-logger = logging.getLogger(__name__)
+from megatron_ral.data.video.backend import BackendChoice, log_choice_once
 
 
 class ShardStream(IterableDataset):
@@ -68,7 +64,11 @@ class ShardStream(IterableDataset):
 
 
 class VisionDataLoader:
-    """Batches of `batch_size` good samples for one DP rank; failures are skipped and counted.
+    """Batches of `batch_size` good samples for one data-parallel rank; failures are skipped and counted.
+
+    rank / world_size are the data-parallel rank and size (tensor/pipeline peers pass the same values
+    and get the same batches). num_epochs: stop after that many epochs (None: cycle, reshuffling
+    every epoch); a batch may span the boundary between two epochs.
 
         loader = VisionDataLoader(cfg, processor, cfg.train_files, rank, world_size, batch_size=8)
         for batch in loader: ...            # Batch objects
@@ -88,6 +88,10 @@ class VisionDataLoader:
         self.builder = SampleBuilder(processor, cfg, mode)
         self.rank, self.world_size = rank, world_size
         self.num_epochs = num_epochs
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if len(self) == 0:
+            raise ValueError(f"data-parallel rank {rank} of {world_size} gets no records ({len(self.index)} records in {list(files)})")
         self.tracker = FailureTracker(cfg.max_failure_fraction, cfg.failure_window)
         self.epoch, self.position = 0, 0
         if state:
@@ -104,26 +108,28 @@ class VisionDataLoader:
             yield from stream
             return
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        # data.prefetch_factor counts batches: each worker keeps its share of that many batches in flight.
+        per_worker = self.cfg.prefetch_factor * -(-self.batch_size // workers)
         loader = DataLoader(
-            stream, batch_size=None, num_workers=workers, prefetch_factor=self.cfg.prefetch_factor,
+            stream, batch_size=None, num_workers=workers, prefetch_factor=per_worker,
             # CUDA (DALI on GPU) cannot be used in forked processes.
             multiprocessing_context="spawn" if self.builder.decoders.uses_gpu else None,
         )
         yield from loader
 
     def _items(self) -> Iterator:
-        if len(self) == 0:
-            return
         epoch, start = self.epoch, self.position
         while self.num_epochs is None or epoch < self.num_epochs:
             yield from self._epoch_items(epoch, start)
             epoch, start = epoch + 1, 0
 
-    def _note(self, sample: Sample) -> None:
+    @staticmethod
+    def _note(sample: Sample) -> None:
+        """Log (once per codec, in this process) which backend decoded it, whichever worker did."""
         for v in sample.vision:
-            codec = v.meta.get("codec")
-            if codec:
-                log_choice_once(codec, select_backend(codec, self.cfg.video_backend, self.cfg.dali_device))
+            if v.meta.get("codec"):
+                choice = BackendChoice(v.meta["backend"], v.meta["device"], v.meta.get("backend_reason", ""))
+                log_choice_once(v.meta["codec"], choice)
 
     def __iter__(self) -> Iterator[Batch]:
         pending: list[Sample] = []

@@ -87,6 +87,8 @@ class SampleBuilder:
     def build(self, record: Record) -> Sample:
         """Raises DataError (skip reasons) for unusable inputs."""
         vision = self.vision_input(record)
+        # Samples leave the (possibly worker) process on the CPU; decoding may have run on the GPU.
+        vision.pixel_values = vision.pixel_values.cpu()
         messages = user_messages(record, self.template, self.cfg.system_prompt)
         prompt = self.processor.encode_prompt(messages, [vision])
         if self.cfg.max_prompt_tokens is not None and len(prompt) > self.cfg.max_prompt_tokens:

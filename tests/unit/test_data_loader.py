@@ -4,7 +4,6 @@ reshuffle, resuming from state_dict continues at the next record, SFT batches ma
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch

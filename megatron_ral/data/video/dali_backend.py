@@ -119,7 +119,11 @@ class DaliDecoder:
             self._pipe = None  # a pipeline that hit an error is rebuilt for the next file
             raise MediaError("corrupt_media", info.path, f"DALI decode failed: {_dali_reason(str(e))}") from e
         if self.device == "gpu":
-            frames = torch.from_dlpack(out.as_tensor())
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+
+            dense = out.as_tensor()
+            frames = torch.empty(dense.shape(), dtype=torch.uint8, device=torch.device("cuda", self.device_id))
+            feed_ndarray(dense, frames, cuda_stream=torch.cuda.current_stream(frames.device))
         else:
             frames = torch.from_numpy(np.array(out[0]))
         if frames.dim() == 5:
