@@ -1,0 +1,11 @@
+"""Checkpoints: HF <-> Megatron conversion, streaming IO, and locally generated test checkpoints.
+
+    convert            hf_to_megatron / megatron_to_hf (streaming, bounded memory, all-or-nothing output)
+    mapping            parameter names and QKV / fc1 layouts, HF <-> Megatron-Core
+    safetensors_io     streaming reader/writer of (sharded) HF safetensors checkpoints
+    dist_ckpt_io       megatron-core torch_dist checkpoints written and read chunk by chunk
+    output_dir         atomic output directories, HF side files (config/tokenizer/processor), progress
+    qwen25vl_arch      the shape facts of a Qwen2.5-VL config
+    tiny               seeded tiny/small Qwen2.5-VL HF checkpoints (tokenizer, processor) for tests
+    random_checkpoint  random checkpoints with the released shapes, for benchmarks
+"""

@@ -7,8 +7,8 @@ shape and the list of stored chunks (offsets, sizes); a ShardedObject is a bytes
 ``key/shard_<offsets>_<fragmentation>``. On load, DCP copies the overlap of the stored chunks with
 each rank's local shard, so the chunking used at save time does not constrain the layout at load time.
 
-`write_dist_checkpoint` writes such a directory from chunk specs whose data is produced on demand
-(while the DCP writer streams that item to disk), so only one chunk is resident at a time.
+`write_dist_checkpoint` writes such a directory from chunk specs whose data is produced on demand and
+written straight away, so only one chunk is resident at a time.
 `DistCheckpointReader.read` reads any rectangular region of a stored tensor.
 """
 
@@ -17,18 +17,21 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.default_planner import _validate_global_plan, create_default_global_save_plan
+from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
     Metadata,
     MetadataIndex,
+    StorageMeta,
     TensorProperties,
     TensorStorageMetadata,
 )
@@ -42,9 +45,13 @@ from torch.distributed.checkpoint.planner import (
     WriteItemType,
 )
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
-from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from megatron_ral.checkpoint.safetensors_io import CheckpointFileError
+
+try:  # the format version FileSystemWriter stamps into .metadata (recent torch)
+    from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION as _DCP_VERSION
+except ImportError:
+    _DCP_VERSION = None
 
 MEGATRON_METADATA = {
     "sharded_backend": "torch_dist",
@@ -88,63 +95,85 @@ def none_object_bytes() -> io.BytesIO:
     return buf
 
 
-class _LazySavePlanner(DefaultSavePlanner):
-    """A DCP save planner whose write items come from specs and whose data is produced on request."""
+def _write_items(tensors: Sequence[TensorSpec], objects: Sequence[BytesSpec]
+                 ) -> list[tuple[WriteItem, Callable[[], object], TensorSpec | None, ChunkSpec | None]]:
+    """DCP write items (bytes first, then tensor chunks in their `order`) with their data producers."""
+    items: list = [(WriteItem(index=MetadataIndex(obj.key), type=WriteItemType.BYTE_IO), obj.produce, None, None)
+                   for obj in objects]
+    pairs = sorted(((spec, chunk) for spec in tensors for chunk in spec.chunks), key=lambda p: p[1].order)
+    for spec, chunk in pairs:
+        single = len(spec.chunks) == 1 and tuple(spec.chunks[0].sizes) == tuple(spec.global_shape)
+        offsets = torch.Size(chunk.offsets)
+        item = WriteItem(
+            index=MetadataIndex(spec.key, offsets),
+            type=WriteItemType.TENSOR if single else WriteItemType.SHARD,
+            tensor_data=TensorWriteData(
+                chunk=ChunkStorageMetadata(offsets=offsets, sizes=torch.Size(chunk.sizes)),
+                properties=TensorProperties(dtype=spec.dtype),
+                size=torch.Size(spec.global_shape),
+            ),
+        )
+        items.append((item, chunk.produce, spec, chunk))
+    return items
 
-    def __init__(self, tensors: Sequence[TensorSpec], objects: Sequence[BytesSpec],
-                 on_chunk: Callable[[TensorSpec, ChunkSpec], None] | None = None):
-        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
-        self._tensors = list(tensors)
-        self._objects = list(objects)
-        self._on_chunk = on_chunk
-        self._producers: dict[tuple[str, tuple[int, ...]], tuple[TensorSpec, ChunkSpec]] = {}
-        self._bytes: dict[str, BytesSpec] = {}
 
-    def create_local_plan(self) -> SavePlan:
-        items: list[WriteItem] = []
-        for obj in self._objects:
-            self._bytes[obj.key] = obj
-            items.append(WriteItem(index=MetadataIndex(obj.key), type=WriteItemType.BYTE_IO))
-        pairs = sorted(((spec, chunk) for spec in self._tensors for chunk in spec.chunks), key=lambda p: p[1].order)
-        for spec, chunk in pairs:
-            single = len(spec.chunks) == 1 and tuple(spec.chunks[0].sizes) == tuple(spec.global_shape)
-            offsets = torch.Size(chunk.offsets)
-            self._producers[(spec.key, tuple(offsets))] = (spec, chunk)
-            items.append(WriteItem(
-                index=MetadataIndex(spec.key, offsets),
-                type=WriteItemType.TENSOR if single else WriteItemType.SHARD,
-                tensor_data=TensorWriteData(
-                    chunk=ChunkStorageMetadata(offsets=offsets, sizes=torch.Size(chunk.sizes)),
-                    properties=TensorProperties(dtype=spec.dtype),
-                    size=torch.Size(spec.global_shape),
-                ),
-            ))
-        self.plan = SavePlan(items)
-        return self.plan
-
-    def resolve_data(self, write_item: WriteItem):
-        if write_item.type == WriteItemType.BYTE_IO:
-            return self._bytes[write_item.index.fqn].produce()
-        spec, chunk = self._producers[(write_item.index.fqn, tuple(write_item.index.offset))]
-        data = chunk.produce()
-        if tuple(data.shape) != tuple(chunk.sizes) or data.dtype != spec.dtype:
-            raise RuntimeError(f"{spec.key} chunk at {chunk.offsets}: produced {tuple(data.shape)} {data.dtype}, "
-                               f"expected {tuple(chunk.sizes)} {spec.dtype}")
-        if self._on_chunk is not None:
-            self._on_chunk(spec, chunk)
-        return data.contiguous()
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_dist_checkpoint(directory: str | os.PathLike, tensors: Sequence[TensorSpec], objects: Sequence[BytesSpec],
                           common_state: dict | None = None,
                           on_chunk: Callable[[TensorSpec, ChunkSpec], None] | None = None) -> None:
-    """Write a megatron-core torch_dist checkpoint into the (existing, empty) `directory`, chunk by chunk."""
+    """Write a megatron-core torch_dist checkpoint into the (existing, empty) `directory`, chunk by chunk.
+
+    The files are those PyTorch DCP's FileSystemWriter produces for one rank: ``__0_0.distcp`` holding
+    each item as ``torch.save`` bytes (tensor chunks) or raw bytes (objects), and the pickled ``.metadata``
+    (global shapes, chunk lists, byte ranges). Each chunk is produced, written and released before the
+    next one, so memory holds one chunk at a time.
+    """
     directory = Path(directory)
-    writer = FileSystemWriter(str(directory), single_file_per_rank=True, thread_count=1, sync_files=True)
-    planner = _LazySavePlanner(tensors, objects, on_chunk)
-    dcp_save({}, storage_writer=writer, planner=planner, no_dist=True)
-    torch.save(common_state or {}, directory / "common.pt")
-    (directory / "metadata.json").write_text(json.dumps(MEGATRON_METADATA))
+    items = _write_items(tensors, objects)
+    plan = SavePlan([it[0] for it in items])
+    (plan,), metadata = create_default_global_save_plan([plan])
+    problems = _validate_global_plan([plan], metadata)  # a list of messages (torch >= 2.9) or a bool
+    if problems is False or (isinstance(problems, list) and problems):
+        raise ValueError(f"chunks do not tile their tensors exactly: {problems}")
+    data_name = "__0_0.distcp"
+    storage: dict[MetadataIndex, _StorageInfo] = {}
+    with open(directory / data_name, "wb") as f:
+        for item, (_, produce, spec, chunk) in zip(plan.items, items):
+            offset = f.tell()
+            data = produce()
+            if item.type == WriteItemType.BYTE_IO:
+                f.write(data.getbuffer())
+            else:
+                if tuple(data.shape) != tuple(chunk.sizes) or data.dtype != spec.dtype:
+                    raise RuntimeError(f"{spec.key} chunk at {chunk.offsets}: produced {tuple(data.shape)} "
+                                       f"{data.dtype}, expected {tuple(chunk.sizes)} {spec.dtype}")
+                data = data.detach().cpu()
+                if not data.is_contiguous() or data.untyped_storage().nbytes() != data.nbytes:
+                    data = data.clone(memory_format=torch.contiguous_format)  # save exactly this chunk's bytes
+                torch.save(data, f)
+                if on_chunk is not None:
+                    on_chunk(spec, chunk)
+            storage[item.index] = _StorageInfo(data_name, offset, f.tell() - offset)
+            del data
+        f.flush()
+        os.fsync(f.fileno())
+    metadata.storage_data = storage
+    if _DCP_VERSION is not None:
+        metadata.version = _DCP_VERSION
+    metadata.storage_meta = StorageMeta(checkpoint_id=str(directory))
+    buf = io.BytesIO()
+    pickle.dump(metadata, buf)
+    _fsync_write(directory / ".metadata", buf.getvalue())
+    cbuf = io.BytesIO()
+    torch.save(common_state or {}, cbuf)
+    _fsync_write(directory / "common.pt", cbuf.getvalue())
+    _fsync_write(directory / "metadata.json", json.dumps(MEGATRON_METADATA).encode())
 
 
 def is_dist_checkpoint(directory: str | os.PathLike) -> bool:

@@ -277,8 +277,12 @@ class SafetensorsShardWriter:
             self._written = 0
 
     def close(self) -> None:
+        complete = self._i == len(self.plans)
+        if complete:
+            self._f.flush()
+            os.fsync(self._f.fileno())
         self._f.close()
-        if self._i != len(self.plans):
+        if not complete:
             missing = [p.name for p in self.plans[self._i:]]
             raise RuntimeError(f"{self.path}: tensors not written: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
 
