@@ -143,3 +143,22 @@ def test_backend_choice_logged_once(caplog):
             log_choice_once("vp8", choice)
     lines = [r.getMessage() for r in caplog.records if "vp8" in r.getMessage()]
     assert lines == ["video codec vp8: dali on cpu (DALI decodes vp8 on cpu)"]
+
+
+@pytest.mark.parametrize("name,codec,pix_fmt", [("clip.avi", "mjpeg", "yuvj420p"), ("clip.mkv", "mjpeg", "yuvj422p"), ("clip.webm", "libvpx", "yuv420p")])
+def test_dali_cpu_codecs_mjpeg_vp8_match_pyav(tmp_path, name, codec, pix_fmt):
+    path = tmp_path / name
+    frames = _frames(12, 50, 70, seed=4)
+    with av.open(str(path), "w") as c:
+        s = c.add_stream(codec, rate=10)
+        s.width, s.height, s.pix_fmt = 70, 50, pix_fmt
+        for f in frames:
+            for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    info = probe_video(str(path))
+    assert select_backend(info.codec, "auto", "cpu", have_dali=True).backend == "dali"
+    idx = [0, 5, 11]
+    a, b = DaliDecoder("cpu").decode(info, idx), PyAVDecoder().decode(info, idx)
+    assert (a.int() - b.int()).abs().max().item() <= 2
