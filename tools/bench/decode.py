@@ -3,9 +3,10 @@
 
     python tools/bench/decode.py [--clips DIR] [--n 3] [--seconds 20] [--size 640x360] [--video-fps 30]
 
-frames/s counts the Qwen-sampled frames per second of wall time (container probe + decode, one core
-for PyAV; DALI with its default 2 threads); peak RSS is the peak resident memory of a fresh process
-per measurement (baseline after imports and the delta are reported too).
+frames/s counts the Qwen-sampled frames per second of wall time (container probe + decode; PyAV on one
+thread, DALI with its default 2 threads); frames_per_cpu_s divides by the process CPU time instead (less
+sensitive to other load on a shared machine). Peak RSS is the peak resident memory of a fresh process
+per measurement (the baseline after imports and the delta are reported too).
 """
 
 from __future__ import annotations

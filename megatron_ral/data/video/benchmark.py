@@ -54,6 +54,12 @@ def make_clips(out_dir: str, n: int = 3, seconds: float = 20.0, fps: int = 30, w
     return paths
 
 
+def _cpu_s() -> float:
+    """User + system CPU time of this process (all threads)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -72,17 +78,19 @@ def _run_backend(backend: str, paths: list[str], fps: float, max_frames: int, re
     info = probe_video(paths[0])
     choice = decoders.choose(info.codec)
     decoders.decoder(choice).decode(info, [0])
-    frames, seconds = 0, 0.0
+    frames, seconds, cpu = 0, 0.0, 0.0
     for _ in range(repeats):
         for path in paths:
-            t0 = time.perf_counter()
+            c0, t0 = _cpu_s(), time.perf_counter()
             info = probe_video(path)
             plan = plan_frames(info.total_frames, info.fps, fps, 4, max_frames)
             out = decoders.decoder(choice).decode(info, plan.indices)
             seconds += time.perf_counter() - t0
+            cpu += _cpu_s() - c0
             frames += int(out.shape[0])
     queue.put({"backend": choice.backend, "device": choice.device, "codec": info.codec, "fps": fps, "frames": frames,
                "seconds": round(seconds, 4), "frames_per_s": round(frames / seconds, 2),
+               "cpu_seconds": round(cpu, 4), "frames_per_cpu_s": round(frames / cpu, 2) if cpu > 0 else None,
                "baseline_rss_mb": round(baseline, 1), "peak_rss_mb": round(_rss_mb(), 1),
                "peak_rss_delta_mb": round(_rss_mb() - baseline, 1)})
 
