@@ -58,10 +58,6 @@ class QwenVLProcessor:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         return cls(tokenizer, VisionParams.from_pretrained(model_dir), load_chat_template(model_dir, tokenizer))
 
-    def __getstate__(self):
-        # Fast tokenizers pickle fine; keep the state explicit for DataLoader workers.
-        return dict(self.__dict__)
-
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         return self.tokenizer.apply_chat_template(
             messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt

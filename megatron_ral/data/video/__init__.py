@@ -1,0 +1,1 @@
+"""Video decoding: container probing, Qwen frame sampling, DALI and PyAV backends, backend choice."""
