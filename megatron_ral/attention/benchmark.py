@@ -238,6 +238,8 @@ def run_benchmark(lengths: list[int], rows: list[int], heads: int = 28, kv_heads
                     est = eager_peak_estimate_bytes(spec) / GIB
                     row[impl] = {"status": "skipped",
                                  "reason": f"did not fit: estimated {est:.1f} GiB > cap {eager_cap_gib} GiB"}
+                    if log:
+                        log(f"T={t} R={r} {impl}: {json.dumps(row[impl])}")
             # repeats alternate between the implementations, each in a fresh process, so that a change in
             # machine load hits both alike; time = min over repeats, peak memory = max over repeats
             runs: dict[str, list[dict]] = {"capture": [], "eager": []}

@@ -10,16 +10,20 @@ consumed. Two interchangeable stores behind one interface (``put`` a capture, ``
             their own dtype, and recomputes p_old (no grad) when asked: R x H_local x d + T x H_kv_local x d
             values per sample, i.e. divided by the TP size.
 
-Default: ``"qk"``. Reasons, from ``tools/bench/attention_capture.py`` (7B layout, H=28, H_kv=4, d=128):
-  * memory: per sample qk holds R*3584 + T*512 values against R*T for rows. At the lengths RAL targets
-    (R >= 1024 response tokens, T = 8k-32k video contexts) rows are 1.4x-4x larger at TP=1 and
-    5x-17x larger per rank at TP=4 (Q/K are split across TP ranks, rows are not); packed streams make
-    it worse for rows (R x T_packed). Rows win only for short responses (R=256: about 0.45x of qk).
-  * exactness: recomputing from Q/K reproduces p_theta bit for bit at theta = theta_old, so the first
-    update's attention gradient is exactly zero as the method intends; bf16 rows carry a 2^-9 relative
-    rounding error that turns into a spurious gradient of order 1e-3 p(i) on that step.
-  * cost: one extra no-grad capture forward per mini-batch, about a third of the capture's own
-    forward+backward and small against the model forward.
+Default: ``"qk"``. Measured with ``tools/bench/attention_capture.py`` (7B layout: H=28, H_kv=4, d=128,
+bf16 storage), bytes of rows-bf16 over bytes of qk per sample and rank:
+  * memory: R=256: 0.27-0.47x at TP=1 but 1.1-1.9x at TP=4; R=1024: 0.44x (T=2k), 1.07x (8k),
+    1.39x (16k), 1.64x (32k) at TP=1 and 1.8-6.6x at TP=4; R=4096: 1.8-4.3x at TP=1, 7-17x at TP=4.
+    Q/K shrink with the TP size, rows do not (they are replicated), and packed streams make rows
+    R x T_packed. Rows are smaller only for short responses at TP=1.
+  * exactness: recomputing from Q/K reproduces p_theta bit for bit at theta = theta_old (same code,
+    chunking and device; the model forward giving the same Q/K), so the first update's attention
+    gradient is exactly 0, as the method intends. Rows stored in bf16 give a
+    spurious gradient at theta = theta_old whose norm was 23% of the gradient after a 1% change of the
+    queries (fp16 rows: 3%; T=2k, R=256): noise of the same order as the signal RAL acts on.
+  * cost: one no-grad capture forward per mini-batch, about a third of the capture's forward+backward
+    and small against the model forward.
+Use ``mode="rows"`` (``dtype="fp32"`` for exact rows) when responses are short and TP=1.
 Either store can live in host memory (``offload=True``; pinned when CUDA is present) between phases.
 """
 
