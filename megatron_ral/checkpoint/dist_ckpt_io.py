@@ -9,11 +9,13 @@ each rank's local shard, so the chunking used at save time does not constrain th
 
 `write_dist_checkpoint` writes such a directory from chunk specs whose data is produced on demand and
 written straight away, so only one chunk is resident at a time.
-`DistCheckpointReader.read` reads any rectangular region of a stored tensor.
+`DistCheckpointReader.read` reads any rectangular region of a stored tensor, loading only the stored
+chunks that overlap it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -35,16 +37,7 @@ from torch.distributed.checkpoint.metadata import (
     TensorProperties,
     TensorStorageMetadata,
 )
-from torch.distributed.checkpoint.planner import (
-    LoadPlan,
-    LoadPlanner,
-    ReadItem,
-    SavePlan,
-    TensorWriteData,
-    WriteItem,
-    WriteItemType,
-)
-from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
 from megatron_ral.checkpoint.safetensors_io import CheckpointFileError
 
@@ -117,6 +110,22 @@ def _write_items(tensors: Sequence[TensorSpec], objects: Sequence[BytesSpec]
     return items
 
 
+@contextlib.contextmanager
+def _no_crc32():
+    """Skip torch.save's per-record CRC32 (a third of the serialisation time; torch.load does not need it)."""
+    try:
+        from torch.utils.serialization import config
+    except ImportError:  # older torch: always computes it
+        yield
+        return
+    saved = config.save.compute_crc32
+    config.save.compute_crc32 = False
+    try:
+        yield
+    finally:
+        config.save.compute_crc32 = saved
+
+
 def _fsync_write(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
@@ -143,7 +152,7 @@ def write_dist_checkpoint(directory: str | os.PathLike, tensors: Sequence[Tensor
         raise ValueError(f"chunks do not tile their tensors exactly: {problems}")
     data_name = "__0_0.distcp"
     storage: dict[MetadataIndex, _StorageInfo] = {}
-    with open(directory / data_name, "wb") as f:
+    with _no_crc32(), open(directory / data_name, "wb") as f:
         for item, (_, produce, spec, chunk) in zip(plan.items, items):
             offset = f.tell()
             data = produce()
@@ -181,42 +190,36 @@ def is_dist_checkpoint(directory: str | os.PathLike) -> bool:
     return (d / ".metadata").is_file() and (d / "metadata.json").is_file()
 
 
-class _RegionLoadPlanner(LoadPlanner):
-    """Reads requested rectangular regions of stored tensors into caller-provided buffers."""
+class _FileSlice(io.RawIOBase):
+    """A read-only, seekable view of bytes [offset, offset + length) of an open file (for torch.load)."""
 
-    def __init__(self, requests: dict[str, tuple[tuple[int, ...], torch.Tensor]]):
-        self.requests = requests
-        self.metadata: Metadata | None = None
+    def __init__(self, f, offset: int, length: int):
+        super().__init__()
+        self._f, self._start, self._len = f, offset, length
+        self._pos = 0
 
-    def set_up_planner(self, state_dict=None, metadata: Metadata | None = None, is_coordinator: bool = False,
-                       **_) -> None:
-        self.metadata = metadata
+    def readable(self) -> bool:
+        return True
 
-    def create_local_plan(self) -> LoadPlan:
-        items: list[ReadItem] = []
-        for key, (offsets, target) in self.requests.items():
-            md = self.metadata.state_dict_metadata[key]
-            chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=target.shape)
-            items += create_read_items_for_chunk_list(key, md, [chunk])
-        return LoadPlan(items)
+    def seekable(self) -> bool:
+        return True
 
-    def create_global_plan(self, global_plan):
-        return global_plan
+    def tell(self) -> int:
+        return self._pos
 
-    def finish_plan(self, central_plan):
-        return central_plan
+    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._len}[whence]
+        self._pos = min(max(base + pos, 0), self._len)
+        return self._pos
 
-    def load_bytes(self, read_item, value) -> None:  # objects are not read through this planner
-        pass
-
-    def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
-        target = self.requests[read_item.dest_index.fqn][1]
-        for dim, (off, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
-            target = target.narrow(dim, off, length)
-        return target
-
-    def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None:
-        pass
+    def readinto(self, b) -> int:
+        n = min(len(b), self._len - self._pos)
+        if n <= 0:
+            return 0
+        self._f.seek(self._start + self._pos)
+        got = self._f.readinto(memoryview(b)[:n])
+        self._pos += got
+        return got
 
 
 class DistCheckpointReader:
@@ -234,12 +237,10 @@ class DistCheckpointReader:
                 raise CheckpointFileError(f"{backend}: corrupt ({e})") from None
             if name != "torch_dist":
                 raise CheckpointFileError(f"{backend}: sharded backend {name!r} is not supported (torch_dist only)")
-        self._reader = FileSystemReader(str(self.directory))
         try:
-            self.metadata: Metadata = self._reader.read_metadata()
+            self.metadata: Metadata = FileSystemReader(str(self.directory)).read_metadata()
         except Exception as e:  # pickle errors, truncation
             raise CheckpointFileError(f"{self.directory / '.metadata'}: cannot read ({e})") from None
-        self._reader.set_up_storage_reader(self.metadata, True)
         self._check_files()
 
     def _check_files(self) -> None:
@@ -277,23 +278,58 @@ class DistCheckpointReader:
             raise KeyError(f"{self.directory}: no tensor {key!r} in the checkpoint")
         return md
 
+    def _load_chunk(self, key: str, chunk: ChunkStorageMetadata) -> torch.Tensor:
+        info = self.metadata.storage_data.get(MetadataIndex(key, chunk.offsets))
+        if info is None:
+            raise CheckpointFileError(f"{self.directory / '.metadata'}: no storage entry for {key} at {tuple(chunk.offsets)}")
+        path = self.directory / info.relative_path
+        if info.transform_descriptors:
+            raise CheckpointFileError(f"{path}: stored with transforms {info.transform_descriptors}, not supported")
+        try:
+            with open(path, "rb") as f:
+                tensor = torch.load(_FileSlice(f, info.offset, info.length), map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated / corrupt data
+            raise CheckpointFileError(f"{path}: cannot read {key} chunk at {tuple(chunk.offsets)} ({e})") from None
+        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(chunk.sizes):
+            raise CheckpointFileError(f"{path}: {key} chunk at {tuple(chunk.offsets)} does not hold a "
+                                      f"{tuple(chunk.sizes)} tensor")
+        return tensor
+
+    def _read_region(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor:
+        pieces = []
+        for chunk in self._md(key).chunks:
+            lo = [max(o, c) for o, c in zip(offsets, chunk.offsets)]
+            hi = [min(o + s, c + cs) for o, s, c, cs in zip(offsets, sizes, chunk.offsets, chunk.sizes)]
+            if all(a < b for a, b in zip(lo, hi)):
+                pieces.append((chunk, lo, hi))
+        if len(pieces) == 1 and tuple(pieces[0][0].offsets) == offsets and tuple(pieces[0][0].sizes) == sizes:
+            return self._load_chunk(key, pieces[0][0])  # the region is one stored chunk: no copy
+        target = torch.empty(sizes, dtype=self.dtype(key))
+        covered = 0
+        for chunk, lo, hi in pieces:
+            src, dst = self._load_chunk(key, chunk), target
+            for dim, (a, b) in enumerate(zip(lo, hi)):
+                src = src.narrow(dim, a - chunk.offsets[dim], b - a)
+                dst = dst.narrow(dim, a - offsets[dim], b - a)
+            dst.copy_(src)
+            covered += int(torch.Size([b - a for a, b in zip(lo, hi)]).numel())
+            del src
+        if covered != int(torch.Size(sizes).numel()):
+            raise CheckpointFileError(f"{self.directory}: stored chunks of {key} do not cover {offsets}+{sizes}")
+        return target
+
     def read_many(self, regions: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]) -> dict[str, torch.Tensor]:
-        """Read {key: (offsets, sizes)} regions (one per key) into new tensors of the stored dtype."""
-        requests = {}
+        """Read {key: (offsets, sizes)} regions into tensors of the stored dtype (loading each stored chunk
+        that overlaps a region once; a region equal to one stored chunk is returned without a copy)."""
+        out = {}
         for key, (offsets, sizes) in regions.items():
             shape = self.shape(key)
-            if len(offsets) != len(shape) or any(o < 0 or o + s > g for o, s, g in zip(offsets, sizes, shape)):
+            offsets, sizes = tuple(offsets), tuple(sizes)
+            if len(offsets) != len(shape) or len(sizes) != len(shape) or \
+                    any(o < 0 or o + s > g for o, s, g in zip(offsets, sizes, shape)):
                 raise ValueError(f"{key}: region {offsets}+{sizes} outside the global shape {shape}")
-            requests[key] = (tuple(offsets), torch.empty(tuple(sizes), dtype=self.dtype(key)))
-        planner = _RegionLoadPlanner(requests)
-        planner.set_up_planner(None, self.metadata, True)
-        plan = self._reader.prepare_local_plan(planner.create_local_plan())
-        plan = self._reader.prepare_global_plan([plan])[0]
-        try:
-            self._reader.read_data(plan, planner).wait()
-        except (EOFError, RuntimeError, OSError) as e:
-            raise CheckpointFileError(f"{self.directory}: cannot read {sorted(regions)} ({e})") from None
-        return {k: t for k, (_, t) in requests.items()}
+            out[key] = self._read_region(key, offsets, sizes)
+        return out
 
     def read(self, key: str, offsets: tuple[int, ...] | None = None, sizes: tuple[int, ...] | None = None
              ) -> torch.Tensor:
