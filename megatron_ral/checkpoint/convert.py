@@ -149,23 +149,28 @@ def megatron_specs(src: _HFSource, arch: Qwen25VLArch, max_chunk_bytes: int = DE
     P, L = M.LM_PREFIX, arch.num_layers
     tensors: list[TensorSpec] = []
     shapes = M.megatron_layer_shapes(arch)
-    F = arch.ffn_hidden_size
-    G = arch.num_query_groups
+    F, G = arch.ffn_hidden_size, arch.num_query_groups
 
-    def qkv(layer: int, kind: str) -> torch.Tensor:
-        q, k, v = (src.get(M.hf_layer(layer, f"self_attn.{x}_proj.{kind}")) for x in "qkv")
-        return M.qkv_to_megatron(q, k, v, G)
+    def one(ts: list[torch.Tensor]) -> torch.Tensor:
+        return ts[0]
 
-    # Per kind: the HF sources of one layer and a function producing the layer's chunk(s).
-    layer_sources = {
-        M.QKV_NORM: (("input_layernorm.weight",), lambda l: [((0,), src.get(M.hf_layer(l, "input_layernorm.weight")))]),
-        M.QKV_W: ((*(f"self_attn.{x}_proj.weight" for x in "qkv"),), lambda l: [((0, 0), qkv(l, "weight"))]),
-        M.QKV_B: ((*(f"self_attn.{x}_proj.bias" for x in "qkv"),), lambda l: [((0,), qkv(l, "bias"))]),
-        M.PROJ_W: (("self_attn.o_proj.weight",), lambda l: [((0, 0), src.get(M.hf_layer(l, "self_attn.o_proj.weight")))]),
-        M.FC1_NORM: (("post_attention_layernorm.weight",),
-                     lambda l: [((0,), src.get(M.hf_layer(l, "post_attention_layernorm.weight")))]),
-        M.FC2_W: (("mlp.down_proj.weight",), lambda l: [((0, 0), src.get(M.hf_layer(l, "mlp.down_proj.weight")))]),
+    def qkv(ts: list[torch.Tensor]) -> torch.Tensor:
+        return M.qkv_to_megatron(*ts, G)
+
+    # Per layer kind: its chunks as (row offset inside the layer, HF sources, combine). fc1 is stored as two
+    # chunks (gate rows, then up rows), the way megatron's SwiGLU sharded factory stores it.
+    layer_chunks = {
+        M.QKV_NORM: [(0, ("input_layernorm.weight",), one)],
+        M.QKV_W: [(0, tuple(f"self_attn.{x}_proj.weight" for x in "qkv"), qkv)],
+        M.QKV_B: [(0, tuple(f"self_attn.{x}_proj.bias" for x in "qkv"), qkv)],
+        M.PROJ_W: [(0, ("self_attn.o_proj.weight",), one)],
+        M.FC1_NORM: [(0, ("post_attention_layernorm.weight",), one)],
+        M.FC1_W: [(0, ("mlp.gate_proj.weight",), one), (F, ("mlp.up_proj.weight",), one)],
+        M.FC2_W: [(0, ("mlp.down_proj.weight",), one)],
     }
+
+    def produce(layer: int, sources: tuple[str, ...], combine) -> torch.Tensor:
+        return combine([src.get(M.hf_layer(layer, s)) for s in sources]).unsqueeze(0)
 
     from megatron_ral.models.qwen25vl.provider import padded_vocab_size  # the model's rule (imports megatron)
 
@@ -174,25 +179,17 @@ def megatron_specs(src: _HFSource, arch: Qwen25VLArch, max_chunk_bytes: int = DE
                                (0,), "embedding"))
     for k_i, kind in enumerate(M.LAYER_KINDS):
         per_layer = shapes[kind]
-        if kind == M.FC1_W:
-            dtype = _layer_dtype(src, arch, ("mlp.gate_proj.weight", "mlp.up_proj.weight"))
-        else:
-            dtype = _layer_dtype(src, arch, layer_sources[kind][0])
+        chunks = layer_chunks[kind]
+        dtype = _layer_dtype(src, arch, tuple(s for _, sources, _ in chunks for s in sources))
         spec = TensorSpec(P + M.LAYERS + kind, (L, *per_layer), dtype)
         for layer in range(L):
-            label = f"layer {layer + 1}/{L}"
-            if kind == M.FC1_W:  # the two halves are separate chunks, as megatron's SwiGLU factory stores them
-                for half, (row0, hf) in enumerate(((0, "mlp.gate_proj.weight"), (F, "mlp.up_proj.weight"))):
-                    spec.chunks.append(ChunkSpec(
-                        (layer, row0, 0), (1, F, arch.hidden_size),
-                        lambda l=layer, n=hf: src.get(M.hf_layer(l, n)).unsqueeze(0),
-                        label, (1, layer, k_i, half)))
-            else:
-                zeros = (0,) * len(per_layer)
-                spec.chunks.append(ChunkSpec(
-                    (layer, *zeros), (1, *per_layer),
-                    lambda l=layer, f=layer_sources[kind][1]: f(l)[0][1].unsqueeze(0),
-                    label, (1, layer, k_i)))
+            for c_i, (row0, sources, combine) in enumerate(chunks):
+                rows = (chunks[c_i + 1][0] if c_i + 1 < len(chunks) else per_layer[0]) - row0 if per_layer else None
+                offsets = (layer, row0, *(0,) * (len(per_layer) - 1)) if per_layer else (layer,)
+                sizes = (1, rows, *per_layer[1:]) if per_layer else (1,)
+                spec.chunks.append(ChunkSpec(offsets, sizes,
+                                             lambda l=layer, s=sources, c=combine: produce(l, s, c),
+                                             f"layer {layer + 1}/{L}", (1, layer, k_i, c_i)))
         tensors.append(spec)
     tensors.append(_whole_tensor_spec(P + M.FINAL_NORM, src, "model.norm.weight", max_chunk_bytes, (2,), "final norm"))
     if not arch.tie_word_embeddings:
