@@ -88,3 +88,34 @@ def full_forward_next_logits(model, prompt: PromptInput, generated: list[int]) -
                    pixel_values_videos=prompt.pixel_values_videos, video_grid_thw=prompt.video_grid_thw,
                    second_per_grid_ts=prompt.second_per_grid_ts, runtime_gather_output=True)
     return logits[0, -1].float()
+
+
+def run_generate_tool(repo_root: str | os.PathLike, args: list[str], nproc: int = 1, expect_rc: int = 0,
+                      timeout: float = 600):
+    """Run tools/generate.py (plain python for nproc 1, else torchrun --nproc-per-node nproc) with
+    OMP_NUM_THREADS=1 and offline HF; returns the CompletedProcess after checking the exit code."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    if nproc == 1:
+        cmd = [sys.executable, "tools/generate.py", *args]
+    else:
+        from megatron_ral.platform.launch_env import free_port
+
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "tools/generate.py", *args]
+    proc = subprocess.run(cmd, cwd=str(repo_root), env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != expect_rc:
+        raise AssertionError(f"exit code {proc.returncode} != {expect_rc}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def tool_json(proc) -> dict:
+    """The one JSON line a --json tool run printed on stdout."""
+    import json
+
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    if len(lines) != 1:
+        raise AssertionError(f"expected one stdout line, got {len(lines)}:\n{proc.stdout[-2000:]}")
+    return json.loads(lines[0])
