@@ -19,7 +19,7 @@ from megatron_ral.models.qwen25vl.testing import (
     tiny_hf_config,
 )
 from megatron_ral.models.qwen25vl.vision import repeat_vision_embeddings
-from megatron_ral.platform import initialize
+from megatron_ral.platform import destroy, initialize
 
 IMG, VID = TOKEN_IDS["<|image_pad|>"], TOKEN_IDS["<|video_pad|>"]
 
@@ -37,6 +37,8 @@ PROMPTS = {
 @pytest.fixture(scope="module", autouse=True)
 def platform():
     initialize(ParallelConfig(), seed=1234)
+    yield
+    destroy()  # forked multi-process tests later in the session must not inherit this state
 
 
 @pytest.fixture(scope="module", params=["tiny", "small"])

@@ -16,7 +16,7 @@ from megatron_ral.models.qwen25vl.provider import (
     transformer_config_from_hf,
 )
 from megatron_ral.models.qwen25vl.testing import tiny_hf_config
-from megatron_ral.platform import initialize
+from megatron_ral.platform import destroy, initialize
 
 # config.json of the released 7B model (flat pre-transformers-5 layout, rope_scaling with mrope).
 RELEASED_7B = {
@@ -39,6 +39,8 @@ RELEASED_7B = {
 @pytest.fixture(scope="module", autouse=True)
 def platform():
     initialize(ParallelConfig(), seed=1234)
+    yield
+    destroy()  # forked multi-process tests later in the session must not inherit this state
 
 
 def test_released_7b_and_3b_configs_map_to_megatron(tmp_path):

@@ -3,7 +3,9 @@
 Takes a full HF state dict (released naming ``model.layers.N...`` / ``visual...`` / ``lm_head``, or
 the transformers-5 in-memory naming ``model.language_model...`` / ``model.visual...``) and fills the
 local shard of every parameter of this rank's model (its tensor-parallel slice, its pipeline
-stage's layers). For whole-checkpoint conversion with bounded memory use megatron_ral.checkpoint.
+stage's layers). Names and global layouts come from megatron_ral.checkpoint.mapping; for
+whole-checkpoint conversion with bounded memory use megatron_ral.checkpoint.convert (HF -> torch_dist)
+and load it with megatron's dist_checkpointing into ``model.sharded_state_dict()``.
 
 Layouts (global tensors, before the TP split):
 - linear_qkv: per KV group g: [q heads of g; k_g; v_g] rows (weight and bias), split on dim 0;
@@ -17,23 +19,7 @@ from __future__ import annotations
 import torch
 from megatron.core import parallel_state
 
-
-def released_name(name: str) -> str:
-    """transformers-5 in-memory key -> released checkpoint key."""
-    if name.startswith("model.language_model."):
-        return "model." + name[len("model.language_model."):]
-    if name.startswith("model.visual."):
-        return "visual." + name[len("model.visual."):]
-    return name
-
-
-def interleave_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_query_groups: int) -> torch.Tensor:
-    """HF q/k/v (weights (rows, hidden) or biases (rows,)) -> megatron per-group interleaved rows."""
-    tail = q.shape[1:]
-    qg = q.reshape(num_query_groups, -1, *tail)
-    kg = k.reshape(num_query_groups, -1, *tail)
-    vg = v.reshape(num_query_groups, -1, *tail)
-    return torch.cat([qg, kg, vg], dim=1).reshape(-1, *tail)
+from megatron_ral.checkpoint.mapping import canonical_hf_name, qkv_to_megatron
 
 
 def _tp_chunk(t: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
@@ -53,7 +39,7 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 def local_state_from_hf(model, hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """{megatron local key: tensor} for every parameter of this rank's Qwen25VLModel."""
-    hf = {released_name(k): v for k, v in hf_state.items()}
+    hf = {canonical_hf_name(k): v for k, v in hf_state.items()}
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp = parallel_state.get_tensor_model_parallel_world_size()
     cfg = model.config
@@ -79,9 +65,9 @@ def local_state_from_hf(model, hf_state: dict[str, torch.Tensor]) -> dict[str, t
         g = layer.layer_number - 1
         src = f"model.layers.{g}."
         dst = f"language_model.decoder.layers.{local_idx}."
-        qkv_w = interleave_qkv(hf[src + "self_attn.q_proj.weight"], hf[src + "self_attn.k_proj.weight"],
+        qkv_w = qkv_to_megatron(hf[src + "self_attn.q_proj.weight"], hf[src + "self_attn.k_proj.weight"],
                                hf[src + "self_attn.v_proj.weight"], groups)
-        qkv_b = interleave_qkv(hf[src + "self_attn.q_proj.bias"], hf[src + "self_attn.k_proj.bias"],
+        qkv_b = qkv_to_megatron(hf[src + "self_attn.q_proj.bias"], hf[src + "self_attn.k_proj.bias"],
                                hf[src + "self_attn.v_proj.bias"], groups)
         out[dst + "self_attention.linear_qkv.weight"] = _tp_chunk(qkv_w, 0, tp_rank, tp)
         out[dst + "self_attention.linear_qkv.bias"] = _tp_chunk(qkv_b, 0, tp_rank, tp)

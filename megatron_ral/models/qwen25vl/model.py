@@ -153,17 +153,22 @@ class Qwen25VLModel(MegatronModule):
             raise RuntimeError("encode_vision is only available on the first pipeline stage")
         return encode_vision(self.vision_model, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
 
-    def embed(self, input_ids: torch.Tensor, vision_embeddings: VisionEmbeddings | None) -> torch.Tensor:
-        """(S, B, H) decoder input: token embeddings with vision features merged in."""
+    def embed(
+        self, input_ids: torch.Tensor, vision_embeddings: VisionEmbeddings | None, check_placeholders: bool = True
+    ) -> torch.Tensor:
+        """(S, B, H) decoder input: token embeddings with vision features merged in.
+
+        Without vision embeddings, placeholder tokens are an error unless ``check_placeholders`` is
+        False (decode steps, where a sampled token id is only text)."""
         emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)
         if vision_embeddings is not None:
             emb = merge_vision_embeddings(
                 emb, input_ids, vision_embeddings.to(device=emb.device, dtype=emb.dtype),
                 self.image_token_id, self.video_token_id,
             )
-        else:
+        elif check_placeholders:
             n_vis = int(((input_ids == self.image_token_id) | (input_ids == self.video_token_id)).sum())
-            if n_vis and input_ids.shape[1] > 1:
+            if n_vis:
                 raise ValueError(
                     f"input_ids hold {n_vis} image/video placeholder tokens but no pixel values or vision embeddings were given"
                 )
@@ -229,7 +234,7 @@ class Qwen25VLModel(MegatronModule):
                 vision_embeddings = self.encode_vision(
                     pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
                 )
-            decoder_input = self.embed(input_ids, vision_embeddings)
+            decoder_input = self.embed(input_ids, vision_embeddings, check_placeholders=inference_context is None)
 
         output = self.language_model(
             input_ids=input_ids,
