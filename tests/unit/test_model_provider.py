@@ -68,6 +68,8 @@ def test_bad_configs_fail_clearly(tmp_path):
         load_hf_config(str(tmp_path))
     with pytest.raises(ValueError, match="must divide"):
         transformer_config_from_hf(RELEASED_7B, ParallelConfig(tensor_model_parallel_size=8))
+    with pytest.raises(ValueError, match="context_parallel_size"):
+        transformer_config_from_hf(RELEASED_7B, ParallelConfig(context_parallel_size=2))
     with pytest.raises(ValueError, match="sum to num_layers"):
         pipeline_layout([2, 2], 3, 2)
 

@@ -1,0 +1,38 @@
+"""Qwen2.5-VL on megatron-core.
+
+    rope_index   M-RoPE position ids and decode deltas (pure torch)
+    vision       frozen HF vision tower + merger, encode once / reuse, merge into embeddings
+    layer_specs  local (torch) and Transformer-Engine layer specs; last-layer core attention slot
+    capture      core attention with a capture hook (post-RoPE Q/K of the last layer)
+    provider     HF config.json -> TransformerConfig -> Qwen25VLModel of this pipeline stage
+    model        Qwen25VLModel (vision_model + language_model GPTModel)
+    hf_weights   in-memory HF -> megatron weights for one rank
+    testing      tiny seeded HF references and synthetic prompts
+
+Names are imported lazily so that ``rope_index`` stays usable without megatron-core.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "RopeIndexConfig": "rope_index",
+    "get_rope_index": "rope_index",
+    "decode_position_ids": "rope_index",
+    "VisionEmbeddings": "vision",
+    "repeat_vision_embeddings": "vision",
+    "build_model": "provider",
+    "load_hf_config": "provider",
+    "transformer_config_from_hf": "provider",
+    "padded_vocab_size": "provider",
+    "Qwen25VLModel": "model",
+    "load_hf_weights": "hf_weights",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

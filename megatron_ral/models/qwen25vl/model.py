@@ -217,6 +217,8 @@ class Qwen25VLModel(MegatronModule):
         """
         padding_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
         if position_ids is None:
+            if input_ids is None:
+                raise ValueError("position_ids are computed from input_ids: pass input_ids on every pipeline stage")
             position_ids, _ = self.compute_position_ids(
                 input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, padding_mask
             )

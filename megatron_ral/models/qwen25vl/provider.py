@@ -158,6 +158,11 @@ def transformer_config_from_hf(
     cp = getattr(parallel, "context_parallel_size", 1) if parallel is not None else 1
     sp = bool(getattr(parallel, "sequence_parallel", False)) if parallel is not None else False
     split = getattr(parallel, "pipeline_layer_split", None) if parallel is not None else None
+    if cp != 1:
+        raise ValueError(
+            "context_parallel_size > 1 is not supported by the Qwen2.5-VL model (vision features are "
+            "merged over the whole sequence); use tensor/pipeline parallelism"
+        )
     if arch.num_attention_heads % tp or arch.num_query_groups % tp:
         raise ValueError(
             f"tensor_model_parallel_size={tp} must divide the attention heads ({arch.num_attention_heads}) "
