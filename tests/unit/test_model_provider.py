@@ -144,3 +144,17 @@ def test_parameter_names_follow_the_contract(preset):
     # checkpoint keys of the local spec's norms use the TE (fused) naming: layout-free across backends
     norm = sharded[f"language_model.decoder.layers.{last}.input_layernorm.weight"]
     assert norm.key == f"language_model.decoder.layers.{last}.self_attention.linear_qkv.layer_norm_weight"
+
+
+def test_vision_replicas_are_identical_whatever_the_rng_state():
+    from megatron_ral.models.qwen25vl.vision import build_vision_tower
+
+    cfg = tiny_hf_config("tiny")
+    dtype_before = cfg.vision_config.dtype
+    torch.manual_seed(1)
+    a = build_vision_tower(cfg.vision_config, dtype=torch.bfloat16).state_dict()
+    torch.manual_seed(2)
+    b = build_vision_tower(cfg.vision_config, dtype=torch.bfloat16).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a["patch_embed.proj.weight"].dtype == torch.bfloat16
+    assert cfg.vision_config.dtype == dtype_before  # the caller's config is not modified

@@ -11,9 +11,15 @@ place of the ``<|image_pad|>`` / ``<|video_pad|>`` tokens (:func:`merge_vision_e
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
+
+
+# The tower's initial (pre-checkpoint) weights come from this fixed seed, so that every rank holding
+# a replica builds the same tensors whatever its RNG state.
+VISION_INIT_SEED = 20250219
 
 
 def build_vision_tower(vision_config, attn_implementation: str = "sdpa", dtype: torch.dtype | None = None):
@@ -25,7 +31,10 @@ def build_vision_tower(vision_config, attn_implementation: str = "sdpa", dtype: 
     kwargs = {"attn_implementation": attn_implementation}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(vision_config, **kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(VISION_INIT_SEED)
+        # _from_config writes dtype / attention choice into the config it gets: give it a copy
+        tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(copy.deepcopy(vision_config), **kwargs)
     freeze_(tower)
     return tower
 
