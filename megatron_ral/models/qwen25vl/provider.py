@@ -241,6 +241,8 @@ def build_model(
     hf_config = load_hf_config(hf_config)
     backend = resolve_backend(backend)
     config = transformer_config_from_hf(hf_config, parallel, dtype=dtype, **config_overrides)
+    if config.sequence_parallel and backend != "te":
+        raise ValueError("sequence_parallel needs the Transformer Engine layer spec (megatron's torch norms refuse it)")
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
