@@ -190,3 +190,38 @@ def _check_layout(reference, tp, pp):
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2pp2"])
 def test_layout_matches_hf(reference, tp, pp):
     _check_layout(reference, tp, pp)
+
+
+def _padded_vocab_worker():
+    from megatron_ral.models.qwen25vl.hf_weights import load_hf_weights
+    from megatron_ral.models.qwen25vl.provider import build_model
+    from megatron_ral.platform import initialize
+
+    initialize(ParallelConfig(tensor_model_parallel_size=2), seed=5)
+    cfg = tiny_hf_config("tiny", vocab_size=1100)
+    model = build_model(cfg, ParallelConfig(tensor_model_parallel_size=2), dtype=torch.float32)
+    load_hf_weights(model, hf_state_dict(cfg, seed=SEED))
+    prompt = prompts()[0]
+    with torch.no_grad():
+        shard = model(**prompt.model_inputs())
+        loss = model(**prompt.model_inputs(), labels=labels_of(prompt))
+    return {"shard": shard, "loss": loss}
+
+
+def test_padded_vocab_under_tp2_matches_hf():
+    """vocab 1100 padded to 1152 (576 columns per rank): rank 1's padded columns are masked, the
+    real columns and the vocab-parallel loss equal HF's."""
+    cfg = tiny_hf_config("tiny", vocab_size=1100)
+    hf = hf_reference_model(cfg, hf_state_dict(cfg, seed=SEED))
+    prompt = prompts()[0]
+    with torch.no_grad():
+        ref = hf(**prompt.hf_inputs(IMG, VID)).logits
+    ref_loss = torch.nn.functional.cross_entropy(ref.flatten(0, 1), labels_of(prompt).flatten(), reduction="none")
+    r0, r1 = run_distributed(_padded_vocab_worker, 2)
+    assert r0["shard"].shape[-1] == r1["shard"].shape[-1] == 576
+    full = torch.cat([r0["shard"], r1["shard"]], dim=-1)
+    assert (full[..., 1100:] == torch.finfo(full.dtype).min).all()
+    scale = max(1.0, ref.abs().max().item())
+    assert (full[..., :1100] - ref).abs().max().item() <= 1e-4 * scale
+    for r in (r0, r1):
+        torch.testing.assert_close(r["loss"].flatten(), ref_loss, rtol=1e-4, atol=1e-4)

@@ -178,3 +178,35 @@ def test_padded_vocab_is_masked_and_real_logits_match():
     assert (ours[..., 1100:] == torch.finfo(ours.dtype).min).all()
     ref_loss = torch.nn.functional.cross_entropy(ref.flatten(0, 1), prompt.input_ids.flatten(), reduction="none")
     torch.testing.assert_close(loss.flatten(), ref_loss, rtol=1e-4, atol=1e-4)
+
+
+def test_megatron_mrope_equals_hf_rotary_for_released_sections():
+    """megatron's MultimodalRotaryEmbedding + apply_rotary_pos_emb = HF's Qwen2.5-VL rotary, for the
+    released head_dim 128 / sections [16, 24, 24] and distinct temporal/height/width rows."""
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import MultimodalRotaryEmbedding
+    from transformers import Qwen2_5_VLConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRotaryEmbedding
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb as hf_apply
+
+    from megatron_ral.models.qwen25vl.provider import transformer_config_from_hf
+
+    text = dict(hidden_size=256, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
+                num_hidden_layers=1, vocab_size=256,
+                rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6})
+    hf_cfg = Qwen2_5_VLConfig(text_config=text, vision_config={"out_hidden_size": 256})
+    seq, batch, heads, dim = 40, 2, 2, 128
+    gen = torch.Generator().manual_seed(0)
+    pos = torch.randint(0, 5000, (3, batch, seq), generator=gen)
+    q = torch.randn(batch, heads, seq, dim, generator=gen, dtype=torch.float64).float()
+    hf_rope = Qwen2_5_VLRotaryEmbedding(hf_cfg.text_config)
+    cos, sin = hf_rope(q, pos)
+    ref, _ = hf_apply(q, q, cos, sin)
+
+    cfg = transformer_config_from_hf(hf_cfg)
+    emb = MultimodalRotaryEmbedding(kv_channels=dim, rotary_percent=1.0, rotary_base=1e6)(pos, [16, 24, 24])
+    ours = apply_rotary_pos_emb(q.permute(2, 0, 1, 3), emb, cfg)  # megatron layout [s, b, h, d]
+    torch.testing.assert_close(ours.permute(1, 2, 0, 3), ref, rtol=1e-5, atol=1e-5)
+    swapped = apply_rotary_pos_emb(q.permute(2, 0, 1, 3),
+                                   MultimodalRotaryEmbedding(dim, 1.0, rotary_base=1e6)(pos[[0, 2, 1]], [16, 24, 24]), cfg)
+    assert (swapped.permute(1, 2, 0, 3) - ref).abs().max() > 1e-2
