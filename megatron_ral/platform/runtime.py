@@ -78,7 +78,10 @@ def initialize(
         return _info
 
     launch = launch or resolve_launch_env()
-    launch.export()
+    if launch.source == "slurm":
+        # Code that reads RANK/LOCAL_RANK (loggers, data workers) sees the same as under torchrun. A
+        # single process exports nothing: tools it starts later must not inherit a stale rendezvous.
+        launch.export()
     cuda = torch.cuda.is_available()
     compat = False
     if cuda:
@@ -101,7 +104,7 @@ def initialize(
             kwargs["device_id"] = dev
         dist.init_process_group(
             backend=backend,
-            init_method="env://",
+            init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
             rank=launch.rank,
             world_size=launch.world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),

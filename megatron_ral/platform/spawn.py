@@ -40,12 +40,22 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, re
             pass
 
 
-def _start_method() -> str:
-    # fork is far cheaper (children inherit the imported megatron-core) and safe while this process has
-    # not touched CUDA; otherwise spawn.
-    if sys.platform == "linux" and not torch.cuda.is_initialized():
-        return os.environ.get("MEGATRON_RAL_START_METHOD", "fork")
-    return "spawn"
+# Imported once by the fork server, so that each rank starts without paying for them again.
+_PRELOAD = ["torch", "megatron_ral.platform", "megatron.core", "megatron.core.models.gpt",
+            "megatron.core.pipeline_parallel", "megatron.core.dist_checkpointing"]
+
+
+def _context() -> mp.context.BaseContext:
+    """forkserver on Linux: ranks are forked from a clean server process that preloaded torch and
+    megatron-core (fast, and safe even when this process has threads or an initialised process group,
+    which would make a plain fork hang); spawn elsewhere. MEGATRON_RAL_START_METHOD overrides."""
+    method = os.environ.get("MEGATRON_RAL_START_METHOD")
+    if method is None:
+        method = "forkserver" if sys.platform == "linux" else "spawn"
+    ctx = mp.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
 
 
 def run_distributed(
@@ -53,12 +63,12 @@ def run_distributed(
 ) -> list[Any]:
     """Call ``fn(*args)`` in ``world_size`` spawned processes; return each rank's result, rank order.
 
-    Processes are forked on Linux while CUDA is uninitialised here (spawned otherwise, or when
-    MEGATRON_RAL_START_METHOD=spawn). Each process gets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT for a free port on 127.0.0.1;
+    Ranks come from a fork server on Linux (see ``_context``). Each process gets
+    RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT for a free port on 127.0.0.1;
     ``fn`` (a module-level function) calls ``megatron_ral.platform.initialize`` itself. Results travel
     through ``torch.save``. If any rank fails, all are stopped and a RuntimeError carries the tracebacks.
     """
-    ctx = mp.get_context(_start_method())
+    ctx = _context()
     results = ctx.Queue()
     port = free_port()
     procs = [

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import megatron.core.models.gpt  # noqa: F401  (imported once here; forked ranks inherit it)
 from megatron_ral.checkpoint.convert import hf_to_megatron, megatron_to_hf
 from megatron_ral.checkpoint.safetensors_io import HFCheckpointReader
 from megatron_ral.checkpoint.tiny import make_tiny_checkpoint

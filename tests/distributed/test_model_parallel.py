@@ -14,7 +14,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import megatron.core.models.gpt  # noqa: F401  (imported once here; forked ranks inherit it)
 from megatron_ral.config.schema import ParallelConfig
 from megatron_ral.models.qwen25vl.testing import (
     TOKEN_IDS,

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import gpt_fixture as fx
-import megatron.core.models.gpt  # noqa: F401  (imported once here; forked ranks inherit it)
 from megatron_ral.config.schema import ParallelConfig
 from megatron_ral.platform.spawn import run_distributed
 

@@ -53,3 +53,18 @@ def test_bad_values_are_named():
         resolve_launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "two", "SLURM_NODELIST": "a"})
     with pytest.raises(ValueError, match="NODELIST"):
         resolve_launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
+
+
+def test_single_process_initialize_leaves_no_rendezvous_in_env(monkeypatch):
+    """Tools started by a process that initialised itself alone must not inherit its port."""
+    from megatron_ral.platform import destroy, initialize
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    import os
+
+    initialize()
+    try:
+        assert not any(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_PORT"))
+    finally:
+        destroy()
