@@ -24,6 +24,10 @@ class ModelConfig:
     dtype: "auto" (bf16 on GPU, fp32 on CPU), "bf16", "fp16" or "fp32".
     freeze_vision: keep the vision tower and merger frozen (the paper trains the LM only).
     recompute_granularity: None, "selective" or "full" activation recomputation.
+    rope_text_after_vision: where M-RoPE text positions resume after an image/video: "max_position" (the
+        vision block's largest position + 1, as the released Qwen2.5-VL code and vLLM do) or
+        "spatial_extent" (start + max(h, w) / merge, as transformers >= 5.3 does; the two differ only for
+        videos whose time span exceeds their spatial extent).
     """
 
     hf_path: str = ""
@@ -32,6 +36,7 @@ class ModelConfig:
     dtype: str = "auto"
     freeze_vision: bool = True
     recompute_granularity: Optional[str] = None
+    rope_text_after_vision: str = "max_position"
 
 
 @dataclass

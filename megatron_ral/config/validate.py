@@ -96,6 +96,7 @@ def validate(cfg: Config, world_size: int | None = None, dims: ModelDims | None 
 
     _one_of(cfg.model.layer_spec, ("auto", "local", "te"), "model.layer_spec")
     _one_of(cfg.model.dtype, ("auto", "bf16", "fp16", "fp32"), "model.dtype")
+    _one_of(cfg.model.rope_text_after_vision, ("max_position", "spatial_extent"), "model.rope_text_after_vision")
     _one_of(cfg.model.recompute_granularity, (None, "selective", "full"), "model.recompute_granularity")
     if cfg.model.layer_spec == "te" and cuda_available is False:
         raise ConfigError("model.layer_spec", "'te' needs CUDA and Transformer Engine; use 'auto' or 'local'")

@@ -67,6 +67,7 @@ def test_yaml_and_overrides(tmp_path):
     (["model.dtype=fp8"], None, "model.dtype", "one of"),
     (["data.video_backend=ffmpeg"], None, "data.video_backend", "auto|dali|pyav"),
     (["data.fps=0"], None, "data.fps", "> 0"),
+    (["model.rope_text_after_vision=hf"], None, "model.rope_text_after_vision", "one of"),
 ])
 def test_rule_names_key(overrides, world, key, words):
     e = err(overrides, world_size=world)
