@@ -70,7 +70,7 @@ def check_args(args) -> None:
         except ValueError:
             raise ToolError(f"--pp-split {args.pp_split!r}: expected comma-separated integers") from None
         if len(args.pp_split) != args.pp or min(args.pp_split) < 1:
-            raise ToolError(f"--pp-split {args.pp_split}: need {args.pp} positive layer counts")
+            raise ToolError(f"--pp-split {args.pp_split}: need one positive layer count per pipeline stage ({args.pp})")
 
 
 def run(args) -> int:
@@ -79,6 +79,7 @@ def run(args) -> int:
     from megatron_ral.attention.dump import balanced_layer_split, dump_attention
     from megatron_ral.checkpoint.safetensors_io import CheckpointFileError
     from megatron_ral.config.schema import ParallelConfig
+    from megatron_ral.data.errors import DataError
     from megatron_ral.inference.cli import build_prompt
     from megatron_ral.inference.loading import hf_files_dir, load_model
     from megatron_ral.models.qwen25vl.provider import LMArchitecture, load_hf_config
@@ -102,7 +103,7 @@ def run(args) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     try:
         prompt, processor = build_prompt(model_dir, args.prompt, image=args.image, video=args.video)
-    except (ValueError, OSError) as e:
+    except (DataError, ValueError, OSError) as e:
         raise ToolError(f"cannot build the prompt: {e}") from None
     response_ids = processor.tokenize(args.response)
     if not response_ids:

@@ -202,3 +202,26 @@ def check_parallel_capture(root, tp: int, pp: int, atol: float = 1e-5, grad_rtol
             checked.add(name)
     assert checked == {"layer1", f"layer{hf.config.text_config.num_hidden_layers}"}
     return outs
+
+
+def run_dump_tool(repo_root, args: list[str], nproc: int = 1, expect_rc: int = 0, timeout: float = 600):
+    """Run tools/dump_attention.py (plain python for nproc 1, else torchrun on a free loopback port)
+    with OMP_NUM_THREADS=1 and offline HF; returns the CompletedProcess after checking the exit code."""
+    import os
+    import subprocess
+    import sys
+
+    from megatron_ral.platform.launch_env import free_port
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    if nproc == 1:
+        cmd = [sys.executable, "tools/dump_attention.py", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+               "--master-port", str(free_port()), "tools/dump_attention.py", *args]
+    proc = subprocess.run(cmd, cwd=str(repo_root), env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != expect_rc:
+        raise AssertionError(f"exit code {proc.returncode} != {expect_rc}\n{proc.stderr[-4000:]}")
+    return proc
