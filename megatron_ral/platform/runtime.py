@@ -104,7 +104,10 @@ def initialize(
             kwargs["device_id"] = dev
         dist.init_process_group(
             backend=backend,
-            init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+            # torchrun's workers must join its agent's store through env:// (TORCHELASTIC_USE_AGENT_STORE);
+            # a lone process rendezvouses on its own port without exporting it.
+            init_method=(f"tcp://{launch.master_addr}:{launch.master_port}" if launch.source == "single"
+                         else "env://"),
             rank=launch.rank,
             world_size=launch.world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),
