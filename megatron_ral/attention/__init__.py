@@ -32,6 +32,13 @@ Rules for the hook: run it only when a loss or metric needs the rows; run it out
 selective core-attention recompute (that region runs under no_grad); the main attention output still
 comes from the fast kernel, the capture only reads q and k.
 
+In the model
+------------
+``AttentionCapture(model, CaptureConfig(), tp_group)`` installs the hook on the last layer of the last
+pipeline stage and, within ``with capture.capture(layout) as result:`` around one forward, leaves p in
+``result.rows``; ``response_layout`` / ``packed_response_layout`` build the layout of a padded or packed
+batch of prompt + response sequences.
+
 Other pieces
 ------------
     jsd / kl_divergence / divergence / aggregate_tokens   per-token divergences, token aggregation
@@ -40,6 +47,13 @@ Other pieces
     attention_policy_reference   eager reference (materialises all heads), for tests and benchmarks
 """
 
+from megatron_ral.attention.capture import (
+    AttentionCapture,
+    CaptureConfig,
+    CaptureResult,
+    packed_response_layout,
+    response_layout,
+)
 from megatron_ral.attention.divergence import aggregate_tokens, divergence, jsd, kl_divergence
 from megatron_ral.attention.layout import (
     RowLayout,
@@ -58,6 +72,11 @@ from megatron_ral.attention.policy import ChunkConfig, attention_policy
 from megatron_ral.attention.reference import attention_policy_reference
 
 __all__ = [
+    "AttentionCapture",
+    "CaptureConfig",
+    "CaptureResult",
+    "packed_response_layout",
+    "response_layout",
     "CapturedQK",
     "ChunkConfig",
     "OldPolicyConfig",
