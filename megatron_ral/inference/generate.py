@@ -47,13 +47,17 @@ class Response:
 
 @dataclass
 class GenerationStats:
-    """Wall-clock timings of a generate() call (filled in when passed in)."""
+    """Timings of a generate() call (filled in when passed in): wall clock, and this process's CPU
+    time (``*_cpu_seconds``, insensitive to other processes sharing the cores)."""
 
     prefill_seconds: float = 0.0
     step_seconds: list[float] = field(default_factory=list)
     generated_tokens: int = 0
     total_seconds: float = 0.0
     chunks: int = 0
+    prefill_cpu_seconds: float = 0.0
+    step_cpu_seconds: list[float] = field(default_factory=list)
+    total_cpu_seconds: float = 0.0
 
     @property
     def tokens_per_second(self) -> float:
@@ -90,9 +94,10 @@ def _generate_chunk(model, comm: StageComm, prompts: list[PromptInput], chunk: C
                     max_new_tokens: int, stop: torch.Tensor, suppress: torch.Tensor | None, seed: int,
                     stats: GenerationStats) -> list[Response]:
     session = DecodeSession(model, comm)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     logits = session.prefill([prompts[i] for i in chunk.prompts], max_new_tokens)
     stats.prefill_seconds += time.perf_counter() - t0
+    stats.prefill_cpu_seconds += time.process_time() - c0
 
     row_prompt = [p for p, s in zip(chunk.prompts, chunk.samples) for _ in s]
     row_sample = [j for s in chunk.samples for j in s]
@@ -113,7 +118,7 @@ def _generate_chunk(model, comm: StageComm, prompts: list[PromptInput], chunk: C
     slots = list(range(rows))  # response row held by each session row
     stop = stop.to(session.device)
     for step in range(max_new_tokens):
-        t_step = time.perf_counter()
+        t_step, c_step = time.perf_counter(), time.process_time()
         packed = None
         if comm.is_last:
             if suppress is not None:
@@ -138,8 +143,6 @@ def _generate_chunk(model, comm: StageComm, prompts: list[PromptInput], chunk: C
                 live.append(j)
         stats.generated_tokens += sum(1 for r in slots if len(tokens[r]) == step + 1)
         if not live:
-            if step > 0:
-                stats.step_seconds.append(time.perf_counter() - t_step)
             break
         if _compact_due(len(slots) - len(live), len(slots)):
             session.select_rows(live)
@@ -147,6 +150,7 @@ def _generate_chunk(model, comm: StageComm, prompts: list[PromptInput], chunk: C
             tok = tok[torch.as_tensor(live, device=tok.device)]
         logits = session.step(tok)
         stats.step_seconds.append(time.perf_counter() - t_step)
+        stats.step_cpu_seconds.append(time.process_time() - c_step)
 
     out = []
     for r in range(rows):
@@ -198,7 +202,7 @@ def generate(
     results: list[list[Response | None]] = [[None] * num_samples for _ in prompts]
     was_training = model.training
     model.eval()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         for chunk in chunks:
             for resp in _generate_chunk(model, comm, prompts, chunk, params, config.max_new_tokens, stop, suppress,
@@ -207,5 +211,6 @@ def generate(
     finally:
         model.train(was_training)
     stats.total_seconds += time.perf_counter() - t0
+    stats.total_cpu_seconds += time.process_time() - c0
     stats.chunks += len(chunks)
     return results
