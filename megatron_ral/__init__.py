@@ -11,3 +11,26 @@ __version__ = "0.1.0"
 for _msg in (r"Transformer Engine and Apex are not installed", r"Apex is not installed"):
     _warnings.filterwarnings("ignore", message=_msg, category=UserWarning)
 _logging.getLogger("torch.utils.cpp_extension").setLevel(_logging.ERROR)
+
+# Deprecation notices that torch raises about calls megatron-core 0.16 makes internally (checkpoint IO,
+# collectives) and megatron-core's notice about its own default cuda-graph scope: nothing a user of this
+# package can act on, repeated on every rank.
+for _msg in (
+    r"Please use DTensor instead and we are deprecating ShardedTensor",
+    r"`load_state_dict` is deprecated",
+    r"`torch.distributed.all_gather_into_tensor` is deprecated",
+    r"`torch.distributed._all_gather_base` is a private function",
+    r"full scope is deprecated",
+):
+    _warnings.filterwarnings("ignore", message=_msg)
+
+
+def _quiet_cpu_only_advice() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        # Advice about a CUDA environment variable, printed by megatron-core's linear layers.
+        _warnings.filterwarnings("ignore", message=r"When using async grad allreduce")
+
+
+_quiet_cpu_only_advice()
