@@ -104,3 +104,34 @@ def test_stop_token_ends_only_its_row(setup):
         cut = ids.index(stop) + 1 if stop in ids else len(ids)
         assert stopped[i][0].token_ids.tolist() == ids[:cut]
         assert stopped[i][0].finish_reason == (FINISH_STOP if stop in ids else FINISH_LENGTH)
+
+
+def test_longest_row_finishing_first_trims_the_cache(setup):
+    """When the longest prompt's rows stop first, the leading padding columns of the others are
+    dropped from the cache; the remaining rows still equal solo generation."""
+    model, _, _ = setup
+    prompts = [prompt_from_segments([40], seed=41), prompt_from_segments([7], seed=42),
+               prompt_from_segments([3, ("image", (1, 2, 2)), 4], seed=43)]
+    cfg = GenerationConfig(max_new_tokens=10)
+    first = generate(model, prompts[:1], cfg, greedy=True, stop_token_ids=[])[0][0].token_ids.tolist()
+    stop = [first[1]]
+    lengths = []
+    original = DecodeSession.select_rows
+
+    def spy(self, index):
+        original(self, index)
+        lengths.append(self.length)
+
+    DecodeSession.select_rows = spy
+    try:
+        batched = generate(model, prompts, cfg, num_samples=2, greedy=True, stop_token_ids=stop)
+    finally:
+        DecodeSession.select_rows = original
+    assert batched[0][0].finish_reason == FINISH_STOP and batched[0][0].length <= 2
+    # after the first compaction the cache no longer spans the 40-token prompt
+    assert lengths[0] == 40 and any(n < 40 for n in lengths[1:]), lengths
+    for i, p in enumerate(prompts):
+        (solo,), = generate(model, [p], cfg, greedy=True, stop_token_ids=stop)
+        for resp in batched[i]:
+            assert resp.token_ids.tolist() == solo.token_ids.tolist(), i
+            torch.testing.assert_close(resp.logprobs, solo.logprobs, atol=1e-4, rtol=0)
