@@ -19,8 +19,8 @@ core attention rotates the query and the sq newly written key columns *in place 
 the frequencies of the new positions only (computed once per forward by megatron's own
 MultimodalRotaryEmbedding and rotation function). Cached keys are thus rotated exactly once.
 
-Masks are megatron's: bool, True = masked, broadcastable to (B, 1, sq, sk); without a mask, causal
-when sq > 1 (the queries are the last sq of the sk positions).
+Masks are megatron's: bool, True = masked, 4-D and broadcastable to (B, 1, sq, sk); without a mask,
+causal when sq > 1 (the queries are the last sq of the sk positions).
 """
 
 from __future__ import annotations
@@ -30,13 +30,31 @@ import contextlib
 import torch
 
 MASK_VALUE = -10000.0  # megatron's attention_mask_func fill value
+QUERY_BLOCK = 1024
 
 
 def grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, softmax_scale: float,
-                      softmax_in_fp32: bool = True) -> torch.Tensor:
+                      softmax_in_fp32: bool = True, query_block: int = QUERY_BLOCK) -> torch.Tensor:
     """Core attention of megatron layouts: query (sq, B, H, d), key / value (sk, B, G, d) with H = G*r;
-    returns (sq, B, H*d)."""
+    returns (sq, B, H*d). Long prefills run in blocks of ``query_block`` queries, which bounds the
+    score tensor to B*H*query_block*sk."""
+    sq, sk = query.shape[0], key.shape[0]
+    if attention_mask is None and sq > 1:
+        attention_mask = torch.ones(sq, sk, dtype=torch.bool, device=query.device).triu(sk - sq + 1)[None, None]
+    if sq <= query_block:
+        return _grouped_block(query, key, value, attention_mask, softmax_scale, softmax_in_fp32)
+    outs = []
+    for start in range(0, sq, query_block):
+        end = min(start + query_block, sq)
+        mask = attention_mask
+        if mask is not None and mask.shape[-2] != 1:
+            mask = mask[..., start:end, :]
+        outs.append(_grouped_block(query[start:end], key, value, mask, softmax_scale, softmax_in_fp32))
+    return torch.cat(outs, dim=0)
+
+
+def _grouped_block(query, key, value, attention_mask, softmax_scale, softmax_in_fp32):
     sq, batch, heads, dim = query.shape
     sk, _, groups, _ = key.shape
     r = heads // groups
@@ -47,12 +65,8 @@ def grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     if softmax_in_fp32:
         scores = scores.float()
     scores = scores.mul_(softmax_scale).view(batch, groups, r, sq, sk)
-    if attention_mask is None and sq > 1:
-        attention_mask = torch.ones(sq, sk, dtype=torch.bool, device=scores.device).triu(sk - sq + 1)
-    if attention_mask is not None:
-        if attention_mask.dim() == 4:  # (B or 1, 1, sq or 1, sk) -> broadcast over r
-            attention_mask = attention_mask[:, :, None]
-        scores = scores.masked_fill(attention_mask, MASK_VALUE)
+    if attention_mask is not None:   # (B or 1, 1, sq or 1, sk) -> broadcast over r
+        scores = scores.masked_fill(attention_mask[:, :, None], MASK_VALUE)
     probs = torch.softmax(scores, dim=-1).to(value.dtype).view(batch, groups, r * sq, sk)
     out = torch.matmul(probs, v)     # (B, G, r*sq, d)
     return out.view(batch, heads, sq, dim).permute(2, 0, 1, 3).reshape(sq, batch, heads * dim)

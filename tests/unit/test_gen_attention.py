@@ -2,7 +2,8 @@
 model's own attention path.
 
 - grouped_attention equals softmax(q k^T * scale, masked) v computed per head in float64 with the
-  KV heads repeated, for a decode query with a padding mask, a causal prefill and an explicit mask;
+  KV heads repeated, for a decode query with a padding mask, a causal prefill (whole and in query
+  blocks) and an explicit mask;
 - generation through the rotated-key cache equals generation through megatron's own static KV path
   (forced by setting a capture hook on the last layer, which disables the swap): same tokens and
   log-probs, and the swap is undone afterwards.
@@ -34,7 +35,8 @@ def reference(q, k, v, mask, scale):
     return out.permute(2, 0, 1, 3).reshape(sq, b, h * d)
 
 
-@pytest.mark.parametrize("case", ["decode_padding", "causal_prefill", "explicit_mask"])
+@pytest.mark.parametrize("case", ["decode_padding", "causal_prefill", "explicit_mask",
+                                  "blocked_prefill", "blocked_explicit_mask"])
 def test_grouped_attention_matches_float64(case):
     gen = torch.Generator().manual_seed(0)
     b, h, g, d, sk = 3, 8, 2, 16, 11
@@ -50,12 +52,12 @@ def test_grouped_attention_matches_float64(case):
     if case == "decode_padding":
         mask = pad[:, None, None, :]
         ref_mask = mask
-    elif case == "causal_prefill":
+    elif case in ("causal_prefill", "blocked_prefill"):
         mask, ref_mask = None, causal[None, None]
     else:
         mask = causal[None, None] | pad[:, None, None, :]
         ref_mask = mask
-    out = grouped_attention(q, k, v, mask, scale)
+    out = grouped_attention(q, k, v, mask, scale, query_block=4 if case.startswith("blocked") else 1024)
     torch.testing.assert_close(out.double(), reference(q, k, v, ref_mask, scale), atol=1e-5, rtol=1e-5)
 
 
