@@ -7,15 +7,17 @@ without padding need no mask.
 
 Positions (M-RoPE): the prompt's (3, L) ids come from the model's rope index; a generated token
 gets ``cache_position + rope_delta`` in all three rows, where cache_position counts the row's real
-tokens before it. megatron's static KV path stores keys before rotation and slices the rotary
-table by absolute column, so every step passes the position ids of all columns so far (kept in a
-(3, B, capacity) buffer).
+tokens before it. With the local layer spec the cache holds rotated keys (see ``attention``) and a
+step needs only the new token's positions. Otherwise megatron's static KV path stores keys before
+rotation and slices the rotary table by absolute column, so every step passes the position ids of
+all columns so far (kept in a (3, B, capacity) buffer).
 """
 
 from __future__ import annotations
 
 import torch
 
+from megatron_ral.inference.attention import NewTokenRotary, decode_attention, rotated_cache_supported
 from megatron_ral.inference.kv_cache import KVCache
 from megatron_ral.inference.pipeline import StageComm
 from megatron_ral.inference.prompts import PromptInput, concat_vision
@@ -43,6 +45,7 @@ class DecodeSession:
         self.positions: torch.Tensor | None = None  # (3, B, capacity)
         self.padding: torch.Tensor | None = None    # (B, capacity) True = padding column
         self.next_position: torch.Tensor | None = None  # (B,) position of the next token
+        self.rotary = NewTokenRotary(model.language_model) if rotated_cache_supported(model) else None
 
     # ------------------------------------------------------------------ state
     @property
@@ -62,15 +65,23 @@ class DecodeSession:
         causal = torch.ones(queries, upto, dtype=torch.bool, device=pad.device).triu(upto - queries + 1)
         return causal[None, None] | pad[:, None, None, :]
 
-    def _forward(self, input_ids, position_ids, attention_mask, vision_embeddings=None):
+    def _forward(self, input_ids, upto: int, attention_mask, vision_embeddings=None):
+        """Feed ``input_ids`` (B, sq), the tokens of columns [upto - sq, upto)."""
         batch, seq = input_ids.shape
         if not self.comm.is_first:
             hidden = self.comm.recv_activation((seq, batch, self.hidden_size), self.dtype, self.device)
             self.model.set_input_tensor(hidden)
-        out = self.model(
-            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-            vision_embeddings=vision_embeddings, inference_context=self.cache.context, runtime_gather_output=True,
-        )
+        if self.rotary is not None:
+            position_ids = self.positions[:, :, upto - seq: upto]
+            self.rotary.set_positions(position_ids)
+        else:
+            position_ids = self.positions[:, :, :upto]
+        with decode_attention(self.model, self.rotary):
+            out = self.model(
+                input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                vision_embeddings=vision_embeddings, inference_context=self.cache.context,
+                runtime_gather_output=True,
+            )
         if not self.comm.is_last:
             self.comm.send_activation(out)
             return None
@@ -107,7 +118,7 @@ class DecodeSession:
             if vision["pixel_values"] is not None or vision["pixel_values_videos"] is not None:
                 vision_embeddings = model.encode_vision(**vision)
         self.cache = KVCache(batch, capacity)
-        logits = self._forward(ids, self.positions[:, :, :seq], self._mask(seq, seq), vision_embeddings)
+        logits = self._forward(ids, seq, self._mask(seq, seq), vision_embeddings)
         self.cache.advance(seq)
         return logits
 
@@ -119,8 +130,7 @@ class DecodeSession:
             raise RuntimeError(f"KV cache full ({self.cache.capacity} columns)")
         self.positions[:, :, col] = self.next_position
         self.next_position += 1
-        logits = self._forward(tokens.reshape(-1, 1).to(self.device), self.positions[:, :, : col + 1],
-                               self._mask(col + 1, 1))
+        logits = self._forward(tokens.reshape(-1, 1).to(self.device), col + 1, self._mask(col + 1, 1))
         self.cache.advance(1)
         return logits
 
