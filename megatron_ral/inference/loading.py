@@ -29,16 +29,14 @@ def hf_files_dir(ckpt: str | os.PathLike) -> Path:
 def load_model(ckpt: str | os.PathLike, parallel=None, *, dtype: torch.dtype | None = None,
                backend: str = "auto", **build_kwargs):
     """The Qwen25VLModel of this rank (megatron parallel state initialised), weights from ``ckpt``,
-    in eval mode."""
-    from megatron.core import dist_checkpointing
-
-    from megatron_ral.checkpoint.convert import resolve_dist_dir
+    in eval mode. Loading goes through ``checkpoint.model_io.load_model_weights``, which also accepts a
+    checkpoint written without the per-module state objects of the other layer spec (e.g. a converted
+    checkpoint loaded with the Transformer Engine spec)."""
+    from megatron_ral.checkpoint.model_io import load_model_weights
     from megatron_ral.models.qwen25vl.provider import build_model
 
-    dist_dir = resolve_dist_dir(ckpt)
     model = build_model(str(hf_files_dir(ckpt)), parallel, backend=backend, dtype=dtype, **build_kwargs)
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(dist_dir))
-    model.load_state_dict(state)
+    load_model_weights(model, ckpt)
     return model.eval()
 
 
