@@ -13,7 +13,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import megatron.core.models.gpt  # noqa: F401  (imported once here; forked ranks inherit it)
 from megatron_ral.config.schema import GenerationConfig, ParallelConfig
 from megatron_ral.inference.testing import converted_checkpoint, hf_generate, load_hf_model, standard_prompts
 from megatron_ral.platform.spawn import run_distributed
