@@ -103,6 +103,8 @@ class DaliDecoder:
             raise ValueError(f"frame indices out of range [0, {info.total_frames}) for {info.path}")
         if not self.can_decode(info.codec):
             raise ValueError(f"DALI on {self.device} cannot decode {info.codec} ({info.path})")
+        if self.device == "gpu" and size is None:
+            raise ValueError("the GPU path needs the target size")
         if self._pipe is None:
             self._pipe = self._build()
         pipe = self._pipe
@@ -110,8 +112,6 @@ class DaliDecoder:
         pipe.feed_input("encoded", [encoded])
         pipe.feed_input("frames", [np.asarray(indices, dtype=np.int32)])
         if self.device == "gpu":
-            if size is None:
-                raise ValueError("the GPU path needs the target size")
             pipe.feed_input("size", [np.asarray(size, dtype=np.float32)])
         try:
             (out,) = pipe.run()
