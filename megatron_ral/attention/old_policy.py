@@ -108,6 +108,10 @@ class OldPolicyStore(abc.ABC):
         pin = self.config.pin_memory and _pinned_ok()
         host = torch.empty(t.shape, dtype=dtype, device="cpu", pin_memory=pin)
         host.copy_(t, non_blocking=pin)
+        if pin and t.is_cuda:
+            # The device-to-host copy is asynchronous: a later read on the host waits for this event.
+            host._copy_done = torch.cuda.Event()
+            host._copy_done.record(torch.cuda.current_stream(t.device))
         return host
 
     def _storage_dtype(self, default: torch.dtype | None) -> torch.dtype | None:
@@ -151,7 +155,17 @@ class RowStore(OldPolicyStore):
     def get(self, key: Hashable, device: torch.device | str | None = None) -> Tensor:
         rows = self._entries[key].tensors["rows"]
         out_dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
-        return rows.to(device=device or rows.device, dtype=out_dtype, non_blocking=True)
+        return _to(rows, device, out_dtype)
+
+
+def _to(t: Tensor, device: torch.device | str | None, dtype: torch.dtype | None = None) -> Tensor:
+    """``t`` on ``device`` (default: where it is stored). Reading an offloaded tensor on the host first
+    waits for its asynchronous copy; a copy back to the GPU is ordered on the stream anyway."""
+    device = torch.device(device) if device is not None else t.device
+    event = getattr(t, "_copy_done", None)
+    if event is not None and device.type == "cpu":
+        event.synchronize()
+    return t.to(device=device, dtype=dtype or t.dtype, non_blocking=True)
 
 
 class QKStore(OldPolicyStore):
@@ -168,10 +182,9 @@ class QKStore(OldPolicyStore):
     def get(self, key: Hashable, device: torch.device | str | None = None) -> Tensor:
         e = self._entries[key]
         q, k = e.tensors["q"], e.tensors["k"]
-        device = device or q.device
         with torch.no_grad():
-            return attention_policy(q.to(device, non_blocking=True), k.to(device, non_blocking=True),
-                                    e.layout, e.softmax_scale, self.tp_group, self.chunk)
+            return attention_policy(_to(q, device), _to(k, device), e.layout, e.softmax_scale, self.tp_group,
+                                    self.chunk)
 
 
 def make_old_policy_store(config: OldPolicyConfig, tp_group: dist.ProcessGroup | None = None,

@@ -99,6 +99,10 @@ class DecodeSession:
         seq = max(lengths)
         capacity = seq + max(max_new_tokens - 1, 0)
         batch = len(prompts)
+        if getattr(model, "backend", "local") == "te" and min(lengths) != seq:
+            # TE's causal attention ignores the padding mask: padded rows would silently be wrong.
+            raise NotImplementedError("prompts of different lengths in one prefill need the local layer spec; "
+                                      "with Transformer Engine batch equal-length prompts (generate() does)")
         dev = self.device
         ids = torch.full((batch, seq), _pad_token_id(model), dtype=torch.long, device=dev)
         self.positions = torch.zeros(3, batch, capacity, dtype=torch.long, device=dev)

@@ -85,8 +85,9 @@ def initialize(
     cuda = torch.cuda.is_available()
     compat = False
     if cuda:
-        torch.cuda.set_device(launch.local_rank)
-        dev = torch.device("cuda", launch.local_rank)
+        # modulo: a task that sees only its own GPU (SLURM GPU binding) has device 0 whatever its local rank
+        dev = torch.device("cuda", launch.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
     else:
         compat = cpu_compat.install()
         dev = torch.device("cpu")
