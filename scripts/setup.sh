@@ -35,19 +35,29 @@ if [[ ! -x "$VENV/bin/python" ]]; then
   "$PYTHON" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
-QUIET="-q"
+# pip's notes about this machine's local package indexes and setuptools' editable-install banner are noise.
+NOISE='is ignored|BuildBackendWarning|^  !!|^ *[*]+$|Please be careful with folders|name as your package|^ *$|with strategy, WheelFile'
+pip_install() {
+  local out rc=0
+  out=$("${PIP[@]}" install -q "$@" 2>&1) || rc=$?
+  grep -vE "$NOISE" <<<"$out" || true
+  if [[ $rc -ne 0 ]]; then
+    echo "[setup] error: pip install $* failed (exit $rc)" >&2
+    exit 1
+  fi
+}
 echo "[setup] upgrading pip"
-"${PIP[@]}" install $QUIET --upgrade pip 2>&1 | grep -v "is ignored" || true
+pip_install --upgrade pip
 echo "[setup] installing $TORCH_PIN $TORCHVISION_PIN (first, pinned)"
-"${PIP[@]}" install $QUIET "$TORCH_PIN" "$TORCHVISION_PIN" 2>&1 | grep -v "is ignored" || true
+pip_install "$TORCH_PIN" "$TORCHVISION_PIN"
 "$VENV/bin/python" -c "import torch, torchvision" || { echo "[setup] error: torch/torchvision failed to import" >&2; exit 1; }
 echo "[setup] installing megatron_ral (editable) with $MCORE_PIN and the [video,test] extras"
 # The torch pins are repeated so that no dependency can move torch away from the pinned build.
-"${PIP[@]}" install $QUIET -e ".[video,test]" "$MCORE_PIN" "$TORCH_PIN" "$TORCHVISION_PIN" 2>&1 | grep -v "is ignored" || true
+pip_install -e ".[video,test]" "$MCORE_PIN" "$TORCH_PIN" "$TORCHVISION_PIN"
 "$VENV/bin/python" - <<'PY'
 import importlib, sys
 missing = []
-for mod in ["torch", "torchvision", "megatron.core", "transformers", "safetensors", "psutil", "yaml", "av", "nvidia.dali", "pytest", "megatron_ral"]:
+for mod in ["megatron_ral", "torch", "torchvision", "megatron.core", "transformers", "safetensors", "psutil", "yaml", "av", "nvidia.dali", "pytest"]:
     try:
         importlib.import_module(mod)
     except Exception as e:  # noqa: BLE001 - report every failure
