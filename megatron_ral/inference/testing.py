@@ -119,3 +119,20 @@ def tool_json(proc) -> dict:
     if len(lines) != 1:
         raise AssertionError(f"expected one stdout line, got {len(lines)}:\n{proc.stdout[-2000:]}")
     return json.loads(lines[0])
+
+
+def greedy_tool_and_hf(repo_root: str | os.PathLike, hf_dir, mc_dir, text: str, max_new_tokens: int,
+                       layout_args: list[str] = (), nproc: int = 1, image: str | None = None,
+                       video: str | None = None):
+    """Run tools/generate.py greedily on ``mc_dir`` and HF generate() on ``hf_dir`` for the same chat
+    prompt; returns (tool JSON, HF token ids, the prompt, the processor)."""
+    from megatron_ral.inference.cli import build_prompt
+    from megatron_ral.inference.loading import stop_token_ids
+
+    media = (["--image", image] if image else []) + (["--video", video] if video else [])
+    out = tool_json(run_generate_tool(repo_root, ["--ckpt", str(mc_dir), *layout_args, "--prompt", text, *media,
+                                                  "--max-new-tokens", str(max_new_tokens), "--greedy", "--json"],
+                                      nproc=nproc))
+    prompt, processor = build_prompt(hf_dir, text, image=image, video=video)
+    ids = hf_generate(load_hf_model(hf_dir), prompt, max_new_tokens, stop_token_ids(hf_dir, processor.tokenizer))
+    return out, ids, prompt, processor

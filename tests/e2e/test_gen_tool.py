@@ -9,15 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from megatron_ral.inference.cli import build_prompt
-from megatron_ral.inference.loading import stop_token_ids
-from megatron_ral.inference.testing import (
-    converted_checkpoint,
-    hf_generate,
-    load_hf_model,
-    run_generate_tool,
-    tool_json,
-)
+from megatron_ral.inference.testing import converted_checkpoint, greedy_tool_and_hf, run_generate_tool
 
 pytestmark = pytest.mark.e2e
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -39,10 +31,7 @@ def ckpt(tmp_path_factory):
 
 def test_video_greedy_json_equals_hf(ckpt):
     hf_dir, mc_dir, video = ckpt
-    out = tool_json(run_generate_tool(ROOT, ["--ckpt", str(mc_dir), "--prompt", TEXT, "--video", str(video),
-                                             "--max-new-tokens", str(MAX_NEW), "--greedy", "--json"]))
-    prompt, processor = build_prompt(hf_dir, TEXT, video=str(video))
-    ids = hf_generate(load_hf_model(hf_dir), prompt, MAX_NEW, stop_token_ids(hf_dir, processor.tokenizer))
+    out, ids, prompt, processor = greedy_tool_and_hf(ROOT, hf_dir, mc_dir, TEXT, MAX_NEW, video=str(video))
     assert out["token_ids"] == ids
     assert out["text"] == processor.decode(ids, skip_special_tokens=True)
     assert out["prompt_tokens"] == len(prompt) > 100  # the video's placeholder tokens are in the prompt

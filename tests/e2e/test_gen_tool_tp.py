@@ -7,15 +7,7 @@ import os
 
 import pytest
 
-from megatron_ral.inference.cli import build_prompt
-from megatron_ral.inference.loading import stop_token_ids
-from megatron_ral.inference.testing import (
-    converted_checkpoint,
-    hf_generate,
-    load_hf_model,
-    run_generate_tool,
-    tool_json,
-)
+from megatron_ral.inference.testing import converted_checkpoint, greedy_tool_and_hf
 
 pytestmark = pytest.mark.e2e
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -25,9 +17,6 @@ TEXT = "Name three colours."
 
 def test_tp2_text_greedy_equals_hf(tmp_path):
     hf_dir, mc_dir = converted_checkpoint(tmp_path, "tiny", seed=7)
-    out = tool_json(run_generate_tool(ROOT, ["--ckpt", str(mc_dir), "--tp", "2", "--prompt", TEXT,
-                                             "--max-new-tokens", str(MAX_NEW), "--greedy", "--json"], nproc=2))
-    prompt, processor = build_prompt(hf_dir, TEXT)
-    ids = hf_generate(load_hf_model(hf_dir), prompt, MAX_NEW, stop_token_ids(hf_dir, processor.tokenizer))
+    out, ids, _, processor = greedy_tool_and_hf(ROOT, hf_dir, mc_dir, TEXT, MAX_NEW, ["--tp", "2"], nproc=2)
     assert out["token_ids"] == ids
     assert out["text"] == processor.decode(ids, skip_special_tokens=True)
