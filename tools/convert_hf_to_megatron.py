@@ -6,11 +6,10 @@ HF config, tokenizer and processor files, so it can be converted back without ex
 """
 
 import argparse
-import json
 import sys
 
 from megatron_ral.checkpoint.convert import DEFAULT_MAX_CHUNK_BYTES, hf_to_megatron
-from megatron_ral.checkpoint.tool_errors import run_tool
+from megatron_ral.checkpoint.tool_errors import run_conversion
 
 
 def main(argv=None) -> int:
@@ -22,13 +21,8 @@ def main(argv=None) -> int:
                         help="store tensors larger than this in row blocks (bounds memory in both directions)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args(argv)
-    result = run_tool(lambda: hf_to_megatron(args.hf, args.out, overwrite=args.overwrite,
-                                             max_chunk_bytes=args.max_chunk_mb * 2**20, progress=not args.quiet))
-    if result is None:
-        return 1
-    print(json.dumps({"out": str(result.out_dir), "tensors": result.num_tensors, "bytes": result.total_bytes,
-                      "seconds": round(result.seconds, 3)}))
-    return 0
+    return run_conversion(lambda: hf_to_megatron(args.hf, args.out, overwrite=args.overwrite,
+                                                  max_chunk_bytes=args.max_chunk_mb * 2**20, progress=not args.quiet))
 
 
 if __name__ == "__main__":

@@ -6,11 +6,10 @@ processor files. --ckpt may be the checkpoint directory itself or a run director
 """
 
 import argparse
-import json
 import sys
 
 from megatron_ral.checkpoint.convert import DEFAULT_MAX_SHARD_BYTES, megatron_to_hf
-from megatron_ral.checkpoint.tool_errors import run_tool
+from megatron_ral.checkpoint.tool_errors import run_conversion
 
 
 def main(argv=None) -> int:
@@ -23,13 +22,8 @@ def main(argv=None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args(argv)
-    result = run_tool(lambda: megatron_to_hf(args.ckpt, args.out, hf_config=args.hf_config, overwrite=args.overwrite,
-                                             max_shard_bytes=int(args.max_shard_gb * 2**30), progress=not args.quiet))
-    if result is None:
-        return 1
-    print(json.dumps({"out": str(result.out_dir), "tensors": result.num_tensors, "bytes": result.total_bytes,
-                      "seconds": round(result.seconds, 3)}))
-    return 0
+    return run_conversion(lambda: megatron_to_hf(args.ckpt, args.out, hf_config=args.hf_config, overwrite=args.overwrite,
+                                                  max_shard_bytes=int(args.max_shard_gb * 2**30), progress=not args.quiet))
 
 
 if __name__ == "__main__":
