@@ -76,13 +76,13 @@ def check_args(args) -> None:
 def run(args) -> int:
     import torch
 
-    from megatron_ral.attention.dump import balanced_layer_split, dump_attention
+    from megatron_ral.attention.dump import dump_attention
     from megatron_ral.checkpoint.safetensors_io import CheckpointFileError
     from megatron_ral.config.schema import ParallelConfig
     from megatron_ral.data.errors import DataError
     from megatron_ral.inference.cli import build_prompt
     from megatron_ral.inference.loading import hf_files_dir, load_model
-    from megatron_ral.models.qwen25vl.provider import LMArchitecture, load_hf_config
+    from megatron_ral.models.qwen25vl.provider import LMArchitecture, balanced_layer_split, load_hf_config
     from megatron_ral.platform import destroy, initialize
 
     try:

@@ -84,18 +84,6 @@ def rows_to_rank0(rows: Tensor | None, shape: tuple[int, ...], dtype: torch.dtyp
     return None
 
 
-def balanced_layer_split(num_layers: int, pp: int) -> list[int] | None:
-    """Layers per pipeline stage: None (megatron's even split) when ``pp`` divides ``num_layers``, else
-    as even as possible with the extra layers on the first stages (the last stage also holds the
-    output layer)."""
-    if pp < 1 or num_layers < pp:
-        raise ValueError(f"{pp} pipeline stages need at least {pp} layers, the model has {num_layers}")
-    if num_layers % pp == 0:
-        return None
-    base, extra = divmod(num_layers, pp)
-    return [base + (1 if i < extra else 0) for i in range(pp)]
-
-
 def _device() -> torch.device:
     from megatron_ral.platform import device
 

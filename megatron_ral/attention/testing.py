@@ -96,7 +96,8 @@ def parallel_capture_worker(tp: int, pp: int, mc_dir: str, prompts: list[PromptI
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_ral.attention.capture import AttentionCapture, response_layout
-    from megatron_ral.attention.dump import balanced_layer_split, capture_rows_forward, dump_attention
+    from megatron_ral.attention.dump import capture_rows_forward, dump_attention
+    from megatron_ral.models.qwen25vl.provider import balanced_layer_split
     from megatron_ral.config.schema import ParallelConfig
     from megatron_ral.inference.loading import load_model
     from megatron_ral.models.qwen25vl.provider import LMArchitecture, load_hf_config

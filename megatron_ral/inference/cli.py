@@ -61,12 +61,22 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_ral.config.schema import GenerationConfig, ParallelConfig
     from megatron_ral.inference.generate import generate
     from megatron_ral.inference.loading import hf_files_dir, load_model, stop_token_ids
+    from megatron_ral.models.qwen25vl.provider import LMArchitecture, balanced_layer_split, load_hf_config
     from megatron_ral.platform import destroy, initialize
 
-    parallel = ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp)
-    info = initialize(parallel, seed=args.seed)
+    model_dir = hf_files_dir(args.ckpt)
     try:
-        model_dir = hf_files_dir(args.ckpt)
+        # PP that does not divide the layer count: as even a split as possible
+        split = balanced_layer_split(LMArchitecture.from_hf(load_hf_config(str(model_dir))).num_layers, args.pp)
+    except ValueError as e:
+        parser().error(str(e))
+    parallel = ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
+                              pipeline_layer_split=split)
+    try:
+        info = initialize(parallel, seed=args.seed)
+    except ValueError as e:  # e.g. the process count does not match TP x PP
+        parser().error(str(e))
+    try:
         model = load_model(args.ckpt, parallel)
         prompt, processor = build_prompt(model_dir, args.prompt, image=args.image, video=args.video)
         config = GenerationConfig(

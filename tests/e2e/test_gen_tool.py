@@ -42,3 +42,8 @@ def test_bad_flags_exit_2(ckpt):
     proc = run_generate_tool(ROOT, ["--ckpt", str(ckpt[1]), "--prompt", "x", "--greedy", "--temperature", "0.5"],
                              expect_rc=2)
     assert "--greedy excludes" in proc.stderr
+
+
+def test_layout_not_matching_process_count_exits_2(ckpt):
+    proc = run_generate_tool(ROOT, ["--ckpt", str(ckpt[1]), "--pp", "2", "--prompt", "x", "--greedy"], expect_rc=2)
+    assert "world size 1 is not divisible by TP*PP*CP" in proc.stderr.strip().splitlines()[-1]

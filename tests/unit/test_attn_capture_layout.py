@@ -7,7 +7,7 @@ import torch
 
 from megatron_ral.attention import attention_policy, attention_policy_reference
 from megatron_ral.attention.capture import CaptureConfig, packed_response_layout, response_layout
-from megatron_ral.attention.dump import balanced_layer_split
+from megatron_ral.models.qwen25vl.provider import balanced_layer_split
 
 
 def test_right_padded_layout_by_hand():

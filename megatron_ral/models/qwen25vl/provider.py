@@ -121,6 +121,18 @@ def default_dtype() -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_available() else torch.float32
 
 
+def balanced_layer_split(num_layers: int, pp: int) -> list[int] | None:
+    """Layers per pipeline stage: None (megatron's even split) when ``pp`` divides ``num_layers``, else
+    as even as possible with the extra layers on the first stages (the last stage also holds the
+    output layer)."""
+    if pp < 1 or num_layers < pp:
+        raise ValueError(f"{pp} pipeline stages need at least {pp} layers, the model has {num_layers}")
+    if num_layers % pp == 0:
+        return None
+    base, extra = divmod(num_layers, pp)
+    return [base + (1 if i < extra else 0) for i in range(pp)]
+
+
 def pipeline_layout(split: list[int] | None, num_layers: int, pp_size: int):
     """Megatron ``pipeline_model_parallel_layout`` for an explicit per-stage layer count list."""
     if split is None:
