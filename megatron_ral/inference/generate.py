@@ -182,7 +182,9 @@ def generate(
     ``greedy`` (or temperature 0) takes the argmax. ``seed`` with the data-parallel rank, prompt
     index and sample index seeds each response's sampler. ``stop_token_ids`` default to the
     model's EOS ids. ``suppress_token_ids`` are never sampled (e.g. the image/video placeholder ids,
-    which a response must not contain when it is fed back with the prompt's vision features). The model runs in eval mode (restored afterwards). Returns [prompt][sample] Responses on every rank of the group.
+    which a response must not contain when it is fed back with the prompt's vision features). The
+    model runs in eval mode (restored afterwards). Returns [prompt][sample] Responses on every rank
+    of the group.
     """
     if config.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {config.max_new_tokens}")
