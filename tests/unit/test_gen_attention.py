@@ -63,15 +63,10 @@ def test_grouped_attention_matches_float64(case):
 
 @pytest.fixture(scope="module")
 def model():
-    from megatron_ral.models.qwen25vl.hf_weights import load_hf_weights
-    from megatron_ral.models.qwen25vl.provider import build_model
-    from megatron_ral.models.qwen25vl.testing import hf_state_dict, tiny_hf_config
+    from megatron_ral.models.qwen25vl.testing import seeded_megatron_model
 
     initialize(ParallelConfig(), seed=1234)
-    cfg = tiny_hf_config("small")
-    m = build_model(cfg, backend="local", vision_attn_implementation="eager", dtype=torch.float32)
-    load_hf_weights(m, hf_state_dict(cfg, seed=2))
-    yield m.eval()
+    yield seeded_megatron_model("small", seed=2, backend="local", vision_attn_implementation="eager").eval()
     destroy()
 
 

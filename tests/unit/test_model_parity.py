@@ -38,7 +38,7 @@ PROMPTS = {
 def platform():
     initialize(ParallelConfig(), seed=1234)
     yield
-    destroy()  # forked multi-process tests later in the session must not inherit this state
+    destroy()  # leave no process group behind for later tests in the session
 
 
 @pytest.fixture(scope="module", params=["tiny", "small"])

@@ -40,7 +40,7 @@ RELEASED_7B = {
 def platform():
     initialize(ParallelConfig(), seed=1234)
     yield
-    destroy()  # forked multi-process tests later in the session must not inherit this state
+    destroy()  # leave no process group behind for later tests in the session
 
 
 def test_released_7b_and_3b_configs_map_to_megatron(tmp_path):

@@ -4,11 +4,9 @@ import pytest
 import torch
 
 from megatron_ral.config.schema import ParallelConfig
-from megatron_ral.models.qwen25vl.hf_weights import load_hf_weights
 from megatron_ral.models.qwen25vl.model import attention_mask_from_padding
-from megatron_ral.models.qwen25vl.provider import build_model
 from megatron_ral.models.qwen25vl.rope_index import decode_position_ids
-from megatron_ral.models.qwen25vl.testing import hf_state_dict, make_prompt, tiny_hf_config
+from megatron_ral.models.qwen25vl.testing import make_prompt, seeded_megatron_model
 from megatron_ral.platform import destroy, initialize
 
 
@@ -16,14 +14,11 @@ from megatron_ral.platform import destroy, initialize
 def platform():
     initialize(ParallelConfig(), seed=1234)
     yield
-    destroy()  # forked multi-process tests later in the session must not inherit this state
+    destroy()  # leave no process group behind for later tests in the session
 
 
 def _model(preset):
-    cfg = tiny_hf_config(preset)
-    model = build_model(cfg, dtype=torch.float32)
-    load_hf_weights(model, hf_state_dict(cfg, seed=7))
-    return model
+    return seeded_megatron_model(preset, seed=7)
 
 
 @pytest.mark.parametrize("padding_side", ["none", "left"])

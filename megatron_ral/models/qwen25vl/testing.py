@@ -42,6 +42,18 @@ def hf_state_dict(hf_config, seed: int = 0, dtype: torch.dtype = torch.float32) 
     return random_state_dict(hf_config, seed=seed, dtype=dtype)
 
 
+def seeded_megatron_model(preset: str = "tiny", seed: int = 0, parallel=None, **build_kwargs):
+    """This rank's fp32 Qwen25VLModel for a tiny preset, with the seeded HF weights of
+    ``hf_state_dict(cfg, seed)`` (megatron parallel state must be initialised)."""
+    from megatron_ral.models.qwen25vl.hf_weights import load_hf_weights
+    from megatron_ral.models.qwen25vl.provider import build_model
+
+    cfg = tiny_hf_config(preset)
+    model = build_model(cfg, parallel, dtype=torch.float32, **build_kwargs)
+    load_hf_weights(model, hf_state_dict(cfg, seed=seed))
+    return model
+
+
 def _in_memory_name(name: str) -> str:
     if name.startswith("visual."):
         return "model." + name
