@@ -90,6 +90,16 @@ def _pinned_ok() -> bool:
     return torch.cuda.is_available()
 
 
+def _to(t: Tensor, device: torch.device | str | None, dtype: torch.dtype | None = None) -> Tensor:
+    """``t`` on ``device`` (default: where it is stored). Reading an offloaded tensor on the host first
+    waits for its asynchronous copy; a copy back to the GPU is ordered on the stream anyway."""
+    device = torch.device(device) if device is not None else t.device
+    event = getattr(t, "_copy_done", None)
+    if event is not None and device.type == "cpu":
+        event.synchronize()
+    return t.to(device=device, dtype=dtype or t.dtype, non_blocking=True)
+
+
 class OldPolicyStore(abc.ABC):
     """Keeps p_old per key (e.g. a micro-batch id) from the old pass until the updates need it."""
 
@@ -156,16 +166,6 @@ class RowStore(OldPolicyStore):
         rows = self._entries[key].tensors["rows"]
         out_dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
         return _to(rows, device, out_dtype)
-
-
-def _to(t: Tensor, device: torch.device | str | None, dtype: torch.dtype | None = None) -> Tensor:
-    """``t`` on ``device`` (default: where it is stored). Reading an offloaded tensor on the host first
-    waits for its asynchronous copy; a copy back to the GPU is ordered on the stream anyway."""
-    device = torch.device(device) if device is not None else t.device
-    event = getattr(t, "_copy_done", None)
-    if event is not None and device.type == "cpu":
-        event.synchronize()
-    return t.to(device=device, dtype=dtype or t.dtype, non_blocking=True)
 
 
 class QKStore(OldPolicyStore):
