@@ -43,12 +43,13 @@ from megatron_ral.checkpoint.safetensors_io import (
     TensorPlan,
     element_size,
 )
+from megatron_ral.errors import UserError
 
 DEFAULT_MAX_CHUNK_BYTES = 256 * 1024**2
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """The tensors of a checkpoint do not match what its config describes."""
 
 

@@ -7,11 +7,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_ral.errors import UserError
+
 SUPPORTED_MODEL_TYPES = ("qwen2_5_vl",)
 SUPPORTED_ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration",)
 
 
-class UnsupportedCheckpointError(ValueError):
+class UnsupportedCheckpointError(UserError, ValueError):
     """The checkpoint is not a Qwen2.5-VL model this converter understands."""
 
 

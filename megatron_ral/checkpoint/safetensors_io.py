@@ -22,6 +22,8 @@ from typing import Iterable, Iterator
 
 import torch
 
+from megatron_ral.errors import UserError
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
@@ -43,7 +45,7 @@ _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
-class CheckpointFileError(RuntimeError):
+class CheckpointFileError(UserError, RuntimeError):
     """A checkpoint file is missing, truncated or malformed (the message names the file)."""
 
 

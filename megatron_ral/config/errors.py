@@ -1,7 +1,9 @@
 """The one error type a bad configuration raises."""
 
+from megatron_ral.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A bad configuration value: ``key`` is the dotted name, ``rule`` what it broke."""
 
     def __init__(self, key: str, rule: str):

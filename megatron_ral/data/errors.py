@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from megatron_ral.errors import UserError
+
 # Reasons a sample is skipped; each is counted and exposed as the metric `data/skipped/<reason>`.
 SKIP_REASONS = (
     "missing_file",      # media path does not exist
@@ -16,7 +18,7 @@ SKIP_REASONS = (
 )
 
 
-class DataError(Exception):
+class DataError(UserError):
     """A sample that cannot be used. `reason` is one of SKIP_REASONS; `source` names the file."""
 
     def __init__(self, reason: str, source: str, detail: str):
@@ -36,9 +38,9 @@ class RecordError(DataError):
     """A dataset record that is malformed or incomplete. `source` is 'file:line'."""
 
 
-class RecordFileError(Exception):
+class RecordFileError(UserError):
     """A record file whose structure is broken beyond one record (reported with file:line)."""
 
 
-class TooManyFailuresError(RuntimeError):
+class TooManyFailuresError(UserError, RuntimeError):
     """Raised when the failed share of recent samples exceeds data.max_failure_fraction."""
