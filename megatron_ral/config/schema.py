@@ -23,6 +23,8 @@ class ModelConfig:
     layer_spec: "auto" (Transformer Engine when CUDA and TE are present, else local torch), "local" or "te".
     dtype: "auto" (bf16 on GPU, fp32 on CPU), "bf16", "fp16" or "fp32".
     freeze_vision: keep the vision tower and merger frozen (the paper trains the LM only).
+    freeze_lm_embeddings: keep the LM's input embedding (and, when tied, the output layer) frozen.
+    freeze_lm_layers: 0-based indices of LM decoder layers to keep frozen (e.g. [0, 1, 2]); empty = none.
     recompute_granularity: None, "selective" or "full" activation recomputation.
     rope_text_after_vision: where M-RoPE text positions resume after an image/video: "max_position" (the
         vision block's largest position + 1, as the released Qwen2.5-VL code and vLLM do) or
@@ -35,6 +37,8 @@ class ModelConfig:
     layer_spec: str = "auto"
     dtype: str = "auto"
     freeze_vision: bool = True
+    freeze_lm_embeddings: bool = False
+    freeze_lm_layers: list[int] = field(default_factory=list)
     recompute_granularity: Optional[str] = None
     rope_text_after_vision: str = "max_position"
 
@@ -62,34 +66,55 @@ class AlgorithmConfig:
     """What is optimised.
 
     name: "sft", "grpo", "ral" (GRPO + attention loss) or "ral_distill" (+ on-policy teacher distillation).
+        RAL-zero is "ral" with ``data.template: answer_only`` (no <think> in prompt, format reward or SFT data).
     rollouts_per_prompt: G, responses sampled per prompt (paper: 8); group-normalised advantages need >= 2.
-    updates_per_rollout: optimizer steps taken on each rollout batch (mini-batches x epochs). The RAL
-        term is exactly zero on the first update after a rollout (p_theta = p_old), so "ral" needs >= 2.
+    updates_per_rollout: optimizer steps taken on each rollout batch = mini-batches x epochs_per_rollout.
+        The RAL term is exactly zero on the first update after a rollout (p_theta = p_old), so "ral" needs >= 2.
+    epochs_per_rollout: passes over the rollout batch; each pass is split into
+        updates_per_rollout / epochs_per_rollout mini-batches (must divide it).
+    loss_aggregation: how per-token policy and KL terms become one number: "token_mean" (mean over every
+        response token of the global mini-batch; verl's default, TRL "bnpo"), "seq_mean_token_mean" (mean over
+        sequences of each sequence's token mean; GRPO paper, TRL "grpo", Video-R1) or "seq_mean_token_sum_norm"
+        (mean over sequences of token sums divided by generation.max_new_tokens; Dr. GRPO). The normaliser is
+        always the global one (all micro-batches, pipeline stages and data-parallel ranks).
     clip_eps / clip_eps_high: PPO ratio clip range [1 - clip_eps, 1 + clip_eps_high] (high defaults to low).
-    kl_beta: weight of the KL to the reference policy (paper: 0.04).
+    kl_beta: weight of the k3 KL to the reference policy (paper: 0.04); 0 skips the reference pass.
+    reference_placement: where the reference weights live between reference passes: "device" (a resident copy)
+        or "host" (host memory, copied in for each reference pass; saves device memory).
+    adv_eps: A = (r - mean) / (std + adv_eps) per prompt group (unbiased std).
+    drop_zero_std_groups: leave groups whose G rewards are all equal (A = 0) out of the update; they are
+        counted (adv/zero_std_groups) either way.
     lambda_attn: weight of the attention loss A * D(p_theta || p_old) (paper searched 0.5, 1, 5).
-    attn_divergence: "jsd" (paper), "kl" (KL(p_theta || p_old)) or "reverse_kl".
-    attn_aggregation: "token_mean" (Eq. 3) or "sum" (Sec. 3.4) over response tokens.
+    attn_divergence: "jsd" (paper), "kl" (KL(p_theta || p_old)) or "reverse_kl" (KL(p_old || p_theta)).
+    attn_aggregation: "token_mean" (Eq. 3: mean over the response tokens of the global mini-batch) or "sum"
+        (Sec. 3.4: sum over each response's tokens, mean over the global mini-batch's responses).
+    old_policy_store: how p_old is kept between the old pass and the updates: "qk" (last-layer Q rows + K,
+        recomputed exactly) or "rows" (the rows, bf16); old_policy_offload keeps it in host memory.
     gkd_mu, gamma_attn: distillation weights (logit GKD and attention JSD to the teacher).
     teacher_hf_path / teacher_load: the teacher model for "ral_distill".
-    answer_only: RAL-zero (no <think> in prompt, format reward or SFT data).
     reward_accuracy_weight / reward_format_weight: r = w_acc * r_acc + w_fmt * r_fmt (paper: 0.9 / 0.1).
     """
 
     name: str = "ral"
     rollouts_per_prompt: int = 8
     updates_per_rollout: int = 2
+    epochs_per_rollout: int = 1
+    loss_aggregation: str = "token_mean"
     clip_eps: float = 0.2
     clip_eps_high: Optional[float] = None
     kl_beta: float = 0.04
+    reference_placement: str = "device"
+    adv_eps: float = 1e-6
+    drop_zero_std_groups: bool = False
     lambda_attn: float = 1.0
     attn_divergence: str = "jsd"
     attn_aggregation: str = "token_mean"
+    old_policy_store: str = "qk"
+    old_policy_offload: bool = False
     gkd_mu: float = 1.0
     gamma_attn: float = 0.5
     teacher_hf_path: str = ""
     teacher_load: str = ""
-    answer_only: bool = False
     reward_accuracy_weight: float = 0.9
     reward_format_weight: float = 0.1
 
@@ -127,25 +152,44 @@ class OptimizerConfig:
 
 @dataclass
 class TrainingConfig:
-    """The loop. prompts_per_step: prompts per rollout batch (global); micro_batch_size: sequences per
-    micro-batch; train_steps: rollout steps (0 = one pass over the data)."""
+    """The loop.
+
+    prompts_per_step: records per step, global (RL: prompts per rollout batch, each sampled G times; SFT: the
+        global batch size). micro_batch_size: sequences per micro-batch (pipeline micro-batches).
+    train_steps: steps to run (0 = ``epochs`` passes over data.train_files).
+    eval_interval: evaluate (greedy, data.eval_files) every N steps (0 = never during training);
+        eval_at_start / eval_at_end add evaluations before the first and after the last step.
+    max_eval_records: evaluate on the first N records of data.eval_files only (None = all).
+    max_consecutive_skips: a step whose loss or gradient is not finite is skipped (no update); this many
+        skipped steps in a row stop the run with an error (the last good checkpoint is kept).
+    run_dir: metrics.jsonl, wandb / TensorBoard files and (by default) checkpoints go here.
+    """
 
     seed: int = 1234
     prompts_per_step: int = 8
     micro_batch_size: int = 1
     train_steps: int = 0
+    epochs: int = 1
+    eval_interval: int = 0
+    eval_at_start: bool = False
+    eval_at_end: bool = True
+    max_eval_records: Optional[int] = None
+    max_consecutive_skips: int = 3
     run_dir: str = "runs/default"
 
 
 @dataclass
 class CheckpointConfig:
     """save_dir: where dist checkpoints go (empty: RUN_DIR/checkpoints); save_interval in steps (0 = only
-    at the end); keep_last: how many to keep; resume: continue from the newest checkpoint in save_dir."""
+    at the end); keep_last: how many to keep; resume: continue from the newest complete checkpoint in
+    save_dir (at any parallel layout); save_on_sigterm: on SIGTERM (SLURM's warning before the time limit)
+    save a checkpoint at the end of the current step and exit 0."""
 
     save_dir: str = ""
     save_interval: int = 0
     keep_last: int = 2
     resume: bool = True
+    save_on_sigterm: bool = True
 
 
 @dataclass

@@ -11,6 +11,7 @@ from megatron_ral.config.schema import Config
 
 ALGORITHMS = ("sft", "grpo", "ral", "ral_distill")
 RL_ALGORITHMS = ("grpo", "ral", "ral_distill")
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,10 @@ def validate(cfg: Config, world_size: int | None = None, dims: ModelDims | None 
     _one_of(cfg.model.dtype, ("auto", "bf16", "fp16", "fp32"), "model.dtype")
     _one_of(cfg.model.rope_text_after_vision, ("max_position", "spatial_extent"), "model.rope_text_after_vision")
     _one_of(cfg.model.recompute_granularity, (None, "selective", "full"), "model.recompute_granularity")
+    _check(all(i >= 0 for i in cfg.model.freeze_lm_layers), "model.freeze_lm_layers", "layer indices must be >= 0")
+    if dims is not None and cfg.model.freeze_lm_layers:
+        _check(max(cfg.model.freeze_lm_layers) < dims.num_layers, "model.freeze_lm_layers",
+               f"layer indices must be < the number of layers ({dims.num_layers})")
     if cfg.model.layer_spec == "te" and cuda_available is False:
         raise ConfigError("model.layer_spec", "'te' needs CUDA and Transformer Engine; use 'auto' or 'local'")
 
@@ -107,6 +112,14 @@ def validate(cfg: Config, world_size: int | None = None, dims: ModelDims | None 
         _check(a.rollouts_per_prompt >= 2, "algorithm.rollouts_per_prompt",
                f"must be >= 2 for group-normalised advantages, got {a.rollouts_per_prompt}")
     _check(a.updates_per_rollout >= 1, "algorithm.updates_per_rollout", "must be >= 1")
+    _check(a.epochs_per_rollout >= 1, "algorithm.epochs_per_rollout", "must be >= 1")
+    _check(a.updates_per_rollout % a.epochs_per_rollout == 0, "algorithm.epochs_per_rollout",
+           f"must divide algorithm.updates_per_rollout ({a.updates_per_rollout}); each epoch is split into "
+           "updates_per_rollout / epochs_per_rollout mini-batches")
+    _one_of(a.loss_aggregation, LOSS_AGGREGATIONS, "algorithm.loss_aggregation")
+    _one_of(a.reference_placement, ("device", "host"), "algorithm.reference_placement")
+    _one_of(a.old_policy_store, ("qk", "rows"), "algorithm.old_policy_store")
+    _check(a.adv_eps > 0, "algorithm.adv_eps", f"must be > 0, got {a.adv_eps}")
     if a.name in ("ral", "ral_distill") and a.lambda_attn > 0:
         _check(a.updates_per_rollout >= 2, "algorithm.updates_per_rollout",
                "must be >= 2 for RAL: the attention loss is zero on the first update after a rollout "
@@ -148,6 +161,23 @@ def validate(cfg: Config, world_size: int | None = None, dims: ModelDims | None 
     _check(t.prompts_per_step >= 1, "training.prompts_per_step", "must be >= 1")
     _check(t.micro_batch_size >= 1, "training.micro_batch_size", "must be >= 1")
     _check(t.train_steps >= 0, "training.train_steps", "must be >= 0")
+    _check(t.epochs >= 1, "training.epochs", "must be >= 1")
+    _check(t.eval_interval >= 0, "training.eval_interval", "must be >= 0 (0 = no evaluation during training)")
+    _check(t.max_eval_records is None or t.max_eval_records >= 1, "training.max_eval_records", "must be >= 1 or null")
+    _check(t.max_consecutive_skips >= 1, "training.max_consecutive_skips", "must be >= 1")
+    if world_size is not None:
+        dp = world_size // (tp * pp * cp) if world_size % (tp * pp * cp) == 0 else None
+        if dp:
+            _check(t.prompts_per_step % dp == 0, "training.prompts_per_step",
+                   f"must be divisible by the data-parallel size {dp} (world {world_size} / TP*PP*CP {tp * pp * cp}), "
+                   f"got {t.prompts_per_step}")
+    if a.name in RL_ALGORITHMS:
+        mini = a.updates_per_rollout // a.epochs_per_rollout
+        _check(t.prompts_per_step * a.rollouts_per_prompt >= mini, "algorithm.updates_per_rollout",
+               f"{mini} mini-batches per epoch need at least as many sequences per step "
+               f"(training.prompts_per_step x algorithm.rollouts_per_prompt = {t.prompts_per_step * a.rollouts_per_prompt})")
+    _check(not (t.eval_interval or t.eval_at_start) or bool(cfg.data.eval_files), "data.eval_files",
+           "training.eval_interval / eval_at_start need evaluation records")
     _check(bool(t.run_dir), "training.run_dir", "must not be empty")
 
     c = cfg.checkpoint

@@ -92,7 +92,7 @@ def _compact_due(dead: int, batch: int) -> bool:
 @torch.no_grad()
 def _generate_chunk(model, comm: StageComm, prompts: list[PromptInput], chunk: Chunk, params: SamplingParams,
                     max_new_tokens: int, stop: torch.Tensor, suppress: torch.Tensor | None, seed: int,
-                    stats: GenerationStats) -> list[Response]:
+                    stats: GenerationStats, prompt_keys: list[int] | None = None) -> list[Response]:
     session = DecodeSession(model, comm)
     t0, c0 = time.perf_counter(), time.process_time()
     logits = session.prefill([prompts[i] for i in chunk.prompts], max_new_tokens)
@@ -109,8 +109,12 @@ def _generate_chunk(model, comm: StageComm, prompts: list[PromptInput], chunk: C
     rows = len(index)
     gens = None
     if not params.is_greedy:
-        dp = _data_parallel_rank()
-        gens = [row_generator(seed, dp, row_prompt[r], row_sample[r], device=session.device) for r in range(rows)]
+        if prompt_keys is not None:
+            gens = [row_generator(seed, prompt_keys[row_prompt[r]], row_sample[r], device=session.device)
+                    for r in range(rows)]
+        else:
+            dp = _data_parallel_rank()
+            gens = [row_generator(seed, dp, row_prompt[r], row_sample[r], device=session.device) for r in range(rows)]
 
     tokens: list[list[int]] = [[] for _ in range(rows)]
     logps: list[list[float]] = [[] for _ in range(rows)]
@@ -175,13 +179,16 @@ def generate(
     suppress_token_ids: list[int] | None = None,
     stats: GenerationStats | None = None,
     comm: StageComm | None = None,
+    prompt_keys: list[int] | None = None,
 ) -> list[list[Response]]:
     """Generate ``num_samples`` responses for each prompt with the model of this rank's stage.
 
     ``config``: a GenerationConfig (temperature, top_p, top_k, max_new_tokens, kv_cache_tokens).
     ``greedy`` (or temperature 0) takes the argmax. ``seed`` with the data-parallel rank, prompt
     index and sample index seeds each response's sampler. ``stop_token_ids`` default to the
-    model's EOS ids. ``suppress_token_ids`` are never sampled (e.g. the image/video placeholder ids,
+    model's EOS ids. ``prompt_keys`` (one integer per prompt, e.g. its index in the global batch) replace
+    the (data-parallel rank, prompt index) pair in the seeds, so that a prompt's samples do not depend on
+    which rank generates them. ``suppress_token_ids`` are never sampled (e.g. the image/video placeholder ids,
     which a response must not contain when it is fed back with the prompt's vision features). The
     model runs in eval mode (restored afterwards). Returns [prompt][sample] Responses on every rank
     of the group.
@@ -199,6 +206,8 @@ def generate(
     suppress = (torch.tensor(sorted(set(int(i) for i in suppress_token_ids)), dtype=torch.long)
                 if suppress_token_ids else None)
     prompts = [p if isinstance(p, PromptInput) else PromptInput.from_inputs(p) for p in prompts]
+    if prompt_keys is not None and len(prompt_keys) != len(prompts):
+        raise ValueError(f"{len(prompt_keys)} prompt keys for {len(prompts)} prompts")
     chunks = plan_chunks([len(p) for p in prompts], num_samples, config.max_new_tokens, config.kv_cache_tokens,
                          allow_padding=getattr(model, "backend", "local") != "te")
     results: list[list[Response | None]] = [[None] * num_samples for _ in prompts]
@@ -208,7 +217,7 @@ def generate(
     try:
         for chunk in chunks:
             for resp in _generate_chunk(model, comm, prompts, chunk, params, config.max_new_tokens, stop, suppress,
-                                        seed, stats):
+                                        seed, stats, prompt_keys):
                 results[resp.prompt_index][resp.sample_index] = resp
     finally:
         model.train(was_training)

@@ -205,6 +205,7 @@ class Qwen25VLModel(MegatronModule):
         runtime_gather_output: bool | None = None,
         packed_seq_params=None,
         extra_block_kwargs: dict | None = None,
+        temperature: float = 1.0,
     ) -> torch.Tensor:
         """Logits (B, S, V) — vocab-sharded over TP unless gathered — or per-token loss (B, S)
         when ``labels`` are given; on non-last pipeline stages the hidden states (S, B, H).
@@ -214,6 +215,8 @@ class Qwen25VLModel(MegatronModule):
         input_ids / grids / second_per_grid_ts / padding when None (prompt-style inputs; pass them
         explicitly for KV-cache decode steps). ``vision_embeddings`` replaces pixel inputs with
         features from :meth:`encode_vision` (e.g. computed once for G responses of a prompt).
+        ``temperature`` divides the logits before the per-token loss (log-probs of the sampling
+        distribution softmax(logits / T)); logits are returned unscaled.
         """
         padding_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
         if position_ids is None:
@@ -254,4 +257,7 @@ class Qwen25VLModel(MegatronModule):
         logits = self.mask_padded_vocab(output)
         if labels is None:
             return logits
-        return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)
+        logits = logits.float()
+        if temperature != 1.0:
+            logits = logits / temperature
+        return tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
