@@ -19,6 +19,7 @@ INSTALL_REQUIRES = [
     "numpy",
     "pillow",
     "einops",
+    "rouge-score>=0.1.2",  # free-form reward (rl/rewards.py): the ROUGE implementation Video-R1 uses
 ]
 
 setup(
