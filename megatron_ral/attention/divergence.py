@@ -29,29 +29,39 @@ def _masked(x: Tensor, mask: Tensor | None) -> Tensor:
 
 
 def kl_divergence(p: Tensor, q: Tensor, mask: Tensor | None = None, eps: float = 0.0) -> Tensor:
-    """KL(p || q) = sum_i p(i) (ln p(i) - ln q(i)) per row.
+    """KL(p || q) = sum_i p(i) ln(p(i) / q(i)) per row.
 
     Terms with p(i) = 0 contribute 0. Where p(i) > 0 and q(i) = 0 the divergence is infinite; ``eps``
     (default 0: no floor) floors q inside the log for callers that prefer a large finite value,
-    e.g. with an old policy stored in fp16.
+    e.g. with an old policy stored in fp16. The log of the ratio (not a difference of logs) keeps the
+    precision when p and q are close, which is where RAL works.
     """
     p = _masked(p, mask)
     q = _masked(q, mask)
-    q_used = torch.where(p > 0, q, torch.ones_like(q))
-    lq = torch.log(torch.clamp(q_used, min=eps) if eps > 0 else q_used)
-    return (p * (_safe_log(p) - lq)).sum(dim=-1)
+    pos = p > 0
+    q_used = torch.where(pos, q, torch.ones_like(q))
+    if eps > 0:
+        q_used = torch.clamp(q_used, min=eps)
+    ratio = torch.where(pos, p, torch.ones_like(p)) / q_used
+    return torch.where(pos, p * torch.log(ratio), torch.zeros_like(p)).sum(dim=-1)
 
 
 def jsd(p: Tensor, q: Tensor, mask: Tensor | None = None) -> Tensor:
     """Jensen-Shannon divergence per row, JSD(p || q) = 1/2 KL(p || m) + 1/2 KL(q || m), m = (p + q)/2.
 
     Symmetric, in [0, ln 2], zero iff p = q. Gradient (paper §3.4): dJ/dp(i) = 1/2 ln(2 p(i) / (p(i) + q(i))).
-    Computed as 1/2 sum_i [p ln p + q ln q - (p + q) ln m] with 0 ln 0 = 0.
+    Computed as 1/2 sum_i [p log1p(d) + q log1p(-d)] with d = (p - q) / (p + q) (so p ln(p/m) = p log1p(d)),
+    0 ln 0 = 0. This form has no cancellation between O(p ln p) terms: near p = q (where the RAL term acts,
+    JSD ~ 1e-4) the textbook form 1/2 sum [p ln p + q ln q - (p+q) ln m] loses about three digits in float32.
     """
     p = _masked(p, mask)
     q = _masked(q, mask)
-    m = 0.5 * (p + q)
-    return 0.5 * (p * _safe_log(p) + q * _safe_log(q) - (p + q) * _safe_log(m)).sum(dim=-1)
+    s = p + q
+    d = (p - q) / torch.where(s > 0, s, torch.ones_like(s))
+    zero = torch.zeros_like(d)
+    tp = torch.where(p > 0, p * torch.log1p(torch.where(p > 0, d, zero)), zero)
+    tq = torch.where(q > 0, q * torch.log1p(torch.where(q > 0, -d, zero)), zero)
+    return 0.5 * (tp + tq).sum(dim=-1)
 
 
 def divergence(name: str, p: Tensor, q: Tensor, mask: Tensor | None = None) -> Tensor:

@@ -156,15 +156,19 @@ def _released_name(name: str) -> str:
     return name
 
 
-def _init_tensor(name: str, shape: torch.Size, gen: torch.Generator) -> torch.Tensor:
-    """One seeded tensor (float32). Scales keep activations O(1) so logits and attention are not flat."""
+def _init_tensor(name: str, shape: torch.Size, gen: torch.Generator, tied: bool = False) -> torch.Tensor:
+    """One seeded tensor (float32). Scales keep activations O(1) so logits and attention are not flat.
+
+    Tied embeddings get std 1/sqrt(hidden): with std 1 the output layer (the same matrix) would give each
+    token's own embedding a logit of about ``hidden`` and the untrained model would only ever repeat its
+    input (a degenerate sampler: every rollout identical)."""
     if name.endswith("norm.weight") or name.endswith("norm1.weight") or name.endswith("norm2.weight") \
             or name.endswith("ln_q.weight"):
         return 1.0 + 0.1 * torch.randn(shape, generator=gen)
     if name.endswith(".bias"):
         return 0.05 * torch.randn(shape, generator=gen)
     if "embed_tokens" in name:
-        return torch.randn(shape, generator=gen)
+        return torch.randn(shape, generator=gen) / (math.sqrt(shape[-1]) if tied else 1.0)
     fan_in = math.prod(shape[1:]) if len(shape) > 1 else shape[0]
     return torch.randn(shape, generator=gen) / math.sqrt(fan_in)
 
@@ -179,7 +183,8 @@ def random_state_dict(config, seed: int = 0, dtype: torch.dtype = torch.float32)
     if config.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
     gen = torch.Generator().manual_seed(int(seed))
-    return {name: _init_tensor(name, shapes[name], gen).to(dtype) for name in sorted(shapes)}
+    tied = bool(config.tie_word_embeddings)
+    return {name: _init_tensor(name, shapes[name], gen, tied).to(dtype) for name in sorted(shapes)}
 
 
 def _write_processor(out: Path, tokenizer) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -15,6 +16,7 @@ from megatron_ral.config.errors import ConfigError
 from megatron_ral.config.schema import Config
 
 _MISSING = object()
+_FLOAT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
 def _type_name(tp: Any) -> str:
@@ -58,6 +60,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         raise ConfigError(key, f"expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 (PyYAML) reads "1e-3" (no dot in the mantissa) as a string: accept plain numeric text
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
             return float(value)
         raise ConfigError(key, f"expected a number, got {value!r}")
     if tp is str:

@@ -93,6 +93,9 @@ class AlgorithmConfig:
     gkd_mu, gamma_attn: distillation weights (logit GKD and attention JSD to the teacher).
     teacher_hf_path / teacher_load: the teacher model for "ral_distill".
     reward_accuracy_weight / reward_format_weight: r = w_acc * r_acc + w_fmt * r_fmt (paper: 0.9 / 0.1).
+    reward_function: "package.module:function" replacing the Video-R1 reward: called as
+        f(response_text, record, template) and returning a float (the total) or an object with float
+        ``accuracy``, ``format`` and ``total``; empty = ``megatron_ral.rl.rewards.score`` (the paper's).
     """
 
     name: str = "ral"
@@ -117,6 +120,7 @@ class AlgorithmConfig:
     teacher_load: str = ""
     reward_accuracy_weight: float = 0.9
     reward_format_weight: float = 0.1
+    reward_function: str = ""
 
 
 @dataclass

@@ -99,6 +99,8 @@ def validate(cfg: Config, world_size: int | None = None, dims: ModelDims | None 
     _one_of(cfg.model.dtype, ("auto", "bf16", "fp16", "fp32"), "model.dtype")
     _one_of(cfg.model.rope_text_after_vision, ("max_position", "spatial_extent"), "model.rope_text_after_vision")
     _one_of(cfg.model.recompute_granularity, (None, "selective", "full"), "model.recompute_granularity")
+    _check(cfg.model.freeze_vision, "model.freeze_vision",
+           "training the vision tower is not supported (its features are computed without gradients); keep it true")
     _check(all(i >= 0 for i in cfg.model.freeze_lm_layers), "model.freeze_lm_layers", "layer indices must be >= 0")
     if dims is not None and cfg.model.freeze_lm_layers:
         _check(max(cfg.model.freeze_lm_layers) < dims.num_layers, "model.freeze_lm_layers",
@@ -109,6 +111,8 @@ def validate(cfg: Config, world_size: int | None = None, dims: ModelDims | None 
     a = cfg.algorithm
     _one_of(a.name, ALGORITHMS, "algorithm.name")
     if a.name in RL_ALGORITHMS:
+        _check(cfg.generation.temperature > 0, "generation.temperature",
+               "must be > 0 for RL (rollouts are sampled; 0 means greedy)")
         _check(a.rollouts_per_prompt >= 2, "algorithm.rollouts_per_prompt",
                f"must be >= 2 for group-normalised advantages, got {a.rollouts_per_prompt}")
     _check(a.updates_per_rollout >= 1, "algorithm.updates_per_rollout", "must be >= 1")

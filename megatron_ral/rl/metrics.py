@@ -1,0 +1,86 @@
+"""Metric sums of one step and their reduction over every rank.
+
+Each rank adds (sum, count) pairs for what it *owns* (the caller decides: e.g. rollout metrics on
+model-parallel rank 0 of each data-parallel group, loss metrics on tensor-parallel rank 0 of the last
+pipeline stage), so that replicas are not counted twice; :meth:`MetricSums.all_reduce` then adds
+everything up over the whole world (keys may differ between ranks). ``mean(key)`` is sum / count,
+``total(key)`` the sum.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+
+class MetricSums:
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, float] = defaultdict(float)
+
+    def add(self, key: str, value: float, count: float = 1.0) -> None:
+        self.sums[key] += float(value)
+        self.counts[key] += float(count)
+
+    def add_all(self, values: dict[str, float], count: float = 1.0) -> None:
+        for k, v in values.items():
+            self.add(k, v, count)
+
+    def merge(self, other: "MetricSums") -> None:
+        for k in other.sums:
+            self.add(k, other.sums[k], other.counts[k])
+
+    def all_reduce(self, group=None) -> "MetricSums":
+        """A new MetricSums holding the sums and counts of every rank of ``group`` (default: world)."""
+        out = MetricSums()
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+            out.merge(self)
+            return out
+        keys: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(keys, sorted(self.sums), group=group)
+        union = sorted(set().union(*keys))
+        vec = torch.tensor([[self.sums.get(k, 0.0), self.counts.get(k, 0.0)] for k in union], dtype=torch.float64)
+        if vec.numel():
+            backend = dist.get_backend(group)
+            dev = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+            vec = vec.to(dev)
+            dist.all_reduce(vec, group=group)
+            vec = vec.cpu()
+        for i, k in enumerate(union):
+            out.sums[k] = float(vec[i, 0])
+            out.counts[k] = float(vec[i, 1])
+        return out
+
+    def mean(self, key: str, default: float = 0.0) -> float:
+        c = self.counts.get(key, 0.0)
+        return self.sums[key] / c if c > 0 else default
+
+    def total(self, key: str, default: float = 0.0) -> float:
+        return self.sums.get(key, default)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.sums
+
+
+class Timer:
+    """Wall-clock seconds per named phase (``with timer("gen"): ...``), synchronised with the device."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.seconds[name] += time.perf_counter() - t0

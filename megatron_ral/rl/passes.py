@@ -1,0 +1,73 @@
+"""The no-grad passes over a rollout batch before the updates: old policy and reference.
+
+old pass   weights that generated the rollouts: old log-probs of the response tokens and, for RAL,
+           p_old (kept in an old-policy store, see ``attention.old_policy``); attention diagnostics
+           (entropy, vision mass) of the rollout policy come from the same capture.
+ref pass   the frozen initial weights (``rl.reference``): reference log-probs for the k3 KL term.
+
+Both write per-micro-batch tensors into the :class:`RolloutBatch` (last pipeline stage only) and return
+their metric sums.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_ral.attention.metrics import attention_entropy, attention_mass_shares
+from megatron_ral.rl.batch import MicroBatch, RolloutBatch
+from megatron_ral.rl.schedule import PassContext, run_pass
+
+
+def attention_diagnostics(rows: torch.Tensor, mb: MicroBatch, image_token_id: int, video_token_id: int) -> dict:
+    """Sums over the counted response tokens: attention entropy and vision / text / response mass."""
+    valid = (mb.response_mask & (mb.weight[:, None] > 0)).to(rows.device)
+    keys = mb.attention_mask.bool()
+    resp = torch.zeros_like(keys)
+    for b, (p, r) in enumerate(zip(mb.prompt_lengths, mb.response_lengths)):
+        resp[b, p: p + r] = True
+    shares = attention_mass_shares(rows.float(), mb.vision_mask(image_token_id, video_token_id).to(rows.device),
+                                   resp.to(rows.device))
+    ent = attention_entropy(rows.float())
+
+    def total(x):
+        return float(torch.where(valid, x, torch.zeros_like(x)).sum())
+
+    return {"attn/entropy": total(ent), "attn/vision_mass": total(shares["vision"]),
+            "attn/text_mass": total(shares["text"]), "attn/response_mass": total(shares["response"]),
+            "attn/tokens": float(valid.sum())}
+
+
+def old_pass(ctx: PassContext, batch: RolloutBatch, store, image_token_id: int, video_token_id: int,
+             capture_rows: bool = True) -> list[dict]:
+    """Old log-probs (and p_old into ``store`` when given) for every micro-batch of ``batch``."""
+
+    def capture_kwargs(mb):
+        if store is None and not capture_rows:
+            return None
+        return {"grad": False, "keep_rows": capture_rows, "keep_qk": store is not None and store.config.mode == "qk"}
+
+    def consume(mb, token_loss, result):
+        batch.old_logprobs[mb.index] = mb.token_logprobs(token_loss).detach().float()
+        metrics = {}
+        if result is not None and result.active:
+            if store is not None:
+                if store.config.mode == "qk":
+                    store.put(mb.index, result.qk)
+                else:
+                    store.put_rows(mb.index, result.rows)
+            if result.rows is not None:
+                metrics = attention_diagnostics(result.rows, mb, image_token_id, video_token_id)
+        return None, metrics
+
+    return run_pass(ctx, batch.micro_batches, consume, forward_only=True, capture_kwargs=capture_kwargs)
+
+
+def reference_pass(ctx: PassContext, batch: RolloutBatch, reference) -> list[dict]:
+    """Reference log-probs of every micro-batch, with the reference weights swapped in."""
+
+    def consume(mb, token_loss, result):
+        batch.ref_logprobs[mb.index] = mb.token_logprobs(token_loss).detach().float()
+        return None, {}
+
+    with reference.active():
+        return run_pass(ctx, batch.micro_batches, consume, forward_only=True)

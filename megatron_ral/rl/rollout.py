@@ -1,0 +1,131 @@
+"""Rollouts: G sampled responses per prompt with the current weights, scored and group-normalised.
+
+    batch = generate_rollouts(model, prompt_batch, settings, step=step)   # RolloutBatch, on every rank
+
+Every rank of a model-parallel group generates the same tokens (the last stage samples and broadcasts);
+each prompt's samples are seeded from (run seed, step, the prompt's index in the global batch, sample
+index), so they do not depend on the tensor/pipeline/data-parallel layout. The image/video placeholder
+ids are never sampled (a response is fed back with the prompt's vision features, so a placeholder in it
+would have no feature).
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from megatron_ral.data.collate import Batch
+from megatron_ral.errors import UserError
+from megatron_ral.inference.generate import GenerationStats, generate
+from megatron_ral.inference.prompts import PromptInput, split_batch
+from megatron_ral.inference.sampling import row_seed
+from megatron_ral.rl.advantages import group_advantages
+from megatron_ral.rl.batch import RolloutBatch
+from megatron_ral.rl.rewards import score
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    """How rollouts are sampled and scored (``reward_function``: see :func:`load_reward_function`)."""
+
+    generation: object                 # GenerationConfig
+    group_size: int
+    seed: int
+    template: str = "think"
+    accuracy_weight: float = 0.9
+    format_weight: float = 0.1
+    adv_eps: float = 1e-6
+    reward_function: Callable | None = None
+
+
+def load_reward_function(spec: str) -> Callable | None:
+    """The callable named by ``algorithm.reward_function`` ("package.module:function"; "" = None, the
+    Video-R1 reward). It is called as f(response_text, record, template) and returns a float total or an
+    object with ``accuracy``, ``format`` and ``total``."""
+    if not spec:
+        return None
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise UserError(f"algorithm.reward_function: expected 'package.module:function', got {spec!r}")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise UserError(f"algorithm.reward_function: cannot load {spec!r} ({e})") from None
+    if not callable(fn):
+        raise UserError(f"algorithm.reward_function: {spec!r} is not callable")
+    return fn
+
+
+def _custom_score(fn: Callable, text: str, record, template: str) -> tuple[float, float, float]:
+    out = fn(text, record, template)
+    if isinstance(out, (int, float)):
+        return float(out), float(out), 0.0
+    return float(out.total), float(out.accuracy), float(out.format)
+
+
+def prompts_of(batch: Batch, image_token_id: int, video_token_id: int, merge_size: int = 2) -> list[PromptInput]:
+    """One PromptInput per row of a loader batch (padding removed, vision inputs split per row)."""
+    return split_batch(
+        batch.input_ids, batch.attention_mask, image_token_id=image_token_id, video_token_id=video_token_id,
+        spatial_merge_size=merge_size, pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
+        pixel_values_videos=batch.pixel_values_videos, video_grid_thw=batch.video_grid_thw,
+        second_per_grid_ts=batch.second_per_grid_ts,
+    )
+
+
+def global_prompt_keys(num_local: int, dp_rank: int, dp_size: int) -> list[int]:
+    """Index of each local prompt in the step's global batch: the loader gives rank r the global
+    positions r, r + dp, r + 2 dp, ... (``data.sharding``)."""
+    return [j * dp_size + dp_rank for j in range(num_local)]
+
+
+def decode_response(tokenizer, token_ids: torch.Tensor, stop_ids: set[int]) -> str:
+    """Response text for the reward: the stop token (if any) removed, special tokens skipped."""
+    ids = token_ids.tolist()
+    if ids and ids[-1] in stop_ids:
+        ids = ids[:-1]
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def score_group(texts: list[list[str]], records: list, settings: RolloutSettings):
+    """rewards, accuracy, format [P, G] of the decoded responses."""
+    shape = (len(texts), settings.group_size)
+    out = {k: torch.zeros(shape) for k in ("total", "accuracy", "format")}
+    for p, (row, record) in enumerate(zip(texts, records)):
+        for g, text in enumerate(row):
+            if settings.reward_function is not None:
+                values = _custom_score(settings.reward_function, text, record, settings.template)
+            else:
+                s = score(text, record, settings.template, settings.accuracy_weight, settings.format_weight)
+                values = (s.total, s.accuracy, s.format)
+            out["total"][p, g], out["accuracy"][p, g], out["format"][p, g] = values
+    return out
+
+
+def generate_rollouts(model, prompts: list[PromptInput], records: list, prompt_keys: list[int], tokenizer,
+                      settings: RolloutSettings, step: int, stop_token_ids: list[int],
+                      suppress_token_ids: list[int]) -> RolloutBatch:
+    """Sample G responses per prompt, decode and score them, compute group advantages."""
+    stats = GenerationStats()
+    t0 = time.perf_counter()
+    responses = generate(
+        model, prompts, settings.generation, num_samples=settings.group_size, seed=row_seed(settings.seed, step),
+        stop_token_ids=stop_token_ids, suppress_token_ids=suppress_token_ids, stats=stats, prompt_keys=prompt_keys,
+    )
+    seconds = time.perf_counter() - t0
+    stop = set(int(i) for i in stop_token_ids)
+    texts = [[decode_response(tokenizer, r.token_ids, stop) for r in row] for row in responses]
+    scores = score_group(texts, records, settings)
+    adv = group_advantages(scores["total"], settings.adv_eps)
+    return RolloutBatch(
+        prompts=prompts, records=records, prompt_keys=list(prompt_keys),
+        responses=[[r.token_ids for r in row] for row in responses], texts=texts,
+        finish_reasons=[[r.finish_reason for r in row] for row in responses],
+        rewards=scores["total"], accuracy=scores["accuracy"], format=scores["format"],
+        advantages=adv.advantages, zero_std=adv.zero_std,
+        generation_seconds=seconds, generated_tokens=sum(r.length for row in responses for r in row),
+    )

@@ -1,0 +1,112 @@
+"""One pass of the model over a list of micro-batches through megatron-core's pipeline schedule.
+
+Every pass of the trainer (old policy, reference, updates, SFT) goes through :func:`run_pass`: the
+schedule (1F1B with pipeline parallelism, a plain loop without) calls the model on each micro-batch,
+optionally inside an attention-capture block, and hands the last stage's per-token loss output (and the
+captured rows) to a per-micro-batch ``consume`` function, which returns the loss to back-propagate (or
+nothing for forward-only passes) and metrics.
+
+Loss scaling. megatron divides each micro-batch loss by the number of micro-batches and DDP averages
+gradients over data-parallel ranks. The trainer's losses are already normalised by the global
+mini-batch (see ``rl.losses``), so :func:`run_pass` multiplies them by ``num_microbatches x dp_size``:
+the gradient is then exactly the gradient of the sum of the micro-batch losses over all ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from megatron_ral.rl.batch import MicroBatch, micro_batch_vision
+
+
+@dataclass
+class PassContext:
+    """What a pass needs besides the micro-batches: the model chunks, the per-prompt vision features of
+    the first stage, the capture bridge and the sampling temperature for log-probs."""
+
+    model: list
+    vision: list = field(default_factory=list)
+    capture: object = None
+    temperature: float = 1.0
+
+
+Consume = Callable[[MicroBatch, Tensor, object], "tuple[Tensor | None, dict]"]
+
+
+def _inner(model):
+    m = model
+    while hasattr(m, "module") and not hasattr(m, "last_layer_core_attention"):
+        m = m.module
+    return m
+
+
+def model_inputs(mb: MicroBatch, vision: list, pre_process: bool) -> dict:
+    """Keyword arguments of Qwen25VLModel.forward for a micro-batch (vision features on the first stage)."""
+    inputs = {
+        "input_ids": mb.input_ids,
+        "attention_mask": mb.attention_mask,
+        "labels": mb.labels,
+        "image_grid_thw": mb.image_grid_thw,
+        "video_grid_thw": mb.video_grid_thw,
+        "second_per_grid_ts": mb.second_per_grid_ts,
+    }
+    if pre_process and vision:
+        inputs["vision_embeddings"] = micro_batch_vision(mb, vision)
+    return inputs
+
+
+def _to_device(inputs: dict, device: torch.device) -> dict:
+    return {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in inputs.items()}
+
+
+def run_pass(ctx: PassContext, micro_batches: list[MicroBatch], consume: Consume, *, forward_only: bool,
+             capture_kwargs: Callable[[MicroBatch], dict | None] | None = None) -> list[dict]:
+    """Run the schedule over ``micro_batches``; returns the metrics dict of each micro-batch (last stage).
+
+    ``consume(mb, token_loss, capture_result)`` runs on the last stage: ``token_loss`` is the model's
+    per-token loss [B, S] (-log p of the next token under softmax(logits / T)); it returns
+    (loss or None, metrics). ``capture_kwargs(mb)`` gives the keyword arguments of
+    ``AttentionCapture.capture`` for a micro-batch (None: no capture).
+    """
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    if not micro_batches:
+        return []
+    num = len(micro_batches)
+    dp = parallel_state.get_data_parallel_world_size() if parallel_state.model_parallel_is_initialized() else 1
+    scale = float(num * dp)
+    device = next(_inner(ctx.model[0]).language_model.parameters()).device
+
+    def forward_step(data_iterator, model):
+        mb = next(data_iterator)
+        inner = _inner(model)
+        inputs = _to_device(model_inputs(mb, ctx.vision, inner.pre_process), device)
+        kwargs = capture_kwargs(mb) if (capture_kwargs is not None and ctx.capture is not None) else None
+        block = ctx.capture.capture(mb.layout, **kwargs) if kwargs is not None else contextlib.nullcontext()
+        with block as result:
+            output = model(**inputs, temperature=ctx.temperature)
+
+        def loss_func(token_loss: Tensor):
+            loss, metrics = consume(mb, token_loss, result)
+            if loss is None:
+                return token_loss.sum() * 0.0, metrics
+            # the schedule scales the returned tensor in place: log the value before
+            return loss * scale, metrics
+
+        return output, loss_func
+
+    seq_len = max(mb.seq_length for mb in micro_batches)
+    mbs = max(mb.size for mb in micro_batches)
+    grad_ctx = torch.no_grad() if forward_only else contextlib.nullcontext()
+    with grad_ctx:
+        out = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(micro_batches), model=ctx.model,
+            num_microbatches=num, seq_length=seq_len, micro_batch_size=mbs, forward_only=forward_only,
+        )
+    return list(out or [])

@@ -1,0 +1,173 @@
+"""One RL step (GRPO / RAL): rollout -> score -> old / reference passes -> updates -> metrics.
+
+    result = rl_step(ctx, loader_batch, step)
+
+Every phase is a function of its own module; this one only orders them and turns their outputs into
+the step's metrics. All ranks call it (it is collective).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from megatron_ral.attention.old_policy import OldPolicyConfig, make_old_policy_store
+from megatron_ral.data.collate import Batch
+from megatron_ral.data.records import PROBLEM_TYPES
+from megatron_ral.rl.batch import plan_micro_batches
+from megatron_ral.rl.metrics import MetricSums, Timer
+from megatron_ral.rl.passes import old_pass, reference_pass
+from megatron_ral.rl.rollout import RolloutSettings, generate_rollouts, global_prompt_keys, prompts_of
+from megatron_ral.rl.schedule import PassContext
+from megatron_ral.rl.update import LossSettings, minibatch_normalisers, policy_update
+from megatron_ral.rl.vision import encode_prompts_vision
+
+
+@dataclass
+class RLContext:
+    """Everything an RL step uses, built once by the trainer."""
+
+    passes: PassContext                 # model chunks, attention capture, temperature
+    model: object                       # the unwrapped Qwen25VLModel of this stage
+    optimizer: object
+    scheduler: object
+    rollout: RolloutSettings
+    loss: LossSettings
+    tokenizer: object
+    stop_token_ids: list[int]
+    suppress_token_ids: list[int]
+    pad_token_id: int
+    updates_per_rollout: int
+    epochs_per_rollout: int
+    micro_batch_size: int
+    drop_zero_std_groups: bool = False
+    reference: object = None            # ReferenceWeights when kl_beta > 0
+    old_policy: OldPolicyConfig | None = None   # p_old store when the attention term is on
+    dp_rank: int = 0
+    dp_size: int = 1
+    dp_group: object = None
+    tp_group: object = None
+    rollout_owner: bool = True          # model-parallel rank 0 of its data-parallel group
+    loss_owner: bool = True             # tensor-parallel rank 0 of the last pipeline stage
+
+
+@dataclass
+class StepResult:
+    metrics: dict
+    updates: int = 0
+    skipped_updates: int = 0
+    samples: list = field(default_factory=list)
+
+
+def _rollout_metrics(batch, sums: MetricSums) -> None:
+    lengths = batch.response_lengths()
+    sums.add("reward/total", float(batch.rewards.double().sum()), batch.rewards.numel())
+    sums.add("reward/accuracy", float(batch.accuracy.double().sum()), batch.accuracy.numel())
+    sums.add("reward/format", float(batch.format.double().sum()), batch.format.numel())
+    sums.add("response/length_mean", float(lengths.sum()), lengths.numel())
+    truncated = sum(r == "length" for row in batch.finish_reasons for r in row)
+    sums.add("response/truncated_frac", float(truncated), lengths.numel())
+    sums.add("adv/zero_std_groups", float(batch.zero_std.sum()), 0.0)
+    sums.add("adv/groups", float(batch.num_prompts), 0.0)
+    # pass@G on the step's prompts: the share of groups with at least one correct response
+    sums.add("reward/pass_at_g", float((batch.accuracy >= 1.0).any(dim=1).sum()), batch.num_prompts)
+    sums.add("perf/gen_tokens", float(batch.generated_tokens), 0.0)
+    for p, record in enumerate(batch.records):
+        sums.add(f"reward/accuracy_by_type/{record.problem_type}", float(batch.accuracy[p].double().sum()),
+                 batch.accuracy.shape[1])
+
+
+def rl_step(ctx: RLContext, loader_batch: Batch, step: int) -> StepResult:
+    timer = Timer()
+    t_step = time.perf_counter()
+    model = ctx.model
+    prompts = prompts_of(loader_batch, model.image_token_id, model.video_token_id)
+    keys = global_prompt_keys(len(prompts), ctx.dp_rank, ctx.dp_size)
+
+    # 1. rollouts with the current weights (every rank of the model-parallel group gets the same tokens)
+    with timer("gen"):
+        batch = generate_rollouts(model, prompts, loader_batch.records, keys, ctx.tokenizer, ctx.rollout, step,
+                                  ctx.stop_token_ids, ctx.suppress_token_ids)
+
+    # 2. the step's micro-batches: mini-batch m of the (prompt-major) sequences, micro_batch_size each
+    minibatches = ctx.updates_per_rollout // ctx.epochs_per_rollout
+    batch.micro_batches = plan_micro_batches(batch, minibatches, ctx.micro_batch_size, ctx.pad_token_id,
+                                             ctx.drop_zero_std_groups)
+    norms = minibatch_normalisers(batch.micro_batches, ctx.dp_group)
+    passes = PassContext(model=ctx.passes.model, vision=encode_prompts_vision(model, prompts),
+                         capture=ctx.passes.capture, temperature=ctx.passes.temperature)
+
+    # 3. old policy (log-probs, p_old) and reference (log-probs) without gradients
+    store = make_old_policy_store(ctx.old_policy, ctx.tp_group) if ctx.old_policy is not None else None
+    need_old = ctx.updates_per_rollout > 1 or store is not None
+    loss_sums = MetricSums()
+    with timer("old_pass"):
+        if need_old:
+            for m in old_pass(passes, batch, store, model.image_token_id, model.video_token_id):
+                loss_sums.add_all(m, 0.0)
+    with timer("ref_pass"):
+        if ctx.reference is not None:
+            reference_pass(passes, batch, ctx.reference)
+
+    # 4. updates: epochs x mini-batches optimizer steps
+    skipped, grad_norms, lrs = 0, [], []
+    with timer("update"):
+        update = 0
+        for _epoch in range(ctx.epochs_per_rollout):
+            for mbs in batch.minibatches():
+                outcome, sums = policy_update(
+                    passes, batch, mbs, ctx.optimizer, ctx.scheduler, ctx.loss, norms[mbs[0].minibatch], store,
+                    use_old_logprobs=need_old,
+                    diagnostics=None if need_old else (model.image_token_id, model.video_token_id))
+                if update == 0:  # zero by construction on the first update (theta = theta_old)
+                    for key in ("attn/jsd_old", "attn/jsd_tokens"):
+                        sums.sums.pop(key, None)
+                        sums.counts.pop(key, None)
+                loss_sums.merge(sums)
+                skipped += 0 if outcome.stepped else 1
+                if outcome.stepped:
+                    grad_norms.append(outcome.grad_norm)
+                lrs.append(outcome.lr)
+                update += 1
+    if store is not None:
+        store.clear()
+
+    # 5. metrics, summed over the ranks that own them
+    sums = MetricSums()
+    if ctx.rollout_owner:
+        _rollout_metrics(batch, sums)
+    if ctx.loss_owner:
+        sums.merge(loss_sums)
+    total = sums.all_reduce()
+    n_updates = ctx.updates_per_rollout
+    tokens = max(total.total("loss/tokens"), 1.0)
+    metrics = {k: total.mean(k) for k in ("reward/total", "reward/accuracy", "reward/format", "response/length_mean",
+                                          "response/truncated_frac", "reward/pass_at_g")}
+    for t in PROBLEM_TYPES:
+        key = f"reward/accuracy_by_type/{t}"
+        if total.counts.get(key, 0) > 0:
+            metrics[key] = total.mean(key)
+    metrics.update({
+        "adv/zero_std_groups": total.total("adv/zero_std_groups"),
+        "loss/policy": total.total("loss/policy") / n_updates,
+        "loss/kl": total.total("loss/kl") / n_updates,
+        "loss/attn": total.total("loss/attn") / n_updates,
+        "loss/total": total.total("loss/total") / n_updates,
+        "loss/clip_frac": total.total("loss/clip_tokens") / tokens,
+        "attn/jsd_old": total.total("attn/jsd_old") / max(total.total("attn/jsd_tokens"), 1.0),
+        "attn/entropy": total.total("attn/entropy") / max(total.total("attn/tokens"), 1.0),
+        "attn/vision_mass": total.total("attn/vision_mass") / max(total.total("attn/tokens"), 1.0),
+        "train/grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
+        "train/lr": lrs[-1] if lrs else 0.0,
+        "train/skipped_updates": float(skipped),
+        "perf/gen_s": timer.seconds["gen"],
+        "perf/old_pass_s": timer.seconds["old_pass"],
+        "perf/ref_pass_s": timer.seconds["ref_pass"],
+        "perf/update_s": timer.seconds["update"],
+        "perf/gen_tokens_per_s": total.total("perf/gen_tokens") / max(timer.seconds["gen"], 1e-9),
+        "perf/step_s": time.perf_counter() - t_step,
+    })
+    samples = [(r.problem_id, batch.texts[p][0], float(batch.rewards[p, 0])) for p, r in enumerate(batch.records[:2])]
+    return StepResult(metrics=metrics, updates=n_updates, skipped_updates=skipped, samples=samples)

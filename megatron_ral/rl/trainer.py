@@ -1,0 +1,303 @@
+"""The pieces ``train.py``'s loop calls: build a run, resume, one training step, evaluate, save, report.
+
+A :class:`Run` holds what was built once (model chunks, optimizer, schedule, reference, data, step
+contexts) and the little state that changes (the count of consecutive skipped steps).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_ral.errors import UserError
+
+log = logging.getLogger("megatron_ral.train")
+
+CONSOLE_KEYS = ("reward/total", "reward/accuracy", "reward/format", "loss/sft", "loss/policy", "loss/kl",
+                "loss/attn", "attn/jsd_old", "response/length_mean", "perf/step_s")
+
+
+class TrainingStopped(UserError):
+    """The run cannot continue (e.g. too many consecutive non-finite steps); the last good checkpoint stays."""
+
+
+@dataclass
+class Run:
+    cfg: object
+    info: object
+    model_chunks: list
+    model: object
+    optimizer: object
+    scheduler: object
+    data: object
+    hf_dir: str
+    save_dir: str
+    weights_source: str
+    total_steps: int
+    dp_rank: int
+    dp_size: int
+    dp_group: object
+    rl: object = None                  # RLContext (RL algorithms)
+    passes: object = None              # PassContext (SFT)
+    consecutive_skips: int = 0
+    last_saved_step: int = -1
+    loader_iter: object = None
+    extra: dict = field(default_factory=dict)
+
+
+def _owners(info) -> tuple[bool, bool]:
+    """(rollout owner: model-parallel rank 0 of the DP group, loss owner: TP rank 0 of the last stage)."""
+    from megatron.core import parallel_state as ps
+
+    tp0 = ps.get_tensor_model_parallel_rank() == 0
+    return tp0 and ps.is_pipeline_first_stage(ignore_virtual=True), tp0 and ps.is_pipeline_last_stage(ignore_virtual=True)
+
+
+def build(cfg, info) -> Run:
+    """Model (DDP), reference weights, optimizer + LR schedule, processor and loaders of this rank."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_ral.attention.capture import AttentionCapture
+    from megatron_ral.attention.old_policy import OldPolicyConfig
+    from megatron_ral.inference.loading import hf_files_dir, stop_token_ids
+    from megatron_ral.rl import build as B
+    from megatron_ral.rl.reference import ReferenceWeights
+    from megatron_ral.rl.rollout import RolloutSettings, load_reward_function
+    from megatron_ral.rl.schedule import PassContext
+    from megatron_ral.rl.step import RLContext
+    from megatron_ral.rl.update import LossSettings
+
+    run_dir = Path(cfg.training.run_dir)
+    weights = B.initial_weights(cfg.model, run_dir)
+    hf_dir = str(hf_files_dir(weights)) if not cfg.model.hf_path else cfg.model.hf_path
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    dp_group = ps.get_data_parallel_group()
+    chunks, model = B.build_policy(cfg, cfg.parallel, weights)
+    data = B.build_data(cfg, hf_dir, dp_rank, dp_size)
+    total = B.planned_steps(cfg, len(data.train.index))
+    dtype = B.resolve_dtype(cfg.model.dtype)
+    optimizer, scheduler = B.build_optimizer(cfg.optimizer, chunks, dtype, cfg.parallel.use_distributed_optimizer,
+                                             B.total_optimizer_steps(cfg.algorithm, total))
+    run = Run(cfg=cfg, info=info, model_chunks=chunks, model=model, optimizer=optimizer, scheduler=scheduler,
+              data=data, hf_dir=hf_dir, save_dir=cfg.checkpoint.save_dir or str(run_dir / "checkpoints"),
+              weights_source=str(weights), total_steps=total, dp_rank=dp_rank, dp_size=dp_size, dp_group=dp_group)
+    a = cfg.algorithm
+    if a.name == "sft":
+        run.passes = PassContext(model=chunks)
+        return run
+    if a.name == "ral_distill":
+        raise UserError("algorithm.name: 'ral_distill' (teacher distillation) is not available in this version")
+    use_attention = a.name in ("ral", "ral_distill") and a.lambda_attn > 0
+    tokenizer = data.processor.tokenizer
+    rollout_owner, loss_owner = _owners(info)
+    run.rl = RLContext(
+        passes=PassContext(model=chunks, capture=AttentionCapture(chunks[0]),
+                           temperature=cfg.generation.temperature or 1.0),
+        model=model, optimizer=optimizer, scheduler=scheduler,
+        rollout=RolloutSettings(generation=cfg.generation, group_size=a.rollouts_per_prompt, seed=cfg.training.seed,
+                                template=cfg.data.template, accuracy_weight=a.reward_accuracy_weight,
+                                format_weight=a.reward_format_weight, adv_eps=a.adv_eps,
+                                reward_function=load_reward_function(a.reward_function)),
+        loss=LossSettings.from_config(a, cfg.generation, use_attention),
+        tokenizer=tokenizer, stop_token_ids=stop_token_ids(hf_dir, tokenizer),
+        suppress_token_ids=[model.image_token_id, model.video_token_id], pad_token_id=data.processor.pad_token_id,
+        updates_per_rollout=a.updates_per_rollout, epochs_per_rollout=a.epochs_per_rollout,
+        micro_batch_size=cfg.training.micro_batch_size, drop_zero_std_groups=a.drop_zero_std_groups,
+        reference=(ReferenceWeights(chunks, a.reference_placement, source=str(weights)) if a.kl_beta > 0 else None),
+        old_policy=(OldPolicyConfig(mode=a.old_policy_store, offload=a.old_policy_offload) if use_attention else None),
+        dp_rank=dp_rank, dp_size=dp_size, dp_group=dp_group, tp_group=ps.get_tensor_model_parallel_group(),
+        rollout_owner=rollout_owner, loss_owner=loss_owner,
+    )
+    return run
+
+
+# ---------------------------------------------------------------------------------------------- resume
+def _gather_loader_states(run: Run) -> list:
+    states = [None] * run.dp_size
+    dist.all_gather_object(states, run.data.train.state_dict(), group=run.dp_group)
+    return states
+
+
+def loader_state_for(states: list, rank: int, world: int) -> dict:
+    """This DP rank's loader position from the saved positions of every DP rank.
+
+    Same DP size: its own state. Another DP size: every rank restarts at the earliest global position
+    not yet consumed by all saved ranks (global position = position x DP + rank within an epoch), so a
+    few records may be seen twice but none is skipped."""
+    if len(states) == world:
+        return states[rank]
+    old_world = len(states)
+    epoch = min(int(s["epoch"]) for s in states)
+    consumed = min(int(s["position"]) * old_world + r if int(s["epoch"]) == epoch else 1 << 62
+                   for r, s in enumerate(states))
+    position = max(0, -(-(consumed - rank) // world))
+    return {"epoch": epoch, "position": position}
+
+
+def maybe_resume(run: Run, ckpt, cfg) -> int:
+    """Load the newest complete checkpoint of the run (at any layout); returns the last completed step."""
+    from megatron_ral.checkpoint.rng_state import restore_rng_state
+
+    if not cfg.checkpoint.resume or ckpt.latest() is None:
+        return 0
+    loaded = ckpt.load(None, run.model_chunks, run.optimizer, run.scheduler)
+    state = loaded.state
+    if state.get("algorithm") not in (None, cfg.algorithm.name):
+        raise UserError(f"checkpoint.resume: {loaded.path} was written by a '{state['algorithm']}' run, this run is "
+                        f"'{cfg.algorithm.name}' (use another checkpoint.save_dir, or checkpoint.resume=false)")
+    source = state.get("reference_source")
+    if source and source != run.weights_source:
+        log.warning("resuming: the checkpoint's reference weights came from %s, this run's from %s",
+                    source, run.weights_source)
+    run.data.train.load_state_dict(loader_state_for(state.get("loaders", [{}]), run.dp_rank, run.dp_size))
+    run.consecutive_skips = int(state.get("consecutive_skips", 0))
+    if loaded.rank_state is not None:
+        restore_rng_state(loaded.rank_state)
+    else:
+        log.warning("resuming at another parallel layout: random-number streams restart (results are not "
+                    "bit-identical to an uninterrupted run)")
+    run.last_saved_step = loaded.step
+    log.info("resumed from %s (step %d)", loaded.path, loaded.step)
+    return loaded.step
+
+
+def save(run: Run, ckpt, step: int) -> None:
+    from megatron_ral.checkpoint.rng_state import capture_rng_state
+
+    if step == run.last_saved_step:
+        return
+    state = {"step": step, "algorithm": run.cfg.algorithm.name, "loaders": _gather_loader_states(run),
+             "reference_source": run.weights_source, "consecutive_skips": run.consecutive_skips,
+             "total_steps": run.total_steps}
+    path = ckpt.save(step, run.model_chunks, run.optimizer, run.scheduler, state=state, rank_state=capture_rng_state())
+    run.last_saved_step = step
+    log.info("saved checkpoint %s", path)
+
+
+# ---------------------------------------------------------------------------------------------- steps
+def _next_batch(run: Run):
+    if run.loader_iter is None:
+        run.loader_iter = iter(run.data.train)
+    try:
+        return next(run.loader_iter)
+    except StopIteration:  # the loader cycles epochs; it ends only when it has no records at all
+        raise UserError("data.train_files: the training loader ran out of records") from None
+
+
+def _data_metrics(run: Run) -> dict:
+    from megatron_ral.rl.metrics import MetricSums
+
+    sums = MetricSums()
+    rollout_owner, _ = _owners(run.info)
+    if rollout_owner:
+        m = run.data.train.metrics()
+        sums.add("data/skipped", m.get("data/skipped_total", 0.0), 0.0)
+        sums.add("data/samples", m.get("data/samples_total", 0.0), 0.0)
+    total = sums.all_reduce()
+    return {"data/skipped": total.total("data/skipped"), "data/samples": total.total("data/samples")}
+
+
+def _sft_step(run: Run, batch) -> tuple[dict, bool]:
+    import time
+
+    from megatron_ral.rl.metrics import MetricSums
+    from megatron_ral.rl.sft import sft_step
+
+    t0 = time.perf_counter()
+    outcome, sums = sft_step(run.passes, batch, run.optimizer, run.scheduler, run.cfg.training.micro_batch_size,
+                             run.data.processor.pad_token_id, run.dp_group)
+    _, loss_owner = _owners(run.info)
+    owned = MetricSums()
+    if loss_owner:
+        owned.merge(sums)
+    total = owned.all_reduce()
+    metrics = {"loss/sft": total.total("loss/sft"), "train/grad_norm": outcome.grad_norm, "train/lr": outcome.lr,
+               "train/skipped_updates": 0.0 if outcome.stepped else 1.0, "perf/step_s": time.perf_counter() - t0}
+    return metrics, outcome.stepped
+
+
+def train_step(run: Run, cfg, step: int) -> dict:
+    """One step (SFT or RL); counts non-finite skips and stops after too many in a row."""
+    from megatron_ral.rl.step import rl_step
+
+    batch = _next_batch(run)
+    if cfg.algorithm.name == "sft":
+        metrics, stepped = _sft_step(run, batch)
+    else:
+        result = rl_step(run.rl, batch, step)
+        metrics, stepped = result.metrics, result.skipped_updates < result.updates
+        run.extra["samples"] = result.samples
+    metrics.update(_data_metrics(run))
+    if stepped:
+        run.consecutive_skips = 0
+    else:
+        run.consecutive_skips += 1
+        log.warning("step %d: non-finite loss or gradient, no update (%d in a row)", step, run.consecutive_skips)
+        if run.consecutive_skips >= cfg.training.max_consecutive_skips:
+            raise TrainingStopped(
+                f"training.max_consecutive_skips: {run.consecutive_skips} steps in a row had a non-finite loss or "
+                f"gradient (lower optimizer.lr or check the data); the last good checkpoint is kept in {run.save_dir}")
+    return metrics
+
+
+def evaluate_now(run: Run, cfg) -> dict:
+    """eval/* metrics on data.eval_files (greedy)."""
+    import dataclasses
+
+    from megatron_ral.inference.loading import stop_token_ids
+    from megatron_ral.rl.build import eval_loader
+    from megatron_ral.rl.evaluate import evaluate
+
+    loader = eval_loader(run.data, cfg, run.dp_rank, run.dp_size)
+    if loader is None:
+        return {}
+    rollout_owner, _ = _owners(run.info)
+    tok = run.data.processor.tokenizer
+    gen = dataclasses.replace(cfg.generation, temperature=0.0)
+    result = evaluate(run.model_chunks[0].module if hasattr(run.model_chunks[0], "module") else run.model_chunks[0],
+                      loader, tok, gen, template=cfg.data.template, stop_token_ids=stop_token_ids(run.hf_dir, tok),
+                      suppress_token_ids=[run.model.image_token_id, run.model.video_token_id],
+                      image_token_id=run.model.image_token_id, video_token_id=run.model.video_token_id,
+                      accuracy_weight=cfg.algorithm.reward_accuracy_weight,
+                      format_weight=cfg.algorithm.reward_format_weight, owner=rollout_owner)
+    return result.metrics()
+
+
+# ---------------------------------------------------------------------------------------------- console
+def progress_bar(run: Run, start: int):
+    from megatron_ral.logging.progress import progress_enabled
+
+    if run.info.rank != 0 or not (run.cfg.logging.progress and progress_enabled()):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=run.total_steps, initial=start - 1, desc=run.cfg.algorithm.name, unit="step", dynamic_ncols=True,
+                leave=False, mininterval=1.0)
+
+
+def _fmt(v: float) -> str:
+    return "nan" if isinstance(v, float) and math.isnan(v) else f"{v:.4g}"
+
+
+def report(run: Run, cfg, bar, step: int, metrics: dict) -> None:
+    if run.info.rank != 0:
+        return
+    shown = {k.split("/")[-1]: _fmt(metrics[k]) for k in CONSOLE_KEYS if k in metrics}
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(shown, refresh=False)
+    if step % cfg.logging.log_interval == 0 or step == run.total_steps:
+        line = " ".join(f"{k}={v}" for k, v in shown.items())
+        evals = " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items() if k in ("eval/accuracy", "eval/format"))
+        log.info("step %d/%d %s %s", step, run.total_steps, line, evals)
+
+
+def report_eval(run: Run, metrics: dict) -> None:
+    if run.info.rank == 0 and metrics:
+        log.info("evaluation: accuracy=%s format=%s over %d records", _fmt(metrics.get("eval/accuracy", 0.0)),
+                 _fmt(metrics.get("eval/format", 0.0)), int(metrics.get("eval/count", 0)))

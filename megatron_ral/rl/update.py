@@ -1,0 +1,141 @@
+"""The policy update: one optimizer step per mini-batch of a rollout batch (GRPO / RAL loss).
+
+Per mini-batch the loss composed from ``rl.losses`` is
+
+    L = agg_pol[ clip_surrogate(rho, A) + beta * k3(logp, ref_logp) ]
+        + lambda_attn * agg_attn[ A * D(p_theta^t || p_old^t) ]
+
+with the aggregations' normalisers counted over the global mini-batch (:func:`minibatch_normalisers`),
+so the loss does not depend on the micro-batch size or on the data-parallel size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_ral.attention.divergence import jsd
+from megatron_ral.rl import losses as L
+from megatron_ral.rl.batch import MicroBatch, RolloutBatch
+from megatron_ral.rl.metrics import MetricSums
+from megatron_ral.rl.optim_step import StepOutcome, optimizer_step, zero_grads
+from megatron_ral.rl.passes import attention_diagnostics
+from megatron_ral.rl.schedule import PassContext, run_pass
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """The loss hyper-parameters (from AlgorithmConfig / GenerationConfig)."""
+
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    kl_beta: float = 0.0
+    loss_aggregation: str = "token_mean"
+    max_new_tokens: int = 512
+    lambda_attn: float = 0.0
+    attn_divergence: str = "jsd"
+    attn_aggregation: str = "token_mean"
+
+    @classmethod
+    def from_config(cls, algorithm, generation, use_attention: bool) -> "LossSettings":
+        return cls(
+            clip_eps=algorithm.clip_eps, clip_eps_high=algorithm.clip_eps_high, kl_beta=algorithm.kl_beta,
+            loss_aggregation=algorithm.loss_aggregation, max_new_tokens=generation.max_new_tokens,
+            lambda_attn=algorithm.lambda_attn if use_attention else 0.0,
+            attn_divergence=algorithm.attn_divergence, attn_aggregation=algorithm.attn_aggregation,
+        )
+
+
+def minibatch_normalisers(micro_batches: list[MicroBatch], dp_group=None) -> dict[int, dict[str, float]]:
+    """{minibatch: {"tokens": counted response tokens, "sequences": counted sequences}} over the global
+    mini-batch (summed over data-parallel ranks; pipeline/tensor peers hold the same micro-batches)."""
+    ids = sorted({mb.minibatch for mb in micro_batches})
+    counts = torch.zeros(len(ids), 2, dtype=torch.float64)
+    pos = {m: i for i, m in enumerate(ids)}
+    for mb in micro_batches:
+        counts[pos[mb.minibatch], 0] += mb.num_tokens
+        counts[pos[mb.minibatch], 1] += mb.num_sequences
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(dp_group) > 1:
+        if dist.get_backend(dp_group) == "nccl":
+            counts = counts.cuda()
+        dist.all_reduce(counts, group=dp_group)
+        counts = counts.cpu()
+    return {m: {"tokens": float(counts[i, 0]), "sequences": float(counts[i, 1])} for m, i in pos.items()}
+
+
+def minibatch_loss(mb: MicroBatch, logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
+                   rows: torch.Tensor | None, p_old: torch.Tensor | None, norms: dict[str, float],
+                   s: LossSettings) -> tuple[torch.Tensor, dict[str, float]]:
+    """This micro-batch's share of the mini-batch loss, and its metric sums."""
+    dev = logp.device
+    valid = (mb.response_mask & (mb.weight[:, None] > 0)).to(dev)
+    adv = mb.advantages.to(dev)
+    pg, clipped = L.clipped_surrogate(logp, old_logp.to(dev), adv, s.clip_eps, s.clip_eps_high)
+    w = L.token_weights(valid, s.loss_aggregation, s.max_new_tokens)
+    d_pol = norms[L.normaliser_kind(s.loss_aggregation)]
+    per_token = pg
+    metrics = {"loss/policy": float(L.aggregate(pg.detach(), w, d_pol)),
+               "loss/clip_tokens": float((clipped & valid).sum()), "loss/tokens": float(valid.sum())}
+    if ref_logp is not None and s.kl_beta > 0:
+        kl = L.k3_kl(logp, ref_logp.to(dev))
+        per_token = pg + s.kl_beta * kl
+        metrics["loss/kl"] = float(L.aggregate(kl.detach(), w, d_pol))
+    loss = L.aggregate(per_token, w, d_pol)
+    if rows is not None and p_old is not None and s.lambda_attn > 0:
+        attn = L.attention_loss(rows, p_old.to(rows.device, rows.dtype), adv, s.attn_divergence)
+        wa = L.token_weights(valid, s.attn_aggregation)
+        la = L.aggregate(attn, wa, norms[L.normaliser_kind(s.attn_aggregation)])
+        loss = loss + s.lambda_attn * la
+        metrics["loss/attn"] = float(la.detach())
+        with torch.no_grad():
+            j = jsd(rows.detach(), p_old.to(rows.device, rows.dtype))
+            metrics["attn/jsd_old"] = float(torch.where(valid, j, torch.zeros_like(j)).sum())
+            metrics["attn/jsd_tokens"] = float(valid.sum())
+    metrics["loss/total"] = float(loss.detach())
+    return loss, metrics
+
+
+def policy_update(ctx: PassContext, batch: RolloutBatch, micro_batches: list[MicroBatch], optimizer, scheduler,
+                  settings: LossSettings, norms: dict[str, float], store=None, use_old_logprobs: bool = True,
+                  diagnostics: tuple[int, int] | None = None) -> tuple[StepOutcome, MetricSums]:
+    """One optimizer step on the mini-batch made of ``micro_batches``.
+
+    ``use_old_logprobs`` False (a single update per rollout batch) takes the old log-probs as the
+    current ones detached (rho = 1): the same loss value and gradient without an old pass.
+    ``diagnostics`` (image, video token ids): also compute the attention diagnostics of the current
+    policy (a no-grad capture when the loss itself needs none).
+    """
+    use_attention = settings.lambda_attn > 0 and store is not None
+    sums = MetricSums()
+    nonfinite = [False]
+
+    def capture_kwargs(mb):
+        if use_attention:
+            return {"grad": True}
+        return {"grad": False} if diagnostics is not None else None
+
+    def consume(mb, token_loss, result):
+        logp = mb.token_logprobs(token_loss)
+        old = batch.old_logprobs[mb.index] if use_old_logprobs else logp.detach()
+        rows = result.rows if (result is not None and result.active) else None
+        p_old = store.get(mb.index, device=logp.device) if (use_attention and rows is not None) else None
+        loss, metrics = minibatch_loss(mb, logp, old, batch.ref_logprobs.get(mb.index),
+                                       rows if use_attention else None, p_old, norms, settings)
+        if diagnostics is not None and rows is not None:
+            metrics.update(attention_diagnostics(rows.detach(), mb, *diagnostics))
+        if not math.isfinite(metrics["loss/total"]):
+            nonfinite[0] = True
+        return loss, metrics
+
+    zero_grads(ctx.model, optimizer)
+    for model in ctx.model:
+        model.train()
+    outputs = run_pass(ctx, micro_batches, consume, forward_only=False, capture_kwargs=capture_kwargs)
+    for m in outputs:
+        for k, v in m.items():
+            sums.add(k, v, 0.0)
+    outcome = optimizer_step(ctx.model, optimizer, scheduler, loss_finite=not nonfinite[0])
+    return outcome, sums

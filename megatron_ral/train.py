@@ -1,0 +1,110 @@
+"""``python -m megatron_ral.train --config FILE [section.key=value ...]`` (also ``megatron-ral-train``).
+
+SFT, GRPO, RAL and RAL-zero on the Megatron-Core Qwen2.5-VL model, at any TP/PP/DP, under torchrun,
+srun or plain python. The loop, top to bottom:
+
+    config -> platform -> model, reference, optimizer, schedule, data -> maybe resume
+    loop: [SFT step | rollout -> score -> old/ref pass -> updates] -> metrics -> maybe eval -> maybe save
+    final save (and evaluation)
+
+Every phase lives in ``megatron_ral.rl``; see README "Training" for the configuration and outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from megatron_ral.config import Config, load_config, to_dict, validate
+from megatron_ral.entry import run_main
+from megatron_ral.errors import UserError
+
+log = logging.getLogger("megatron_ral.train")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="megatron-ral-train", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default=None, help="YAML run configuration (defaults for everything not given)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. algorithm.lambda_attn=5")
+    return p.parse_args(argv)
+
+
+def preflight(cfg: Config) -> None:
+    """Input paths checked before anything is allocated (one line naming the key)."""
+    if not cfg.model.hf_path and not cfg.model.load:
+        raise UserError("model.hf_path / model.load: give the model (an HF directory or a Megatron checkpoint)")
+    if cfg.model.load and not Path(cfg.model.load).exists():
+        raise UserError(f"model.load: {cfg.model.load} does not exist")
+    if cfg.model.hf_path and not (Path(cfg.model.hf_path) / "config.json").is_file():
+        raise UserError(f"model.hf_path: no config.json in {cfg.model.hf_path}")
+    for key in ("train_files", "eval_files"):
+        for f in getattr(cfg.data, key):
+            if not Path(f).is_file():
+                raise UserError(f"data.{key}: {f} does not exist")
+    if not cfg.data.train_files:
+        raise UserError("data.train_files: no training records given")
+    from megatron_ral.rl.rollout import load_reward_function
+
+    load_reward_function(cfg.algorithm.reward_function)
+
+
+def main(argv=None) -> int:
+    from megatron_ral.checkpoint.training import TrainCheckpointer
+    from megatron_ral.logging import MetricsSink, setup_logging
+    from megatron_ral.platform import destroy, initialize
+    from megatron_ral.platform.launch_env import resolve_launch_env
+    from megatron_ral.platform.preemption import PreemptionFlag
+    from megatron_ral.rl import trainer as T
+
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    launch = resolve_launch_env()
+    validate(cfg, world_size=launch.world_size, cuda_available=torch.cuda.is_available())
+    preflight(cfg)
+    setup_logging()
+    info = initialize(cfg.parallel, seed=cfg.training.seed, launch=launch)
+    try:
+        run = T.build(cfg, info)                                    # model (DDP), reference, optimizer, schedule, data
+        ckpt = TrainCheckpointer(run.save_dir, cfg.checkpoint.keep_last, hf_dir=run.hf_dir)
+        start = T.maybe_resume(run, ckpt, cfg) + 1                  # the step to run next
+        preempt = PreemptionFlag(enabled=cfg.checkpoint.save_on_sigterm)
+        with MetricsSink(cfg.training.run_dir, cfg.logging, to_dict(cfg), rank=info.rank) as sink:
+            if cfg.training.eval_at_start and start == 1:
+                sink.log(0, T.evaluate_now(run, cfg))
+            bar = T.progress_bar(run, start)
+            for step in range(start, run.total_steps + 1):
+                metrics = T.train_step(run, cfg, step)              # SFT step, or rollout -> passes -> updates
+                if cfg.training.eval_interval and step % cfg.training.eval_interval == 0 and step < run.total_steps:
+                    metrics.update(T.evaluate_now(run, cfg))
+                sink.log(step, metrics)
+                T.report(run, cfg, bar, step, metrics)
+                stop = preempt.requested()
+                if stop or (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0):
+                    T.save(run, ckpt, step)
+                if stop:
+                    log.warning("stopped by signal after step %d (checkpoint saved)", step)
+                    return 0
+            if start <= run.total_steps or not ckpt.latest():
+                T.save(run, ckpt, run.total_steps)
+            if cfg.training.eval_at_end and run.data.eval_cfg is not None:
+                final = T.evaluate_now(run, cfg)
+                sink.log(run.total_steps, final)
+                T.report_eval(run, final)
+        return 0
+    finally:
+        destroy()
+
+
+def cli() -> None:
+    """Console entry point ``megatron-ral-train``."""
+    run_main("megatron-ral-train", main)
+
+
+if __name__ == "__main__":
+    cli()

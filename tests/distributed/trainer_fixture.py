@@ -1,0 +1,77 @@
+"""A tiny training setup for trainer tests: checkpoint, synthetic records, a config, the run in N ranks.
+
+``text_reward`` is a deterministic reward of the response text that varies between random responses
+(the Video-R1 reward is 0 for every response of an untrained model, which would leave every advantage
+0 and the loss terms trivially 0); it is passed through the ``algorithm.reward_function`` key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+
+def text_reward(response: str, record, template: str) -> float:
+    """Share of the response's characters that are ASCII letters among its first 40 (in [0, 1])."""
+    text = response[:40]
+    return sum(c.isascii() and c.isalpha() for c in text) / max(len(text), 1)
+
+
+def make_assets(root: Path, preset: str, n_records: int = 16, seed: int = 0) -> dict:
+    """HF checkpoint, its Megatron conversion and a synthetic dataset under ``root`` (made once)."""
+    from megatron_ral.checkpoint.convert import hf_to_megatron
+    from megatron_ral.checkpoint.tiny import make_tiny_checkpoint
+    from megatron_ral.data.synthetic import make_synthetic_dataset
+
+    hf, mcore, data = root / f"hf_{preset}", root / f"mcore_{preset}", root / "data"
+    if not (hf / "config.json").is_file():
+        make_tiny_checkpoint(hf, preset=preset, seed=seed)
+    if not (mcore / "metadata.json").is_file():
+        hf_to_megatron(hf, mcore, progress=False)
+    if not (data / "train.json").is_file():
+        make_synthetic_dataset(str(data), n_records, seed=seed)
+    return {"hf": str(hf), "mcore": str(mcore), "data": str(data)}
+
+
+def write_config(path: Path, assets: dict, run_dir: Path, **sections) -> Path:
+    """A small RAL config over ``assets``; ``sections`` update it ({"algorithm": {...}, ...})."""
+    data = Path(assets["data"])
+    cfg = {
+        "model": {"load": assets["mcore"], "dtype": "fp32"},
+        "data": {"train_files": [str(data / "train.json")], "media_root": str(data), "num_workers": 0,
+                 "shuffle": False, "max_frames": 4, "video_min_pixels": 3136, "video_max_pixels": 3136,
+                 "image_min_pixels": 3136, "image_max_pixels": 3136},
+        "algorithm": {"name": "ral", "rollouts_per_prompt": 4, "updates_per_rollout": 2, "kl_beta": 0.04,
+                      "lambda_attn": 1.0, "reward_function": "trainer_fixture:text_reward"},
+        "generation": {"max_new_tokens": 12, "temperature": 1.0},
+        "optimizer": {"lr": 1e-3, "clip_grad": 1.0},
+        "training": {"prompts_per_step": 4, "micro_batch_size": 2, "train_steps": 3, "run_dir": str(run_dir),
+                     "eval_at_end": False},
+        "checkpoint": {"save_interval": 0},
+        "logging": {"wandb_mode": "disabled", "progress": False},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_training(config: str, overrides: list[str]) -> list[dict]:
+    """``megatron_ral.train.main`` in this rank (spawned by run_distributed); rank 0 returns metrics.jsonl."""
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    from megatron_ral.train import main
+
+    code = main(["--config", config, *overrides])
+    assert code == 0, code
+    if int(os.environ.get("RANK", "0")) != 0:
+        return []
+    import yaml as _yaml
+
+    run_dir = Path(_yaml.safe_load(Path(config).read_text())["training"]["run_dir"])
+    for o in overrides:
+        if o.startswith("training.run_dir="):
+            run_dir = Path(o.split("=", 1)[1])
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
