@@ -75,3 +75,36 @@ def run_training(config: str, overrides: list[str]) -> list[dict]:
         if o.startswith("training.run_dir="):
             run_dir = Path(o.split("=", 1)[1])
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+_CALLS = {"n": 0}
+
+
+def nan_after_first_step(response: str, record, template: str) -> float:
+    """``text_reward`` for the first 16 calls (one step of 4 prompts x 4 responses in one process), then NaN
+    (a broken reward function): the loss of every later step is not finite."""
+    _CALLS["n"] += 1
+    return text_reward(response, record, template) if _CALLS["n"] <= 16 else float("nan")
+
+
+def train_command(config: str, *overrides: str) -> list[str]:
+    """The trainer's command line (one process)."""
+    import sys
+
+    return [sys.executable, "-m", "megatron_ral.train", "--config", config, *overrides]
+
+
+def subprocess_env() -> dict:
+    """Environment of a trainer subprocess: this file's directory importable (the reward functions)."""
+    env = dict(os.environ)
+    here = str(Path(__file__).resolve().parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH", "")) if p)
+    env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled", MEGATRON_RAL_PROGRESS="0")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []

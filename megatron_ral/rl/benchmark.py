@@ -1,0 +1,102 @@
+"""Step-time breakdown of GRPO and RAL on the same model and batches (tools/bench/rl_step.py).
+
+Both algorithms start from the same seeded weights and read the same records in the same order, with
+the same sampling seeds; each runs ``warmup`` unmeasured steps then ``steps`` measured ones, in one
+process, one after the other. Reported per algorithm: the median seconds of each phase (generate, old
+pass, reference pass, updates) and of the whole step, the mean response length (so a difference in
+generated length is visible), and the ratio RAL / GRPO of the step time (goal: <= 1.25).
+
+GRPO here is the same trainer with the attention term off (``algorithm.name: grpo``); it still keeps the
+old pass (updates_per_rollout >= 2 needs old log-probs) and the no-grad attention diagnostics, so the
+difference is what the RAL term costs: p_old kept from the old pass and the attention rows with their
+backward in every update.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+from pathlib import Path
+
+PHASES = ("perf/gen_s", "perf/old_pass_s", "perf/ref_pass_s", "perf/update_s", "perf/step_s")
+
+
+def _assets(root: Path, preset: str, config_overrides: dict | None, records: int, seed: int) -> dict:
+    from megatron_ral.checkpoint.convert import hf_to_megatron
+    from megatron_ral.checkpoint.tiny import make_tiny_checkpoint
+    from megatron_ral.data.synthetic import make_synthetic_dataset
+
+    make_tiny_checkpoint(root / "hf", preset=preset, seed=seed, config_overrides=config_overrides)
+    hf_to_megatron(root / "hf", root / "mcore", progress=False)
+    make_synthetic_dataset(str(root / "data"), records, seed=seed)
+    return {"hf": str(root / "hf"), "mcore": str(root / "mcore"), "data": str(root / "data")}
+
+
+def _config(assets: dict, run_dir: Path, algorithm: str, args) -> "object":
+    from megatron_ral.config import load_config, validate
+
+    data = Path(assets["data"])
+    overrides = [
+        f"model.load={assets['mcore']}", "model.dtype=fp32",
+        f"data.train_files=[{data / 'train.json'}]", f"data.media_root={data}", "data.num_workers=0",
+        "data.shuffle=false", f"data.max_frames={args.max_frames}",
+        f"data.video_min_pixels={args.pixels}", f"data.video_max_pixels={args.pixels}",
+        f"data.image_min_pixels={args.pixels}", f"data.image_max_pixels={args.pixels}",
+        f"algorithm.name={algorithm}", f"algorithm.rollouts_per_prompt={args.group_size}",
+        f"algorithm.updates_per_rollout={args.updates}", "algorithm.kl_beta=0.04",
+        "algorithm.reward_function=megatron_ral.rl.benchmark:length_reward",
+        f"generation.max_new_tokens={args.max_new_tokens}", "generation.temperature=1.0",
+        f"training.prompts_per_step={args.prompts}", f"training.micro_batch_size={args.micro_batch_size}",
+        f"training.train_steps={args.warmup + args.steps}", f"training.run_dir={run_dir}",
+        "training.eval_at_end=false", "logging.wandb_mode=disabled", "logging.progress=false",
+    ]
+    return validate(load_config(None, overrides), world_size=1)
+
+
+def length_reward(response: str, record, template: str) -> float:
+    """A reward that varies between random responses (share of ASCII letters), so that advantages are
+    not all zero and every loss term runs (the Video-R1 reward of an untrained model is always 0)."""
+    text = response[:64]
+    return sum(c.isascii() and c.isalpha() for c in text) / max(len(text), 1)
+
+
+def _run(cfg, info, warmup: int) -> dict:
+    from megatron_ral.rl import trainer as T
+
+    run = T.build(cfg, info)
+    rows = [T.train_step(run, cfg, step) for step in range(1, run.total_steps + 1)]
+    measured = rows[warmup:]
+    out = {k.split("/")[1]: statistics.median(r[k] for r in measured) for k in PHASES}
+    out["response_length_mean"] = statistics.mean(r["response/length_mean"] for r in measured)
+    out["steps"] = len(measured)
+    return out
+
+
+def run_rl_step_benchmark(args) -> dict:
+    """GRPO and RAL step times side by side (see the module docstring); ``args`` from tools/bench/rl_step.py."""
+    import torch
+
+    from megatron_ral.config.schema import ParallelConfig
+    from megatron_ral.platform import destroy, initialize
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        assets = _assets(root, args.preset, args.config_json, args.records, args.seed)
+        info = initialize(ParallelConfig(), seed=args.seed)
+        try:
+            results = {}
+            for algorithm in ("grpo", "ral"):
+                torch.manual_seed(args.seed)
+                results[algorithm] = _run(_config(assets, root / algorithm, algorithm, args), info, args.warmup)
+        finally:
+            destroy()
+    ratio = results["ral"]["step_s"] / results["grpo"]["step_s"]
+    return {
+        "setup": {"preset": args.preset, "config_json": args.config_json, "prompts": args.prompts,
+                  "group_size": args.group_size, "updates_per_rollout": args.updates,
+                  "max_new_tokens": args.max_new_tokens, "threads": torch.get_num_threads()},
+        "grpo": results["grpo"], "ral": results["ral"],
+        "ral_over_grpo_step": ratio,
+        "ral_extra_update_s": results["ral"]["update_s"] - results["grpo"]["update_s"],
+        "goal_ral_le_1.25x_grpo": ratio <= 1.25,
+    }

@@ -1,0 +1,46 @@
+#!/usr/bin/env python
+"""RL step-time breakdown: GRPO vs RAL on the same model and batches, one process, JSON out.
+
+    python tools/bench/rl_step.py [--preset small] [--config-json '{"text_config": {...}}'] [--prompts 8]
+        [--group-size 8] [--updates 2] [--max-new-tokens 64] [--steps 3] [--warmup 1]
+
+Prints the median seconds of each phase (generate / old pass / reference pass / updates / step) of both
+algorithms, the ratio RAL / GRPO of the step time and whether it meets the goal (<= 1.25). See
+megatron_ral/rl/benchmark.py for what is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+from megatron_ral.rl.benchmark import run_rl_step_benchmark
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="small", choices=["tiny", "small"], help="tiny-checkpoint preset")
+    p.add_argument("--config-json", type=json.loads, default=None,
+                   help="HF config overrides merged into the preset, e.g. 7B proportions")
+    p.add_argument("--prompts", type=int, default=8, help="prompts per step")
+    p.add_argument("--group-size", type=int, default=8, help="responses per prompt (G)")
+    p.add_argument("--updates", type=int, default=2, help="optimizer steps per rollout batch")
+    p.add_argument("--micro-batch-size", type=int, default=8, help="sequences per micro-batch")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="response length cap")
+    p.add_argument("--max-frames", type=int, default=8, help="frames per video")
+    p.add_argument("--pixels", type=int, default=12544, help="pixels per frame / image")
+    p.add_argument("--records", type=int, default=40, help="synthetic records written")
+    p.add_argument("--steps", type=int, default=3, help="measured steps per algorithm")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured steps per algorithm")
+    p.add_argument("--seed", type=int, default=0, help="weights, data and sampling seed")
+    args = p.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    print(json.dumps(run_rl_step_benchmark(args)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
