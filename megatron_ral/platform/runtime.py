@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -90,6 +91,8 @@ def initialize(
         torch.cuda.set_device(dev)
     else:
         compat = cpu_compat.install()
+        # Advice about a CUDA environment variable, printed by megatron-core's linear layers: moot on CPU.
+        warnings.filterwarnings("ignore", message=r"When using async grad allreduce")
         dev = torch.device("cpu")
     backend = backend or ("nccl" if cuda else "gloo")
     if timeout_minutes is None:
