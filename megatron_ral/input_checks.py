@@ -178,10 +178,8 @@ def parse_pp_split(text: str | None, pp: int) -> list[int] | None:
     return split
 
 
-def layout(tp: int, pp: int, pp_split: str | None, *, num_layers: int | None = None,
-           num_heads: int | None = None, num_kv_heads: int | None = None) -> list[int] | None:
-    """Check --tp/--pp/--pp-split against the launcher's process count and the model's sizes; return the
-    parsed split (None: even). One process per model-parallel rank: the world size must be TP x PP."""
+def process_count(tp: int, pp: int) -> None:
+    """--tp/--pp against the launcher's process count: one process per model-parallel rank (TP x PP)."""
     from megatron_ral.platform.launch_env import rank_and_world
 
     if tp < 1 or pp < 1:
@@ -190,6 +188,13 @@ def layout(tp: int, pp: int, pp_split: str | None, *, num_layers: int | None = N
     if world != tp * pp:
         launch = f"torchrun --nproc-per-node {tp * pp}" if tp * pp > 1 else "it as a single process"
         raise UsageError(f"{world} process(es) but --tp {tp} x --pp {pp} = {tp * pp}; run {launch}")
+
+
+def layout(tp: int, pp: int, pp_split: str | None, *, num_layers: int | None = None,
+           num_heads: int | None = None, num_kv_heads: int | None = None) -> list[int] | None:
+    """Check --tp/--pp/--pp-split against the process count and the model's sizes; return the parsed
+    split (None: even)."""
+    process_count(tp, pp)
     split = parse_pp_split(pp_split, pp)
     if num_heads is not None and num_heads % tp:
         raise UsageError(f"--tp {tp}: must divide the model's {num_heads} attention heads")

@@ -83,6 +83,7 @@ def check_model_flags(args) -> ModelFlags:
     from megatron_ral.checkpoint.locate import find_hf_config_dir, megatron_checkpoint, processor_dir
     from megatron_ral.checkpoint.qwen25vl_arch import arch_from_config, load_hf_config
 
+    check.process_count(args.tp, args.pp)  # first: the same answer on every rank of a mis-launched job
     dist_dir = megatron_checkpoint(args.ckpt, "--ckpt")
     model_dir = processor_dir(find_hf_config_dir(dist_dir, args.ckpt), "--ckpt")
     arch = arch_from_config(load_hf_config(model_dir), str(model_dir / "config.json"))
