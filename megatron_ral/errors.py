@@ -30,3 +30,9 @@ class UsageError(UserError):
     """A bad command-line flag or flag value (the message names the flag)."""
 
     same_on_every_rank = True
+
+
+class LayoutError(UserError, ValueError):
+    """A parallel layout that does not fit the processes or the model (TP x PP x CP vs the world size)."""
+
+    same_on_every_rank = True

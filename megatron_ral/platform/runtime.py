@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_ral.config.schema import ParallelConfig
+from megatron_ral.errors import LayoutError
 from megatron_ral.platform import cpu_compat
 from megatron_ral.platform.launch_env import LaunchEnv, resolve_launch_env
 
@@ -99,7 +100,7 @@ def initialize(
         timeout_minutes = float(os.environ.get("MEGATRON_RAL_DIST_TIMEOUT_MIN", "30"))
 
     if launch.world_size % (tp * pp * cp) != 0:
-        raise ValueError(
+        raise LayoutError(
             f"world size {launch.world_size} is not divisible by TP*PP*CP = {tp}*{pp}*{cp} = {tp * pp * cp}"
         )
     if not dist.is_initialized():
