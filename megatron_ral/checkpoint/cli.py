@@ -24,9 +24,10 @@ DEFAULT_MAX_SHARD_GB = 5.0
 
 
 def _not_inside(out: str, source: Path, flag: str) -> None:
+    """--out must neither be the input, nor lie inside it, nor contain it (--overwrite would delete it)."""
     o, s = Path(out).resolve(), source.resolve()
-    if o == s or s in o.parents:
-        raise UsageError(f"--out {out}: must not be {flag} or inside it")
+    if o == s or s in o.parents or o in s.parents:
+        raise UsageError(f"--out {out}: must not be {flag}, inside it or around it")
 
 
 def _print_result(result, as_json: bool) -> None:
