@@ -32,7 +32,7 @@ CONSOLE_SCRIPTS = [
     "megatron-ral-make-synthetic-videos = megatron_ral.data.cli:synthetic_cli",
     "megatron-ral-preprocess = megatron_ral.data.cli:preprocess_cli",
     "megatron-ral-generate = megatron_ral.inference.cli:cli",
-    "megatron-ral-dump-attention = megatron_ral.attention.cli:cli",
+    "megatron-ral-dump-attention = megatron_ral.inference.dump_cli:cli",
 ]
 
 setup(

@@ -47,56 +47,29 @@ Other pieces
     attention_policy_reference   eager reference (materialises all heads), for tests and benchmarks
 """
 
-# The names below are imported on first use (PEP 562), so that ``megatron_ral.attention.cli`` can check a
-# tool's flags before torch is imported.
-from __future__ import annotations
-
-import importlib
-from typing import TYPE_CHECKING
-
-_SOURCES = {
-    "capture": ("AttentionCapture", "CaptureConfig", "CaptureResult", "packed_response_layout", "response_layout"),
-    "divergence": ("aggregate_tokens", "divergence", "jsd", "kl_divergence"),
-    "layout": ("RowLayout", "gather_rows", "response_row_layout", "segment_ids_from_cu_seqlens"),
-    "metrics": ("attention_entropy", "attention_mass_shares", "attention_metrics"),
-    "old_policy": ("CapturedQK", "OldPolicyConfig", "OldPolicyStore", "make_old_policy_store"),
-    "policy": ("ChunkConfig", "attention_policy"),
-    "reference": ("attention_policy_reference",),
-}
-_MODULE_OF = {name: module for module, names in _SOURCES.items() for name in names}
-
-if TYPE_CHECKING:
-    from megatron_ral.attention.capture import (
-        AttentionCapture,
-        CaptureConfig,
-        CaptureResult,
-        packed_response_layout,
-        response_layout,
-    )
-    from megatron_ral.attention.divergence import aggregate_tokens, divergence, jsd, kl_divergence
-    from megatron_ral.attention.layout import (
-        RowLayout,
-        gather_rows,
-        response_row_layout,
-        segment_ids_from_cu_seqlens,
-    )
-    from megatron_ral.attention.metrics import attention_entropy, attention_mass_shares, attention_metrics
-    from megatron_ral.attention.old_policy import (
-        CapturedQK,
-        OldPolicyConfig,
-        OldPolicyStore,
-        make_old_policy_store,
-    )
-    from megatron_ral.attention.policy import ChunkConfig, attention_policy
-    from megatron_ral.attention.reference import attention_policy_reference
-
-
-def __getattr__(name: str):
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
-
+from megatron_ral.attention.capture import (
+    AttentionCapture,
+    CaptureConfig,
+    CaptureResult,
+    packed_response_layout,
+    response_layout,
+)
+from megatron_ral.attention.divergence import aggregate_tokens, divergence, jsd, kl_divergence
+from megatron_ral.attention.layout import (
+    RowLayout,
+    gather_rows,
+    response_row_layout,
+    segment_ids_from_cu_seqlens,
+)
+from megatron_ral.attention.metrics import attention_entropy, attention_mass_shares, attention_metrics
+from megatron_ral.attention.old_policy import (
+    CapturedQK,
+    OldPolicyConfig,
+    OldPolicyStore,
+    make_old_policy_store,
+)
+from megatron_ral.attention.policy import ChunkConfig, attention_policy
+from megatron_ral.attention.reference import attention_policy_reference
 
 __all__ = [
     "AttentionCapture",

@@ -23,7 +23,7 @@ PARSERS = {
     "make_synthetic_videos": ("megatron_ral.data.cli", "synthetic_parser"),
     "preprocess": ("megatron_ral.data.cli", "preprocess_parser"),
     "generate": ("megatron_ral.inference.cli", "parser"),
-    "dump_attention": ("megatron_ral.attention.cli", "parser"),
+    "dump_attention": ("megatron_ral.inference.dump_cli", "parser"),
     "config": ("megatron_ral.config.cli", "parser"),
 }
 
@@ -92,7 +92,7 @@ def test_flag_checks_do_not_import_torch(tmp_path):
         "import sys\n"
         "from megatron_ral.errors import UserError\n"
         "from megatron_ral.inference.cli import main as gen\n"
-        "from megatron_ral.attention.cli import main as dump\n"
+        "from megatron_ral.inference.dump_cli import main as dump\n"
         "from megatron_ral.data.cli import preprocess_main, synthetic_main\n"
         "from megatron_ral.checkpoint.cli import hf_to_megatron_main, megatron_to_hf_main, make_tiny_main\n"
         "from megatron_ral.config.cli import main as config\n"

@@ -1,5 +1,6 @@
 """Command line of tools/dump_attention.py (``megatron-ral-dump-attention``): the last-layer attention
-policy rows of a response continuation (RAL's p_theta).
+policy rows of a response continuation (RAL's p_theta), computed by ``attention.dump``. It lives beside
+generation's command line, whose model flags and checks it shares (and whose package imports no torch).
 
     torchrun --nproc-per-node N tools/dump_attention.py --ckpt CKPT --tp T --pp P --prompt TEXT
         [--image FILE | --video FILE] --response TEXT --out FILE.pt [--dtype auto|fp32|bf16] [--json]
@@ -27,8 +28,8 @@ from megatron_ral.inference.cli import add_model_flags, build_prompt, check_mode
 
 def parser() -> ToolParser:
     p = ToolParser(prog=prog_name("dump_attention.py"),
-                   description=__doc__.split("\n\n")[0].replace("Command line of tools/dump_attention.py "
-                                                                "(``megatron-ral-dump-attention``): the", "The"),
+                   description="Dump the last-layer attention-policy rows of a response continuation (RAL's "
+                               "p_theta).\nAlso runs as a plain single process when TP x PP = 1.",
                    epilog="Run under torchrun for TP x PP > 1.")
     add_model_flags(p, dtype_default="fp32")
     p.add_argument("--response", required=True, help="response text appended after the generation prompt")
