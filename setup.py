@@ -2,7 +2,8 @@
 
 from setuptools import find_packages, setup
 
-# torch and torchvision are pinned and installed first by scripts/setup.sh (they must come from
+# Version ranges here; the exact tested versions are in constraints.txt, which scripts/setup.sh installs
+# with. torch and torchvision are pinned and installed first by scripts/setup.sh (they must come from
 # a known build; an unpinned torch pulls a multi-GB wheel). They are listed here unpinned so that
 # an NGC container's own torch is accepted as it is.
 INSTALL_REQUIRES = [
@@ -22,11 +23,25 @@ INSTALL_REQUIRES = [
     "rouge-score>=0.1.2",  # free-form reward (rl/rewards.py): the ROUGE implementation Video-R1 uses
 ]
 
+# Console scripts: each runs the same function as tools/<name>.py (the library holds every command line).
+CONSOLE_SCRIPTS = [
+    "megatron-ral-train = megatron_ral.train:cli",
+    "megatron-ral-config = megatron_ral.config.cli:cli",
+    "megatron-ral-convert-hf-to-megatron = megatron_ral.checkpoint.cli:hf_to_megatron_cli",
+    "megatron-ral-convert-megatron-to-hf = megatron_ral.checkpoint.cli:megatron_to_hf_cli",
+    "megatron-ral-make-tiny-checkpoint = megatron_ral.checkpoint.cli:make_tiny_cli",
+    "megatron-ral-make-synthetic-videos = megatron_ral.data.cli:synthetic_cli",
+    "megatron-ral-preprocess = megatron_ral.data.cli:preprocess_cli",
+    "megatron-ral-generate = megatron_ral.inference.cli:cli",
+    "megatron-ral-dump-attention = megatron_ral.inference.dump_cli:cli",
+]
+
 setup(
     name="megatron_ral",
     version="0.1.0",
     description="Megatron-Core post-training of Qwen2.5-VL with GRPO + Reinforced Attention Learning",
     packages=find_packages(include=["megatron_ral", "megatron_ral.*"]),
+    license="Apache-2.0",
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={
@@ -34,4 +49,5 @@ setup(
         "gpu": ["transformer-engine[pytorch]"],
         "test": ["pytest>=8", "pytest-timeout"],
     },
+    entry_points={"console_scripts": CONSOLE_SCRIPTS},
 )

@@ -24,13 +24,5 @@ for _msg in (
 ):
     _warnings.filterwarnings("ignore", message=_msg)
 
-
-def _quiet_cpu_only_advice() -> None:
-    import torch
-
-    if not torch.cuda.is_available():
-        # Advice about a CUDA environment variable, printed by megatron-core's linear layers.
-        _warnings.filterwarnings("ignore", message=r"When using async grad allreduce")
-
-
-_quiet_cpu_only_advice()
+# Importing the package stays light (no torch): the command-line tools check their inputs before they
+# import torch, megatron-core or transformers. CPU-only filters are installed by platform.initialize.

@@ -4,20 +4,26 @@
 #   bash scripts/setup.sh            # idempotent: a no-op when .venv is up to date
 #   PYTHON=python3.11 bash scripts/setup.sh
 #
-# torch/torchvision are pinned and installed before anything that depends on torch; otherwise pip
-# resolves an unpinned torch and downloads a multi-GB build. The stamp file records a hash of the
-# files that define the environment, so a changed setup.py triggers a reinstall.
+# Versions come from constraints.txt (the exact tested environment; setup.py keeps ranges). torch and
+# torchvision are installed first, pinned to their constraints.txt versions; otherwise pip resolves an
+# unpinned torch and downloads another multi-GB build. The venv is about 7 GB: the pinned torch build
+# brings its CUDA libraries even on a CPU machine. The stamp file records a hash of the files that
+# define the environment (setup.py, constraints.txt, this script), so a change to any triggers a reinstall.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PYTHON="${PYTHON:-python3}"
 VENV="$ROOT/.venv"
-TORCH_PIN="${TORCH_PIN:-torch==2.14.1}"
-TORCHVISION_PIN="${TORCHVISION_PIN:-torchvision==0.29.1}"
-MCORE_PIN="${MCORE_PIN:-megatron-core==0.16.1}"
+CONSTRAINTS="$ROOT/constraints.txt"
+pin_of() {  # the constraints.txt line of a package, e.g. torch==2.14.1
+  grep -iE "^$1==" "$CONSTRAINTS" || { echo "[setup] error: $1 is not pinned in $CONSTRAINTS" >&2; exit 1; }
+}
+TORCH_PIN="$(pin_of torch)"
+TORCHVISION_PIN="$(pin_of torchvision)"
+MCORE_PIN="$(pin_of megatron-core)"
 
 stamp_of() {
-  cat setup.py scripts/setup.sh | sha256sum | cut -d' ' -f1
+  cat setup.py constraints.txt scripts/setup.sh | sha256sum | cut -d' ' -f1
 }
 STAMP="$VENV/.megatron_ral_stamp"
 want="$(stamp_of)"
@@ -34,14 +40,30 @@ if [[ ! -x "$VENV/bin/python" ]]; then
   echo "[setup] creating venv at $VENV"
   "$PYTHON" -m venv "$VENV"
 fi
+echo "[setup] installing into $VENV (about 7 GB; a few minutes on the first run)"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 # pip's notes about this machine's local package indexes and setuptools' editable-install banner are noise.
 NOISE='is ignored|BuildBackendWarning|^  !!|^ *[*]+$|Please be careful with folders|name as your package|^ *$|with strategy, WheelFile'
+LOG="$(mktemp)"
+trap 'rm -f "$LOG"' EXIT
+
+progress() {  # one line per package pip collects, then a summary; warnings pass through (errors: pip_install)
+  local line
+  while IFS= read -r line; do
+    case "$line" in
+      "Collecting "*) line="${line#Collecting }"; echo "[setup]   collecting ${line%% (from *}" ;;
+      "Installing collected packages:"*)
+        echo "[setup]   installing $(tr ',' '\n' <<<"${line#*:}" | grep -c .) packages (unpacking the large wheels takes a while)" ;;
+      "Successfully installed "*) echo "[setup]   done" ;;
+      WARNING*) grep -vE "$NOISE" <<<"$line" >&2 || true ;;
+    esac
+  done
+}
 pip_install() {
-  local out rc=0
-  out=$("${PIP[@]}" install -q "$@" 2>&1) || rc=$?
-  grep -vE "$NOISE" <<<"$out" || true
+  local rc=0
+  "${PIP[@]}" install --progress-bar off "$@" 2>&1 | tee "$LOG" | progress || rc=$?
   if [[ $rc -ne 0 ]]; then
+    grep -vE "$NOISE" "$LOG" | tail -n 40 >&2 || true
     echo "[setup] error: pip install $* failed (exit $rc)" >&2
     exit 1
   fi
@@ -49,11 +71,12 @@ pip_install() {
 echo "[setup] upgrading pip"
 pip_install --upgrade pip
 echo "[setup] installing $TORCH_PIN $TORCHVISION_PIN (first, pinned)"
-pip_install "$TORCH_PIN" "$TORCHVISION_PIN"
+pip_install -c "$CONSTRAINTS" "$TORCH_PIN" "$TORCHVISION_PIN"
 "$VENV/bin/python" -c "import torch, torchvision" || { echo "[setup] error: torch/torchvision failed to import" >&2; exit 1; }
-echo "[setup] installing megatron_ral (editable) with $MCORE_PIN and the [video,test] extras"
+echo "[setup] installing megatron_ral (editable) with $MCORE_PIN and the [video,test] extras, versions from constraints.txt"
 # The torch pins are repeated so that no dependency can move torch away from the pinned build.
-pip_install -e ".[video,test]" "$MCORE_PIN" "$TORCH_PIN" "$TORCHVISION_PIN"
+pip_install -c "$CONSTRAINTS" -e ".[video,test]" "$MCORE_PIN" "$TORCH_PIN" "$TORCHVISION_PIN"
+echo "[setup] checking imports"
 "$VENV/bin/python" - <<'PY'
 import importlib, sys
 missing = []

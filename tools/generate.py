@@ -1,17 +1,11 @@
 #!/usr/bin/env python
-"""Generate a response with the megatron Qwen2.5-VL model from a dist checkpoint (KV cache, TP/PP).
+"""Generate a response with the Megatron Qwen2.5-VL model (KV cache, TP/PP; torchrun for TP x PP > 1).
 
-    torchrun --nproc-per-node N tools/generate.py --ckpt CKPT --tp T --pp P --prompt TEXT
-        [--image FILE | --video FILE] [--max-new-tokens K] [--greedy | --temperature X --top-p Y]
-        [--seed S] [--json]
-
-Also runs as a plain single process (python tools/generate.py ...). With --json, rank 0 prints one
-JSON object: token_ids (generated ids only), text, finish_reason, prompt_tokens.
+The command line lives in megatron_ral.inference.cli (also installed as the console script `megatron-ral-generate`);
+`python tools/generate.py --help` lists the options.
 """
 
-import sys
-
-from megatron_ral.inference.cli import main
+from megatron_ral.inference.cli import cli
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

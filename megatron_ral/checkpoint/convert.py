@@ -25,32 +25,27 @@ from megatron_ral.checkpoint.dist_ckpt_io import (
     ChunkSpec,
     DistCheckpointReader,
     TensorSpec,
-    is_dist_checkpoint,
     none_object_bytes,
     write_dist_checkpoint,
 )
+# The error types and resolve_dist_dir are re-exported here for existing imports.
+from megatron_ral.checkpoint.errors import CheckpointFileError, CheckpointMismatchError, UnsupportedCheckpointError  # noqa: F401
+from megatron_ral.checkpoint.locate import find_hf_config_dir, resolve_dist_dir
 from megatron_ral.checkpoint.output_dir import Progress, atomic_output_dir, copy_hf_side_files
 from megatron_ral.checkpoint.qwen25vl_arch import (
     Qwen25VLArch,
-    UnsupportedCheckpointError,
     arch_from_config,
     load_hf_config,
 )
 from megatron_ral.checkpoint.safetensors_io import (
-    CheckpointFileError,
     HFCheckpointReader,
     ShardedSafetensorsWriter,
     TensorPlan,
     element_size,
 )
-from megatron_ral.errors import UserError
 
 DEFAULT_MAX_CHUNK_BYTES = 256 * 1024**2
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
-
-
-class CheckpointMismatchError(UserError, ValueError):
-    """The tensors of a checkpoint do not match what its config describes."""
 
 
 @dataclass
@@ -231,35 +226,6 @@ def hf_to_megatron(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ove
 
 # --- Megatron -> HF ---------------------------------------------------------------------------------
 
-def resolve_dist_dir(ckpt: str | os.PathLike) -> Path:
-    """The torch_dist directory of `ckpt`: itself, or its latest ``iter_*`` checkpoint (megatron run layout)."""
-    ckpt = Path(ckpt)
-    if not ckpt.is_dir():
-        raise CheckpointFileError(f"{ckpt}: checkpoint directory not found")
-    if is_dist_checkpoint(ckpt):
-        return ckpt
-    latest = ckpt / "latest_checkpointed_iteration.txt"
-    if latest.is_file():
-        tag = latest.read_text().strip()
-        cand = ckpt / (tag if not tag.isdigit() else f"iter_{int(tag):07d}")
-        if is_dist_checkpoint(cand):
-            return cand
-        raise CheckpointFileError(f"{cand}: named by {latest.name} but not a torch_dist checkpoint")
-    iters = sorted(p for p in ckpt.glob("iter_*") if is_dist_checkpoint(p))
-    if iters:
-        return iters[-1]
-    raise CheckpointFileError(f"{ckpt}: not a megatron torch_dist checkpoint (no .metadata / metadata.json, "
-                              f"no iter_* subdirectory)")
-
-
-def _find_hf_config_dir(dist_dir: Path, ckpt: Path) -> Path:
-    for d in (dist_dir, ckpt, dist_dir.parent):
-        if (d / "config.json").is_file():
-            return d
-    raise UnsupportedCheckpointError(
-        f"{ckpt}: no HF config.json next to the checkpoint; pass --hf-config DIR (an HF Qwen2.5-VL directory)")
-
-
 class _MegatronSource:
     """Locates the layer tensors of a Megatron checkpoint: stacked (default) or per-layer keys, TE or local names."""
 
@@ -411,7 +377,7 @@ def megatron_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, h
     """
     ckpt_dir = Path(ckpt_dir)
     dist_dir = resolve_dist_dir(ckpt_dir)
-    cfg_dir = Path(hf_config) if hf_config is not None else _find_hf_config_dir(dist_dir, ckpt_dir)
+    cfg_dir = Path(hf_config) if hf_config is not None else find_hf_config_dir(dist_dir, ckpt_dir)
     arch = arch_from_config(load_hf_config(cfg_dir), str(cfg_dir / "config.json"))
     reader = DistCheckpointReader(dist_dir)
     src = _MegatronSource(reader, arch)

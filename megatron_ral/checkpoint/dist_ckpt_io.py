@@ -39,7 +39,8 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
-from megatron_ral.checkpoint.safetensors_io import CheckpointFileError
+from megatron_ral.checkpoint.errors import CheckpointFileError
+from megatron_ral.checkpoint.locate import check_dist_backend, is_dist_checkpoint  # noqa: F401 - re-exported
 
 try:  # the format version FileSystemWriter stamps into .metadata (recent torch)
     from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION as _DCP_VERSION
@@ -185,11 +186,6 @@ def write_dist_checkpoint(directory: str | os.PathLike, tensors: Sequence[Tensor
     _fsync_write(directory / "metadata.json", json.dumps(MEGATRON_METADATA).encode())
 
 
-def is_dist_checkpoint(directory: str | os.PathLike) -> bool:
-    d = Path(directory)
-    return (d / ".metadata").is_file() and (d / "metadata.json").is_file()
-
-
 class _FileSlice(io.RawIOBase):
     """A read-only, seekable view of bytes [offset, offset + length) of an open file (for torch.load)."""
 
@@ -229,14 +225,7 @@ class DistCheckpointReader:
         self.directory = Path(directory)
         if not (self.directory / ".metadata").is_file():
             raise CheckpointFileError(f"{self.directory}: not a torch_dist checkpoint (no .metadata file)")
-        backend = self.directory / "metadata.json"
-        if backend.is_file():
-            try:
-                name = json.loads(backend.read_text()).get("sharded_backend")
-            except json.JSONDecodeError as e:
-                raise CheckpointFileError(f"{backend}: corrupt ({e})") from None
-            if name != "torch_dist":
-                raise CheckpointFileError(f"{backend}: sharded backend {name!r} is not supported (torch_dist only)")
+        check_dist_backend(self.directory)
         try:
             self.metadata: Metadata = FileSystemReader(str(self.directory)).read_metadata()
         except Exception as e:  # pickle errors, truncation

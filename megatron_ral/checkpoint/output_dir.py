@@ -10,6 +10,9 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from megatron_ral.checkpoint.errors import OutputExistsError
+from megatron_ral.errors import UserError
+
 # Files that are weights or megatron/DCP checkpoint files, never copied as "side files".
 _EXCLUDED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".distcp", ".ckpt", ".h5", ".msgpack")
 _EXCLUDED_NAMES = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "metadata.json",
@@ -42,22 +45,29 @@ def copy_hf_side_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[s
 def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `out`, on failure it is removed.
 
-    `out` must not exist (or be an empty directory) unless overwrite is set.
+    `out` must not exist (or be an empty directory) unless overwrite is set. Parent directories that
+    do not exist are created (and removed again on failure).
     """
     out = Path(out).absolute()
     if out.exists():
         if not out.is_dir():
-            raise FileExistsError(f"{out}: exists and is not a directory")
+            raise OutputExistsError(f"{out}: exists and is not a directory")
         if any(out.iterdir()) and not overwrite:
-            raise FileExistsError(f"{out}: exists and is not empty (use --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
+            raise OutputExistsError(f"{out}: exists and is not empty (use --overwrite to replace it)")
+    created = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as e:
+        _remove_created(created)
+        raise UserError(f"{out}: cannot create the output directory ({e.strerror or e})") from None
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_created(created)
         raise
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -66,6 +76,15 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(out)
+
+
+def _remove_created(dirs: list[Path]) -> None:
+    """Remove the (empty) parent directories this call created, innermost first."""
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:
+            break
 
 
 class Progress:

@@ -7,14 +7,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_ral.errors import UserError
+from megatron_ral.checkpoint.errors import UnsupportedCheckpointError
 
 SUPPORTED_MODEL_TYPES = ("qwen2_5_vl",)
 SUPPORTED_ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration",)
-
-
-class UnsupportedCheckpointError(UserError, ValueError):
-    """The checkpoint is not a Qwen2.5-VL model this converter understands."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +78,8 @@ def arch_from_config(cfg: dict, source: str = "config.json") -> Qwen25VLArch:
         )
     except KeyError as e:
         raise UnsupportedCheckpointError(f"{source}: missing config key {e}") from None
+    except (TypeError, ValueError) as e:
+        raise UnsupportedCheckpointError(f"{source}: a size in the config is not an integer ({e})") from None
     if heads % groups:
         raise UnsupportedCheckpointError(f"{source}: num_attention_heads {heads} not divisible by KV heads {groups}")
     return arch

@@ -22,10 +22,8 @@ from typing import Iterable, Iterator
 
 import torch
 
-from megatron_ral.errors import UserError
-
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
+from megatron_ral.checkpoint.errors import CheckpointFileError
+from megatron_ral.checkpoint.safetensors_header import INDEX_NAME, SINGLE_NAME, parse_header, weight_files
 
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -42,11 +40,6 @@ _DTYPES: dict[str, torch.dtype] = {
     "F8_E5M2": torch.float8_e5m2,
 }
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
-_MAX_HEADER = 100 * 1024 * 1024
-
-
-class CheckpointFileError(UserError, RuntimeError):
-    """A checkpoint file is missing, truncated or malformed (the message names the file)."""
 
 
 @dataclass(frozen=True)
@@ -75,43 +68,8 @@ def element_size(dtype: torch.dtype) -> int:
 def read_header(path: Path) -> dict[str, TensorInfo]:
     """Parse the header of one .safetensors file and check that the data section is complete."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointFileError(f"{path}: safetensors file not found")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise CheckpointFileError(f"{path}: truncated safetensors file (no header, {size} bytes)")
-        (hlen,) = struct.unpack("<Q", raw)
-        if hlen > _MAX_HEADER or 8 + hlen > size:
-            raise CheckpointFileError(f"{path}: corrupt or truncated safetensors header (length {hlen}, file {size} bytes)")
-        try:
-            header = json.loads(f.read(hlen))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointFileError(f"{path}: corrupt safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise CheckpointFileError(f"{path}: corrupt safetensors header (not an object)")
-    base = 8 + hlen
-    out: dict[str, TensorInfo] = {}
-    end_max = 0
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = _DTYPES[entry["dtype"]]
-            shape = tuple(int(s) for s in entry["shape"])
-            start, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointFileError(f"{path}: corrupt header entry for {name!r} ({e!r})") from None
-        nbytes = math.prod(shape) * element_size(dtype)
-        if end - start != nbytes or start < 0:
-            raise CheckpointFileError(f"{path}: header entry {name!r} has {end - start} bytes, expected {nbytes}")
-        end_max = max(end_max, end)
-        out[name] = TensorInfo(name, path, dtype, shape, base + start, nbytes)
-    if base + end_max > size:
-        raise CheckpointFileError(
-            f"{path}: truncated safetensors file ({size} bytes, header needs {base + end_max})")
-    return out
+    return {name: TensorInfo(name, path, _DTYPES[e.dtype], e.shape, e.start, e.nbytes)
+            for name, e in parse_header(path).items()}
 
 
 def read_tensor(info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
@@ -146,22 +104,8 @@ class HFCheckpointReader:
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
-        if not self.directory.is_dir():
-            raise CheckpointFileError(f"{self.directory}: checkpoint directory not found")
+        files, weight_map = weight_files(self.directory)
         index = self.directory / INDEX_NAME
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointFileError(f"{index}: corrupt index ({e!r})") from None
-            files = sorted(set(weight_map.values()))
-        elif (self.directory / SINGLE_NAME).is_file():
-            weight_map, files = None, [SINGLE_NAME]
-        else:
-            shards = sorted(p.name for p in self.directory.glob("*.safetensors"))
-            if not shards:
-                raise CheckpointFileError(f"{self.directory}: no {SINGLE_NAME}, {INDEX_NAME} or *.safetensors files")
-            weight_map, files = None, shards
         self.infos: dict[str, TensorInfo] = {}
         for fname in files:
             for name, info in read_header(self.directory / fname).items():

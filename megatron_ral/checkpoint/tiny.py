@@ -11,81 +11,22 @@ same bytes.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from megatron_ral.checkpoint.tiny_config import PRESETS, TinyConfigError, resolve_spec  # noqa: F401 - PRESETS re-exported
 from megatron_ral.checkpoint.tiny_tokenizer import (
     CHAT_TEMPLATE,
     build_tokenizer,
     special_token_ids,
 )
 
-PRESETS: dict[str, dict[str, Any]] = {
-    # Test model: GQA 2:1, head_dim 16 (mrope sections sum to 8), 3 layers (uneven PP split), untied.
-    "tiny": {
-        "text_config": {
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 3,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "rms_norm_eps": 1e-6,
-            "max_position_embeddings": 4096,
-            "rope_theta": 1000000.0,
-            "mrope_section": [2, 3, 3],
-        },
-        "vision_config": {
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "fullatt_block_indexes": [1],
-        },
-        "tie_word_embeddings": False,
-    },
-    # Benchmark / quickstart model: GQA 4:1, head_dim 32 (sections sum to 16), 4 layers, tied.
-    "small": {
-        "text_config": {
-            "hidden_size": 256,
-            "intermediate_size": 688,
-            "num_hidden_layers": 4,
-            "num_attention_heads": 8,
-            "num_key_value_heads": 2,
-            "rms_norm_eps": 1e-6,
-            "max_position_embeddings": 32768,
-            "rope_theta": 1000000.0,
-            "mrope_section": [4, 6, 6],
-        },
-        "vision_config": {
-            "depth": 4,
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_heads": 4,
-            "fullatt_block_indexes": [1, 3],
-        },
-        "tie_word_embeddings": True,
-    },
-}
-
 # The embedding rows are padded to a multiple of this (the released vocab sizes are multiples of 128).
 VOCAB_MULTIPLE = 128
-
-# Vision settings shared by every preset (the released values).
-_VISION_COMMON = {
-    "hidden_act": "silu",
-    "in_channels": 3,
-    "patch_size": 14,
-    "temporal_patch_size": 2,
-    "spatial_merge_size": 2,
-    "window_size": 112,
-    "tokens_per_second": 2,
-}
 
 # Released Qwen2.5-VL preprocessor settings.
 _IMAGE_MIN_PIXELS = 56 * 56
@@ -96,32 +37,19 @@ _CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 _CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
-def _merge(base: dict, overrides: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def build_config(preset: str = "tiny", config_overrides: dict | None = None, vocab_size: int | None = None,
-                 token_ids: dict[str, int] | None = None):
-    """The `Qwen2_5_VLConfig` of a preset, with overrides merged into text_config / vision_config / top level."""
+                 token_ids: dict[str, int] | None = None, source: str = "config overrides"):
+    """The `Qwen2_5_VLConfig` of a preset, with overrides merged into text_config / vision_config / top level.
+
+    Overrides use Hugging Face's config keys (see `tiny_config.normalize_overrides`); a key or value that
+    does not fit raises `TinyConfigError` naming it (``source`` names where the overrides came from).
+    Special-token ids always come from the tokenizer (``token_ids``).
+    """
     from transformers import Qwen2_5_VLConfig
 
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    spec = _merge(PRESETS[preset], config_overrides or {})
-    text = dict(spec.pop("text_config"))
-    vision = _merge(_VISION_COMMON, spec.pop("vision_config"))
-    vision.setdefault("out_hidden_size", text["hidden_size"])
+    text, vision, spec = resolve_spec(preset, config_overrides, source)
     mrope_section = text.pop("mrope_section")
     rope_theta = text.pop("rope_theta")
-    head_dim = text["hidden_size"] // text["num_attention_heads"]
-    if sum(mrope_section) * 2 != head_dim:
-        raise ValueError(f"mrope_section {mrope_section} must sum to head_dim/2 = {head_dim // 2}")
     if vocab_size is not None:
         text.setdefault("vocab_size", vocab_size)
     ids = token_ids or {}
@@ -140,7 +68,10 @@ def build_config(preset: str = "tiny", config_overrides: dict | None = None, voc
     top = {k: v for k, v in top.items() if v is not None}
     top.update(spec)
     dtype = top.pop("dtype", top.pop("torch_dtype", "float32"))
-    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **top)
+    try:
+        cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **top)
+    except (TypeError, ValueError) as e:  # transformers' own validation of a value
+        raise TinyConfigError(f"{source}: {' '.join(str(e).split())}") from None
     cfg.dtype = dtype
     cfg.text_config.dtype = dtype
     cfg.architectures = ["Qwen2_5_VLForConditionalGeneration"]
@@ -187,12 +118,13 @@ def random_state_dict(config, seed: int = 0, dtype: torch.dtype = torch.float32)
     return {name: _init_tensor(name, shapes[name], gen, tied).to(dtype) for name in sorted(shapes)}
 
 
-def _write_processor(out: Path, tokenizer) -> None:
+def _write_processor(out: Path, tokenizer, vision) -> None:
     from transformers import Qwen2_5_VLProcessor
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
-    common = dict(patch_size=14, temporal_patch_size=2, merge_size=2, image_mean=_CLIP_MEAN, image_std=_CLIP_STD)
+    common = dict(patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
+                  merge_size=vision.spatial_merge_size, image_mean=_CLIP_MEAN, image_std=_CLIP_STD)
     image_processor = Qwen2VLImageProcessor(min_pixels=_IMAGE_MIN_PIXELS, max_pixels=_IMAGE_MAX_PIXELS, **common)
     video_processor = Qwen2VLVideoProcessor(min_pixels=_VIDEO_MIN_PIXELS, max_pixels=_VIDEO_MAX_PIXELS, **common)
     processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
@@ -214,28 +146,30 @@ def _write_generation_config(out: Path, ids: dict[str, int]) -> None:
 
 
 def make_tiny_checkpoint(out_dir: str | os.PathLike, preset: str = "tiny", seed: int = 0,
-                         config_overrides: dict | None = None) -> Path:
+                         config_overrides: dict | None = None, source: str = "config overrides") -> Path:
     """Write a random HF Qwen2.5-VL checkpoint (weights, tokenizer, processor) to `out_dir`; return its path.
 
-    config_overrides merges into the preset: keys `text_config` / `vision_config` (dicts) go to the
-    sub-configs, anything else to the top level. A top-level `dtype` ("float32" default, "bfloat16",
-    "float16") selects the dtype the weights are stored in.
+    config_overrides merges into the preset, in Hugging Face's own config keys (nested `text_config` /
+    `vision_config` or the released flat layout, `rope_scaling` / `rope_parameters` for the M-RoPE
+    sections; see `tiny_config`). A top-level `dtype` ("float32" default, "bfloat16", "float16") selects
+    the dtype the weights are stored in. Nothing is written when the config is refused.
     """
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     ids = special_token_ids(tokenizer)
     vocab_size = int(math.ceil(len(tokenizer) / VOCAB_MULTIPLE) * VOCAB_MULTIPLE)
-    config = build_config(preset, config_overrides, vocab_size=vocab_size, token_ids=ids)
+    config = build_config(preset, config_overrides, vocab_size=vocab_size, token_ids=ids, source=source)
     if config.text_config.vocab_size < len(tokenizer):
-        raise ValueError(f"vocab_size {config.text_config.vocab_size} is smaller than the tokenizer ({len(tokenizer)})")
+        raise TinyConfigError(f"{source}: vocab_size: {config.text_config.vocab_size} is smaller than the "
+                              f"tokenizer ({len(tokenizer)} tokens)")
     dtype = getattr(torch, str(config.dtype).replace("torch.", ""))
+    out.mkdir(parents=True, exist_ok=True)  # only once the config is known to be good
 
     state = random_state_dict(config, seed=seed, dtype=dtype)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     config.save_pretrained(str(out))
     _write_generation_config(out, ids)
-    _write_processor(out, tokenizer)
+    _write_processor(out, tokenizer, config.vision_config)
     return out

@@ -3,8 +3,8 @@
     cfg = load_config("examples/configs/tiny_ral.yaml", ["algorithm.lambda_attn=1.0"])
     validate(cfg, world_size=8)
 
-``python -m megatron_ral.config --config FILE [key=value ...]`` prints the resolved configuration or one
-line naming the bad key (exit code 2).
+``python -m megatron_ral.config --config FILE [key=value ...]`` (``config.cli``) prints the resolved
+configuration or one line naming the bad key (exit code 2).
 """
 
 from megatron_ral.config.errors import ConfigError

@@ -120,9 +120,17 @@ def load_tree(path: str | Path | None) -> dict:
     if not path.is_file():
         raise ConfigError("--config", f"file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise ConfigError("--config", f"{path} is not a text file (expected YAML)") from None
+    if not text.strip():
+        raise ConfigError("--config", f"{path} is empty (expected a YAML mapping of sections)")
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError("--config", f"{path} is not valid YAML: {e}") from None
+        raise ConfigError("--config", f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+    if data is None:  # only comments
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError("--config", f"{path} must contain a mapping of sections")
     return data

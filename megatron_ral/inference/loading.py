@@ -15,15 +15,11 @@ import torch
 
 
 def hf_files_dir(ckpt: str | os.PathLike) -> Path:
-    """The directory holding config.json for ``ckpt`` (itself, its dist dir, or a parent)."""
-    from megatron_ral.checkpoint.convert import resolve_dist_dir
+    """The directory holding config.json for ``ckpt`` (itself, its dist dir, or a parent); a checkpoint
+    without one raises a user error naming it."""
+    from megatron_ral.checkpoint.locate import find_hf_config_dir, resolve_dist_dir
 
-    ckpt = Path(ckpt)
-    dist_dir = resolve_dist_dir(ckpt)
-    for d in (dist_dir, ckpt, dist_dir.parent):
-        if (d / "config.json").is_file():
-            return d
-    raise FileNotFoundError(f"{ckpt}: no HF config.json beside the checkpoint")
+    return find_hf_config_dir(resolve_dist_dir(ckpt), ckpt)
 
 
 def load_model(ckpt: str | os.PathLike, parallel=None, *, dtype: torch.dtype | None = None,

@@ -83,6 +83,20 @@ def _int(environ: Mapping[str, str], key: str) -> int:
         raise ValueError(f"environment variable {key}={value!r} is not an integer") from None
 
 
+def rank_and_world(environ: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """This process's (rank, world size) from the launcher's variables, with the precedence of
+    :func:`resolve_launch_env` and without touching the network; (0, 1) for a lone process or
+    unreadable variables (this is asked on the error path, which must not fail itself)."""
+    environ = os.environ if environ is None else environ
+    for rank_key, world_key in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if rank_key in environ and world_key in environ:
+            try:
+                return int(environ[rank_key]), int(environ[world_key])
+            except ValueError:
+                return 0, 1
+    return 0, 1
+
+
 def resolve_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
     """Read the launcher's variables (see the module docstring for the precedence)."""
     environ = os.environ if environ is None else environ

@@ -5,12 +5,14 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from megatron_ral.config.schema import ParallelConfig
+from megatron_ral.errors import LayoutError
 from megatron_ral.platform import cpu_compat
 from megatron_ral.platform.launch_env import LaunchEnv, resolve_launch_env
 
@@ -90,13 +92,15 @@ def initialize(
         torch.cuda.set_device(dev)
     else:
         compat = cpu_compat.install()
+        # Advice about a CUDA environment variable, printed by megatron-core's linear layers: moot on CPU.
+        warnings.filterwarnings("ignore", message=r"When using async grad allreduce")
         dev = torch.device("cpu")
     backend = backend or ("nccl" if cuda else "gloo")
     if timeout_minutes is None:
         timeout_minutes = float(os.environ.get("MEGATRON_RAL_DIST_TIMEOUT_MIN", "30"))
 
     if launch.world_size % (tp * pp * cp) != 0:
-        raise ValueError(
+        raise LayoutError(
             f"world size {launch.world_size} is not divisible by TP*PP*CP = {tp}*{pp}*{cp} = {tp * pp * cp}"
         )
     if not dist.is_initialized():

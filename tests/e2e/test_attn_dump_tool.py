@@ -1,10 +1,9 @@
 """tools/dump_attention.py as a single process on a converted tiny checkpoint: the saved rows of a
 response after a video chat prompt (built by the data pipeline from an H.264 file) equal transformers'
-eager last-layer attention (head mean, renormalised over i < t); bad inputs exit 2 with one line."""
+eager last-layer attention (head mean, renormalised over i < t). Bad inputs: tests/e2e/test_cli_bad_inputs.py."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import numpy as np
@@ -55,43 +54,3 @@ def test_video_rows_equal_hf(ckpt):
         assert (rows[r, plen + r:] == 0).all()
         assert abs(rows[r].sum().item() - 1.0) < 1e-5
 
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("dump_attention_tool", os.path.join(ROOT, "tools", "dump_attention.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _args(ckpt, **change):
-    root, _, mc_dir, video = ckpt
-    args = {"--ckpt": str(mc_dir), "--prompt": TEXT, "--video": str(video), "--response": RESPONSE,
-            "--out": str(root / "bad.pt"), **change}
-    return [x for kv in args.items() for x in kv]
-
-
-@pytest.mark.parametrize("change,message", [
-    ({"--ckpt": "/nonexistent/ckpt"}, "--ckpt /nonexistent/ckpt: no such directory"),
-    ({"--video": "/nonexistent/clip.mp4"}, "--video /nonexistent/clip.mp4: no such file"),
-    ({"--response": "   "}, "--response is empty"),
-    ({"--out": "/nonexistent/dir/rows.pt"}, "--out /nonexistent/dir/rows.pt: directory /nonexistent/dir does not exist"),
-    ({"--pp-split": "1,x"}, "--pp-split '1,x': expected comma-separated integers"),
-    ({"--pp-split": "2,1"}, "--pp-split [2, 1]: need one positive layer count per pipeline stage (1)"),
-    ({"--tp": "0"}, "--tp and --pp must be >= 1, got --tp 0 --pp 1"),
-    ({"--video": "BROKEN"}, "cannot build the prompt"),
-])
-def test_bad_inputs_exit_2_with_one_line(ckpt, capsys, change, message):
-    if change.get("--video") == "BROKEN":
-        change = {"--video": str(ckpt[0] / "broken.mp4")}
-        (ckpt[0] / "broken.mp4").write_bytes(b"not a video at all")
-    assert _tool().main(_args(ckpt, **change)) == 2
-    err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and err.startswith(f"dump_attention.py: error: {message}"), err
-    assert not (ckpt[0] / "bad.pt").exists()
-
-
-def test_process_count_mismatch_exits_2(ckpt):
-    proc = run_dump_tool(ROOT, _args(ckpt, **{"--tp": "2"}), expect_rc=2)
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert lines == ["dump_attention.py: error: 1 process(es) but --tp 2 x --pp 1 = 2; "
-                     "run torchrun --nproc-per-node 2"], proc.stderr

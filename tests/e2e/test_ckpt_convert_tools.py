@@ -22,13 +22,14 @@ def _run(tool, *args):
 
 def test_tools_round_trip(tmp_path):
     hf = make_tiny_checkpoint(tmp_path / "hf", seed=5)
-    res = _run("convert_hf_to_megatron.py", "--hf", hf, "--out", tmp_path / "mc")
+    res = _run("convert_hf_to_megatron.py", "--hf", hf, "--out", tmp_path / "mc", "--json")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["out"] == str(tmp_path / "mc")
     assert "[hf->megatron]" in res.stderr and "layer 3/3" in res.stderr
     res = _run("convert_megatron_to_hf.py", "--ckpt", tmp_path / "mc", "--out", tmp_path / "back",
                "--max-shard-gb", "0.0002")
     assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith(f"wrote {tmp_path / 'back'}: ")  # without --json: one human-readable line
     assert "[megatron->hf]" in res.stderr
     a, b = HFCheckpointReader(hf), HFCheckpointReader(tmp_path / "back")
     assert sorted(a.names()) == sorted(b.names())
@@ -46,8 +47,9 @@ def test_tool_errors_are_one_line(tmp_path):
     cfg["model_type"] = "mistral"
     (hf / "config.json").write_text(json.dumps(cfg))
     res = _run("convert_hf_to_megatron.py", "--hf", hf, "--out", tmp_path / "mc")
-    assert res.returncode == 1
-    assert res.stderr.strip().splitlines()[-1].startswith("error:") and "Traceback" not in res.stderr
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [res.stderr.strip()] and "Traceback" not in res.stderr
+    assert res.stderr.startswith("convert_hf_to_megatron.py: error: ")
     assert "mistral" in res.stderr and not (tmp_path / "mc").exists()
     res = _run("convert_megatron_to_hf.py", "--ckpt", hf, "--out", tmp_path / "back")
-    assert res.returncode == 1 and "not a megatron torch_dist checkpoint" in res.stderr
+    assert res.returncode == 2 and "not a Megatron one" in res.stderr

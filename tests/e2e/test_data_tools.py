@@ -30,7 +30,7 @@ def run_tool(*args) -> str:
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("syn"))
-    summary = json.loads(run_tool("tools/make_synthetic_videos.py", "--out", out, "--n", "24", "--seed", "4"))
+    summary = json.loads(run_tool("tools/make_synthetic_videos.py", "--out", out, "--n", "24", "--seed", "4", "--json"))
     return out, summary
 
 
@@ -59,7 +59,7 @@ def test_synthetic_dataset(synthetic):
 
 def test_synthetic_h264(tmp_path):
     summary = json.loads(run_tool("tools/make_synthetic_videos.py", "--out", str(tmp_path), "--n", "4", "--codec", "h264",
-                                  "--image-fraction", "0"))
+                                  "--image-fraction", "0", "--json"))
     rec = json.load(open(summary["train"]))[0]
     assert rec["path"].endswith(".mp4")
     assert probe_video(os.path.join(str(tmp_path), rec["path"])).codec == "h264"
@@ -89,7 +89,7 @@ def test_preprocess_video_matches_transformers(synthetic, ckpt, tmp_path, backen
     rec = next(r for r in json.load(open(summary["train"])) if r["data_type"] == "video")
     video = os.path.join(out_dir, rec["path"])
     dest = str(tmp_path / "v.pt")
-    run_tool("tools/preprocess.py", "--model", ckpt, "--video", video, "--prompt", "How many squares?", "--fps", "2",
+    run_tool("tools/preprocess.py", "--hf", ckpt, "--video", video, "--prompt", "How many squares?", "--fps", "2",
              "--backend", backend, "--out", dest)
     got = torch.load(dest)
     assert got["meta"]["backend"] == backend
@@ -136,7 +136,7 @@ def test_preprocess_image_matches_transformers(synthetic, ckpt, tmp_path):
     records = json.load(open(summary["train"])) + json.load(open(summary["test"]))
     image = os.path.join(out_dir, next(r for r in records if r["data_type"] == "image")["path"])
     dest = str(tmp_path / "i.pt")
-    run_tool("tools/preprocess.py", "--model", ckpt, "--image", image, "--min-pixels", "3136", "--max-pixels", "20000", "--out", dest)
+    run_tool("tools/preprocess.py", "--hf", ckpt, "--image", image, "--min-pixels", "3136", "--max-pixels", "20000", "--out", dest)
     got = torch.load(dest)
     hf = _hf_processor(ckpt)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]

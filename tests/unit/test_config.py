@@ -110,7 +110,8 @@ def test_cli_exit_code_and_single_line(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert lines == ["config error: algorithm.rollouts_per_prompt: must be >= 2 for group-normalised advantages, got 1"]
+    assert lines == ["python -m megatron_ral.config: error: config error: algorithm.rollouts_per_prompt: "
+                     "must be >= 2 for group-normalised advantages, got 1"]
     r = subprocess.run([sys.executable, "-m", "megatron_ral.config", "--config", str(tmp_path / "missing.yaml")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "file not found" in r.stderr

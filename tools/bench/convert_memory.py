@@ -7,7 +7,6 @@ object: seconds (modules imported beforehand; import time reported apart), MB/s 
 (the child process's VmHWM; Linux only).
 """
 
-import argparse
 import json
 import os
 import shutil
@@ -16,6 +15,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from megatron_ral.arguments import ToolParser
+from megatron_ral.entry import prog_name, run_main
 
 GiB = 1024**3
 
@@ -83,8 +85,8 @@ def main(argv=None) -> int:
         return 0
     from megatron_ral.checkpoint.random_checkpoint import REAL_SHAPES, real_shape_config, tensor_plans
 
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--shape", default="qwen2.5-vl-3b", choices=sorted(REAL_SHAPES))
+    parser = ToolParser(prog=prog_name("convert_memory.py"), description=__doc__)
+    parser.add_argument("--shape", default="qwen2.5-vl-3b", choices=sorted(REAL_SHAPES), help="released model shapes")
     parser.add_argument("--workdir", default=tempfile.gettempdir(), help="where the checkpoints are written")
     parser.add_argument("--keep", action="store_true", help="keep the written checkpoints")
     args = parser.parse_args(argv)
@@ -130,4 +132,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(prog_name("convert_memory.py"), main)

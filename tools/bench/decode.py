@@ -11,24 +11,25 @@ per measurement (the baseline after imports and the delta are reported too).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
 
+from megatron_ral.arguments import ToolParser
 from megatron_ral.data.video.benchmark import make_clips, run_decode_benchmark
+from megatron_ral.entry import prog_name, run_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ToolParser(prog=prog_name("decode.py"), description=__doc__)
     p.add_argument("--clips", default=None, help="directory for the generated clips (default: a temp dir)")
     p.add_argument("--n", type=int, default=3, help="number of clips")
-    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--seconds", type=float, default=20.0, help="length of each clip")
     p.add_argument("--size", default="640x360", help="WIDTHxHEIGHT")
-    p.add_argument("--video-fps", type=int, default=30)
+    p.add_argument("--video-fps", type=int, default=30, help="frame rate of the clips")
     p.add_argument("--fps", type=float, nargs="+", default=[1.0, 2.0], help="sampling rates to measure")
-    p.add_argument("--backends", nargs="+", default=["dali", "pyav"], choices=["dali", "pyav"])
-    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--backends", nargs="+", default=["dali", "pyav"], choices=["dali", "pyav"], help="decoders to measure")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per case")
     args = p.parse_args(argv)
     width, height = (int(v) for v in args.size.lower().split("x"))
     clips = args.clips or os.path.join(tempfile.gettempdir(), f"megatron_ral_decode_bench_{width}x{height}_{args.video_fps}_{args.seconds:g}s")
@@ -40,4 +41,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_main(prog_name("decode.py"), main)

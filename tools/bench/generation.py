@@ -19,28 +19,34 @@ hidden, GQA) gives the per-token compute a real model has:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
 import torch
 
+from megatron_ral.arguments import ToolParser
+from megatron_ral.entry import prog_name, run_main
+from megatron_ral.errors import UsageError
 from megatron_ral.inference.benchmark import run_generation_benchmark
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="small", choices=["tiny", "small"])
+    p = ToolParser(prog=prog_name("generation.py"), description=__doc__)
+    p.add_argument("--preset", default="small", choices=["tiny", "small"], help="tiny checkpoint preset")
     p.add_argument("--config-json", default=None,
-                   help="overrides merged into the preset (text_config / vision_config / top-level keys)")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--min-prompt", type=int, default=32)
-    p.add_argument("--max-prompt", type=int, default=96)
-    p.add_argument("--max-new-tokens", type=int, default=528)
-    p.add_argument("--seed", type=int, default=0)
+                   help="JSON text with Hugging Face config keys merged into the preset (as make_tiny_checkpoint.py "
+                        "--config-json)")
+    p.add_argument("--batch", type=int, default=16, help="prompts generated together")
+    p.add_argument("--min-prompt", type=int, default=32, help="shortest prompt in tokens")
+    p.add_argument("--max-prompt", type=int, default=96, help="longest prompt in tokens")
+    p.add_argument("--max-new-tokens", type=int, default=528, help="tokens generated per prompt")
+    p.add_argument("--seed", type=int, default=0, help="prompt and weight seed")
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-    overrides = json.loads(args.config_json) if args.config_json else None
+    try:
+        overrides = json.loads(args.config_json) if args.config_json else None
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--config-json: not valid JSON text ({e})") from None
     result = run_generation_benchmark(
         preset=args.preset, config_overrides=overrides, batch=args.batch,
         prompt_lengths=(args.min_prompt, args.max_prompt), max_new_tokens=args.max_new_tokens, seed=args.seed)
@@ -49,4 +55,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_main(prog_name("generation.py"), main)

@@ -1,0 +1,75 @@
+"""Shared e2e fixtures: one tiny checkpoint (HF + Megatron) per session and the inputs of the bad-input
+table (broken media, broken checkpoints, broken config files), all generated here."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> tuple[Path, Path]:
+    """(hf_dir, megatron_dir) of the seeded tiny preset, converted once per session."""
+    from megatron_ral.inference.testing import converted_checkpoint
+
+    return converted_checkpoint(tmp_path_factory.mktemp("tiny_checkpoint"), "tiny", seed=21)
+
+
+def _corrupt_copy(src: Path, dst: Path, name: str, data: bytes | None = None, keep: int | None = None) -> Path:
+    """A copy of checkpoint dir ``src`` whose file ``name`` holds ``data`` or its first ``keep`` bytes."""
+    shutil.copytree(src, dst)
+    target = dst / name
+    target.write_bytes(data if data is not None else target.read_bytes()[:keep])
+    return dst
+
+
+@pytest.fixture(scope="session")
+def bad_inputs(tmp_path_factory, tiny_checkpoint) -> dict[str, str]:
+    """Placeholder name -> path of every input the bad-input table uses (read-only for the cases)."""
+    from PIL import Image
+
+    from megatron_ral.data.synthetic import write_video
+
+    hf, mc = tiny_checkpoint
+    root = tmp_path_factory.mktemp("bad_inputs")
+    rng = np.random.default_rng(5)
+    frames = rng.integers(0, 255, size=(8, 64, 96, 3), dtype=np.uint8)
+    write_video(str(root / "ok.webm"), frames, fps=8, codec="vp9")
+    Image.fromarray(frames[0]).save(root / "ok.png")
+    (root / "zero.mp4").write_bytes(b"")
+    (root / "trunc.webm").write_bytes((root / "ok.webm").read_bytes()[:300])
+    png = (root / "ok.png").read_bytes()
+    (root / "trunc.png").write_bytes(png[: len(png) // 2])
+    (root / "random.mp4").write_bytes(rng.bytes(4096))
+    (root / "random.png").write_bytes(rng.bytes(4096))
+    (root / "random.bin").write_bytes(rng.bytes(4096))
+    (root / "a_file").write_text("a regular file where a directory is needed\n")
+    (root / "nonempty").mkdir()
+    (root / "nonempty" / "keep.txt").write_text("keep\n")
+
+    weights = "model.safetensors"
+    _corrupt_copy(hf, root / "hf_trunc", weights, keep=300)
+    _corrupt_copy(hf, root / "hf_random", weights, data=rng.bytes(4096))
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg["text_config"]["num_attention_heads"] = "four"
+    _corrupt_copy(hf, root / "hf_badtype", "config.json", data=json.dumps(cfg).encode())
+    distcp = next(p.name for p in mc.iterdir() if p.suffix == ".distcp")
+    _corrupt_copy(mc, root / "mc_trunc", distcp, keep=64)
+    _corrupt_copy(mc, root / "mc_random", "metadata.json", data=rng.bytes(2048))
+
+    (root / "empty.json").write_bytes(b"")
+    (root / "unknown_key.json").write_text(json.dumps({"text_config": {"num_attention_head": 8}}))
+    (root / "wrong_type.json").write_text(json.dumps({"text_config": {"num_attention_heads": "four"}}))
+    (root / "bad_value.json").write_text(json.dumps({"rope_scaling": {"type": "mrope", "mrope_section": [2, 2, 2]}}))
+    (root / "empty.yaml").write_bytes(b"")
+    (root / "unknown_key.yaml").write_text("algorithm:\n  lambda_atn: 1.0\n")
+    (root / "wrong_type.yaml").write_text("parallel:\n  tensor_model_parallel_size: two\n")
+
+    paths = {p.name.replace(".", "_"): str(p) for p in root.iterdir()}
+    paths.update(hf=str(hf), mc=str(mc), root=str(root))
+    return paths
+
