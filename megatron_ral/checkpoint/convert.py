@@ -36,6 +36,7 @@ from megatron_ral.checkpoint.qwen25vl_arch import (
     arch_from_config,
     load_hf_config,
 )
+from megatron_ral.checkpoint.run_dir import TRACKER_FILE, latest_checkpoint, read_tracker
 from megatron_ral.checkpoint.safetensors_io import (
     CheckpointFileError,
     HFCheckpointReader,
@@ -232,22 +233,20 @@ def hf_to_megatron(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ove
 # --- Megatron -> HF ---------------------------------------------------------------------------------
 
 def resolve_dist_dir(ckpt: str | os.PathLike) -> Path:
-    """The torch_dist directory of `ckpt`: itself, or its latest ``iter_*`` checkpoint (megatron run layout)."""
+    """The torch_dist directory of `ckpt`: itself, or the latest complete ``iter_*`` checkpoint of a megatron
+    run directory (the one ``latest_checkpointed_iteration.txt`` names; ``iter_N.tmp`` saves never count)."""
     ckpt = Path(ckpt)
     if not ckpt.is_dir():
         raise CheckpointFileError(f"{ckpt}: checkpoint directory not found")
     if is_dist_checkpoint(ckpt):
         return ckpt
-    latest = ckpt / "latest_checkpointed_iteration.txt"
-    if latest.is_file():
-        tag = latest.read_text().strip()
-        cand = ckpt / (tag if not tag.isdigit() else f"iter_{int(tag):07d}")
-        if is_dist_checkpoint(cand):
-            return cand
-        raise CheckpointFileError(f"{cand}: named by {latest.name} but not a torch_dist checkpoint")
-    iters = sorted(p for p in ckpt.glob("iter_*") if is_dist_checkpoint(p))
-    if iters:
-        return iters[-1]
+    latest = latest_checkpoint(ckpt)
+    if latest is not None:
+        return latest
+    tag = read_tracker(ckpt)
+    if tag is not None:
+        raise CheckpointFileError(f"{ckpt / TRACKER_FILE}: names {tag!r}, which is not a complete torch_dist "
+                                  f"checkpoint, and there is no other")
     raise CheckpointFileError(f"{ckpt}: not a megatron torch_dist checkpoint (no .metadata / metadata.json, "
                               f"no iter_* subdirectory)")
 
