@@ -97,7 +97,7 @@ def test_resume_same_layout_is_bit_identical(tmp_path, tp, distributed_optimizer
 
 # --- 2. another layout -----------------------------------------------------------------------------------
 
-def _train_and_save_tp2(save_dir: str, next_dir: str, weights_dir: str, hf_dir: str) -> None:
+def _train_and_save_tp2(save_dir: str, next_dir: str, weights_dir: str, hf_dir: str) -> float:
     """TP=2: two steps, checkpoint (step 2) and the model-only weights; then step 3, checkpointed apart."""
     from megatron_ral.checkpoint.model_io import save_model_weights
     from megatron_ral.checkpoint.rng_state import capture_rng_state
@@ -111,8 +111,10 @@ def _train_and_save_tp2(save_dir: str, next_dir: str, weights_dir: str, hf_dir: 
     TrainCheckpointer(save_dir, hf_dir=hf_dir).save(2, t.model, t.optimizer, t.scheduler, state=TRAIN_STATE,
                                                     rank_state=capture_rng_state())
     save_model_weights(t.model[0].module, weights_dir, hf_dir=hf_dir)
+    lr = t.optimizer.param_groups[0]["lr"]
     fx.train_step(t, 3)
     TrainCheckpointer(next_dir).save(3, t.model, t.optimizer, t.scheduler)
+    return lr
 
 
 def _resume_elsewhere(save_dir: str, resaved_dir: str, next_dir: str, tp: int, pp: int) -> dict:
@@ -141,8 +143,9 @@ def tp2_run(tmp_path_factory):
     hf = root / "hf"  # the model's HF config (what the converter needs; tokenizer files are copied alike)
     tiny_hf_config("tiny").save_pretrained(str(hf))
     dirs = {k: root / k for k in ("ckpt", "next", "weights")}
-    run_distributed(_train_and_save_tp2, 2, str(dirs["ckpt"]), str(dirs["next"]), str(dirs["weights"]), str(hf))
-    return {"hf": hf, **dirs}
+    lrs = run_distributed(_train_and_save_tp2, 2, str(dirs["ckpt"]), str(dirs["next"]), str(dirs["weights"]),
+                          str(hf))
+    return {"hf": hf, "lr": lrs[0], **dirs}
 
 
 def _tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -161,7 +164,7 @@ def test_resume_at_another_layout(tp2_run, tmp_path, tp, pp, ranks):
     for o in outs:
         assert o["step"] == 2 and o["state"] == TRAIN_STATE
         assert o["changed"] is True and o["rank_state"] is None
-        assert o["num_steps"] == 2 and o["lr"] > 0
+        assert o["num_steps"] == 2 and o["lr"] == tp2_run["lr"] > 0
 
     # the state arrived unchanged, in the global layout: saving it again writes the same tensors
     original, again = _tensors(_iter(tp2_run["ckpt"], 2)), _tensors(_iter(resaved, 2))
