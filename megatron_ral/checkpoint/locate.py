@@ -15,9 +15,6 @@ from pathlib import Path
 
 from megatron_ral.checkpoint.errors import CheckpointFileError, UnsupportedCheckpointError
 
-LATEST_NAME = "latest_checkpointed_iteration.txt"
-
-
 def is_dist_checkpoint(directory: str | os.PathLike) -> bool:
     d = Path(directory)
     return (d / ".metadata").is_file() and (d / "metadata.json").is_file()
@@ -44,22 +41,22 @@ def has_hf_weights(directory: str | os.PathLike) -> bool:
 
 
 def resolve_dist_dir(ckpt: str | os.PathLike) -> Path:
-    """The torch_dist directory of `ckpt`: itself, or its latest ``iter_*`` checkpoint (megatron run layout)."""
+    """The torch_dist directory of `ckpt`: itself, or the latest complete ``iter_*`` checkpoint of a megatron
+    run directory (the one ``latest_checkpointed_iteration.txt`` names; ``iter_N.tmp`` saves never count)."""
+    from megatron_ral.checkpoint.run_dir import TRACKER_FILE, latest_checkpoint, read_tracker
+
     ckpt = Path(ckpt)
     if not ckpt.is_dir():
         raise CheckpointFileError(f"{ckpt}: checkpoint directory not found")
     if is_dist_checkpoint(ckpt):
         return ckpt
-    latest = ckpt / LATEST_NAME
-    if latest.is_file():
-        tag = latest.read_text().strip()
-        cand = ckpt / (tag if not tag.isdigit() else f"iter_{int(tag):07d}")
-        if is_dist_checkpoint(cand):
-            return cand
-        raise CheckpointFileError(f"{cand}: named by {latest.name} but not a torch_dist checkpoint")
-    iters = sorted(p for p in ckpt.glob("iter_*") if is_dist_checkpoint(p))
-    if iters:
-        return iters[-1]
+    latest = latest_checkpoint(ckpt)
+    if latest is not None:
+        return latest
+    tag = read_tracker(ckpt)
+    if tag is not None:
+        raise CheckpointFileError(f"{ckpt / TRACKER_FILE}: names {tag!r}, which is not a complete torch_dist "
+                                  f"checkpoint, and there is no other")
     raise CheckpointFileError(f"{ckpt}: not a megatron torch_dist checkpoint (no .metadata / metadata.json, "
                               f"no iter_* subdirectory)")
 

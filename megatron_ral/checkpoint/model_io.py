@@ -51,19 +51,34 @@ def save_model_weights(model, ckpt_dir: str | os.PathLike, hf_dir: str | os.Path
 def load_model_weights(model, ckpt_dir: str | os.PathLike) -> Path:
     """Load the weights of a torch_dist checkpoint (saved at any TP/PP, or converted from HF) into `model`."""
     from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     dist_dir = resolve_dist_dir(ckpt_dir)
-    present = set(DistCheckpointReader(dist_dir).object_keys())
+    sharded = model_load_request(model, DistCheckpointReader(dist_dir).object_keys())
+    loaded = dist_checkpointing.load(sharded, str(dist_dir))
+    # a training checkpoint's common state (optimizer, scheduler, train state) comes back beside the model
+    apply_model_state(model, {k: v for k, v in loaded.items() if k in sharded}, dist_dir)
+    return dist_dir
+
+
+def model_load_request(model, stored_objects) -> dict:
+    """`model.sharded_state_dict()` without the ``_extra_state`` objects the checkpoint does not store
+    (`stored_objects`: the checkpoint's object keys, e.g. ``DistCheckpointReader.object_keys()``)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    present = set(stored_objects)
     sharded = model.sharded_state_dict()
     skipped = [k for k, v in sharded.items()
                if isinstance(v, ShardedObject) and k.endswith(_EXTRA_STATE) and v.unique_key not in present]
     for k in skipped:
         del sharded[k]
-    state = dist_checkpointing.load(sharded, str(dist_dir))
+    return sharded
+
+
+def apply_model_state(model, state: dict, where: str | os.PathLike) -> None:
+    """Copy a loaded model state into `model`; every parameter and buffer must be there (``_extra_state``
+    may be missing, see the module docstring)."""
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith(_EXTRA_STATE)]
     if missing or unexpected:
-        raise CheckpointMismatchError(f"{dist_dir}: model keys missing from the load {missing[:8]}, "
+        raise CheckpointMismatchError(f"{where}: model keys missing from the load {missing[:8]}, "
                                       f"unexpected {unexpected[:8]}")
-    return dist_dir
