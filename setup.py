@@ -34,6 +34,7 @@ CONSOLE_SCRIPTS = [
     "megatron-ral-preprocess = megatron_ral.data.cli:preprocess_cli",
     "megatron-ral-generate = megatron_ral.inference.cli:cli",
     "megatron-ral-dump-attention = megatron_ral.inference.dump_cli:cli",
+    "megatron-ral-evaluate = megatron_ral.rl.eval_cli:cli",
 ]
 
 setup(

@@ -12,14 +12,10 @@ Every phase lives in ``megatron_ral.rl``; see README "Training" for the configur
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import logging
-import sys
 from pathlib import Path
 
-import torch
-
+from megatron_ral.arguments import ToolParser
 from megatron_ral.config import Config, load_config, to_dict, validate
 from megatron_ral.entry import run_main
 from megatron_ral.errors import UserError
@@ -28,45 +24,70 @@ log = logging.getLogger("megatron_ral.train")
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="megatron-ral-train", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ToolParser(prog="megatron-ral-train", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=None, help="YAML run configuration (defaults for everything not given)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. algorithm.lambda_attn=5")
     return p.parse_args(argv)
 
 
+def _record_file(path: str, key: str) -> None:
+    """A Video-R1 record file: present, not empty, a JSON array or JSON lines (first non-blank byte)."""
+    from megatron_ral import input_checks as check
+
+    p = check.input_file(path, key)
+    with open(p, "rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if not head:
+        raise UserError(f"{key} {path}: empty file (expected a JSON array or JSON lines of Video-R1 records)")
+    if head[:1] not in (b"[", b"{"):
+        raise UserError(f"{key} {path}: not a JSON array or JSON lines file of Video-R1 records")
+
+
 def preflight(cfg: Config) -> None:
-    """Input paths checked before anything is allocated (one line naming the key)."""
+    """Inputs and outputs checked before torch is imported (one line naming the key)."""
+    from megatron_ral import input_checks as check
+    from megatron_ral.checkpoint.locate import hf_checkpoint, megatron_checkpoint, processor_dir
+    from megatron_ral.rl.rewards import load_reward_function
+
     if not cfg.model.hf_path and not cfg.model.load:
         raise UserError("model.hf_path / model.load: give the model (an HF directory or a Megatron checkpoint)")
-    if cfg.model.load and not Path(cfg.model.load).exists():
-        raise UserError(f"model.load: {cfg.model.load} does not exist")
-    if cfg.model.hf_path and not (Path(cfg.model.hf_path) / "config.json").is_file():
-        raise UserError(f"model.hf_path: no config.json in {cfg.model.hf_path}")
-    for key in ("train_files", "eval_files"):
-        for f in getattr(cfg.data, key):
-            if not Path(f).is_file():
-                raise UserError(f"data.{key}: {f} does not exist")
+    if cfg.model.load:
+        megatron_checkpoint(cfg.model.load, "model.load")
+    if cfg.model.hf_path:
+        if cfg.model.load:
+            processor_dir(cfg.model.hf_path, "model.hf_path")
+        else:
+            hf_checkpoint(cfg.model.hf_path, "model.hf_path")
     if not cfg.data.train_files:
         raise UserError("data.train_files: no training records given")
-    from megatron_ral.rl.rollout import load_reward_function
-
+    for key in ("train_files", "eval_files"):
+        for f in getattr(cfg.data, key):
+            _record_file(f, f"data.{key}")
+    if cfg.data.media_root:
+        check.input_dir(cfg.data.media_root, "data.media_root")
+    check.output_dir(cfg.training.run_dir, "training.run_dir", overwrite=True)
+    if cfg.checkpoint.save_dir:
+        check.output_dir(cfg.checkpoint.save_dir, "checkpoint.save_dir", overwrite=True)
     load_reward_function(cfg.algorithm.reward_function)
 
 
 def main(argv=None) -> int:
-    from megatron_ral.checkpoint.training import TrainCheckpointer
-    from megatron_ral.logging import MetricsSink, setup_logging
-    from megatron_ral.platform import destroy, initialize
     from megatron_ral.platform.launch_env import resolve_launch_env
-    from megatron_ral.platform.preemption import PreemptionFlag
-    from megatron_ral.rl import trainer as T
 
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     launch = resolve_launch_env()
-    validate(cfg, world_size=launch.world_size, cuda_available=torch.cuda.is_available())
+    validate(cfg, world_size=launch.world_size)          # every rule that needs no torch, before importing it
     preflight(cfg)
+    import torch
+
+    from megatron_ral.checkpoint.training import TrainCheckpointer
+    from megatron_ral.logging import MetricsSink, setup_logging
+    from megatron_ral.platform import destroy, initialize
+    from megatron_ral.platform.preemption import PreemptionFlag
+    from megatron_ral.rl import trainer as T
+
+    validate(cfg, world_size=launch.world_size, cuda_available=torch.cuda.is_available())
     setup_logging()
     info = initialize(cfg.parallel, seed=cfg.training.seed, launch=launch)
     try:

@@ -46,6 +46,7 @@ newline, fails it.
 
 from __future__ import annotations
 
+import importlib
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -271,3 +272,21 @@ def accuracy_by_type(records: Iterable, scores: Iterable) -> dict[str, float]:
         sums[problem_type] = sums.get(problem_type, 0.0) + accuracy
         counts[problem_type] = counts.get(problem_type, 0) + 1
     return {t: sums[t] / counts[t] for t in sorted(sums)}
+
+
+def load_reward_function(spec: str) -> Callable | None:
+    """The callable named by ``algorithm.reward_function`` ("package.module:function"; "" = None, the
+    Video-R1 reward). It is called as f(response_text, record, template) and returns a float total or an
+    object with ``accuracy``, ``format`` and ``total``."""
+    if not spec:
+        return None
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise UserError(f"algorithm.reward_function: expected 'package.module:function', got {spec!r}")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise UserError(f"algorithm.reward_function: cannot load {spec!r} ({e})") from None
+    if not callable(fn):
+        raise UserError(f"algorithm.reward_function: {spec!r} is not callable")
+    return fn

@@ -11,7 +11,6 @@ would have no feature).
 
 from __future__ import annotations
 
-import importlib
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -19,13 +18,12 @@ from typing import Callable
 import torch
 
 from megatron_ral.data.collate import Batch
-from megatron_ral.errors import UserError
 from megatron_ral.inference.generate import GenerationStats, generate
 from megatron_ral.inference.prompts import PromptInput, split_batch
 from megatron_ral.inference.sampling import row_seed
 from megatron_ral.rl.advantages import group_advantages
 from megatron_ral.rl.batch import RolloutBatch
-from megatron_ral.rl.rewards import score
+from megatron_ral.rl.rewards import load_reward_function, score  # noqa: F401 - re-exported
 
 
 @dataclass(frozen=True)
@@ -40,24 +38,6 @@ class RolloutSettings:
     format_weight: float = 0.1
     adv_eps: float = 1e-6
     reward_function: Callable | None = None
-
-
-def load_reward_function(spec: str) -> Callable | None:
-    """The callable named by ``algorithm.reward_function`` ("package.module:function"; "" = None, the
-    Video-R1 reward). It is called as f(response_text, record, template) and returns a float total or an
-    object with ``accuracy``, ``format`` and ``total``."""
-    if not spec:
-        return None
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise UserError(f"algorithm.reward_function: expected 'package.module:function', got {spec!r}")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise UserError(f"algorithm.reward_function: cannot load {spec!r} ({e})") from None
-    if not callable(fn):
-        raise UserError(f"algorithm.reward_function: {spec!r} is not callable")
-    return fn
 
 
 def _custom_score(fn: Callable, text: str, record, template: str) -> tuple[float, float, float]:

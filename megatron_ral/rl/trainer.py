@@ -23,7 +23,10 @@ CONSOLE_KEYS = ("reward/total", "reward/accuracy", "reward/format", "loss/sft", 
 
 
 class TrainingStopped(UserError):
-    """The run cannot continue (e.g. too many consecutive non-finite steps); the last good checkpoint stays."""
+    """The run cannot continue (e.g. too many consecutive non-finite steps); the last good checkpoint stays.
+    Every rank reaches it at the same step (the skip decision is all-reduced)."""
+
+    same_on_every_rank = True
 
 
 @dataclass

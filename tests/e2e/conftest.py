@@ -68,6 +68,9 @@ def bad_inputs(tmp_path_factory, tiny_checkpoint) -> dict[str, str]:
     (root / "empty.yaml").write_bytes(b"")
     (root / "unknown_key.yaml").write_text("algorithm:\n  lambda_atn: 1.0\n")
     (root / "wrong_type.yaml").write_text("parallel:\n  tensor_model_parallel_size: two\n")
+    (root / "records.json").write_text(json.dumps([{
+        "problem_id": 0, "problem": "What colour is the square?", "data_type": "image", "problem_type": "multiple choice",
+        "options": ["A. red", "B. blue"], "solution": "<answer>A</answer>", "path": "ok.png"}]))
 
     paths = {p.name.replace(".", "_"): str(p) for p in root.iterdir()}
     paths.update(hf=str(hf), mc=str(mc), root=str(root))

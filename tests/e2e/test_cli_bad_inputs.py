@@ -38,7 +38,11 @@ TOOLS = {
                        {"--ckpt": "{mc}", "--prompt": "What moves?", "--response": "A square.",
                         "--out": "{out}.pt"}),
     "config": (["-m", "megatron_ral.config"], "python -m megatron_ral.config", {}),
+    "train": (["-m", "megatron_ral.train"], "megatron-ral-train", {}),
+    "evaluate": (["tools/evaluate.py"], "evaluate.py", {"--ckpt": "{mc}", "--data": "{records_json}"}),
 }
+# a trainer invocation that passes every check (the rows change one thing)
+TRAIN_OK = ["model.load={mc}", "data.train_files=[{records_json}]", "training.run_dir={out}"]
 
 
 @dataclass
@@ -140,6 +144,27 @@ CASES = {
     "config-layout": C("config", {"--world-size": "3"}, "config error: parallel.tensor_model_parallel_size: world size 3 must be divisible by TP*PP*CP = 2*1*1 = 2", ["parallel.tensor_model_parallel_size=2"]),
     "config-sequence-parallel-on-cpu": C("config", {}, "config error: parallel.sequence_parallel: needs CUDA and Transformer Engine", ["parallel.sequence_parallel=true", "parallel.tensor_model_parallel_size=2"]),
     "config-override-syntax": C("config", {}, "config error: algorithm.lambda_attn: override must look like section.key=value", ["algorithm.lambda_attn"]),
+    # evaluate
+    "evaluate-ckpt-missing": C("evaluate", {"--ckpt": "/nonexistent/ckpt"}, "--ckpt /nonexistent/ckpt: no such directory"),
+    "evaluate-hf-dir": C("evaluate", {"--ckpt": "{hf}"}, "--ckpt {hf}: a Hugging Face checkpoint (*.safetensors), not a Megatron one"),
+    "evaluate-data-missing": C("evaluate", {"--data": "/nonexistent/test.json"}, "--data /nonexistent/test.json: no such file"),
+    "evaluate-layout-processes": C("evaluate", {"--tp": "2"}, "1 process(es) is not a multiple of --tp 2 x --pp 1"),
+    "evaluate-max-records": C("evaluate", {"--max-records": "0"}, "--max-records 0: must be >= 1"),
+    "evaluate-template": C("evaluate", {"--template": "cot"}, "argument --template: invalid choice: 'cot'"),
+    "evaluate-unknown-key": C("evaluate", {}, "config error: data.fsp: unknown key (did you mean 'data.fps'?)", ["data.fsp=2"]),
+    # the trainer (python -m megatron_ral.train / megatron-ral-train)
+    "train-config-missing": C("train", {"--config": "/nonexistent.yaml"}, "config error: --config: file not found: /nonexistent.yaml"),
+    "train-unknown-key": C("train", {}, "config error: algorithm.lamda_attn: unknown key (did you mean 'algorithm.lambda_attn'?)", TRAIN_OK + ["algorithm.lamda_attn=1"]),
+    "train-wrong-type": C("train", {}, "config error: training.prompts_per_step: expected an integer, got 'two'", TRAIN_OK + ["training.prompts_per_step=two"]),
+    "train-sampling-range": C("train", {}, "config error: generation.top_p: must be in (0, 1], got 2.0", TRAIN_OK + ["generation.top_p=2"]),
+    "train-layout": C("train", {}, "config error: parallel.tensor_model_parallel_size: world size 1 must be divisible by TP*PP*CP = 2*1*1 = 2", TRAIN_OK + ["parallel.tensor_model_parallel_size=2"]),
+    "train-load-missing": C("train", {}, "model.load /nonexistent/ckpt: no such directory", TRAIN_OK + ["model.load=/nonexistent/ckpt"]),
+    "train-load-hf-dir": C("train", {}, "model.load {hf}: a Hugging Face checkpoint (*.safetensors), not a Megatron one", TRAIN_OK + ["model.load={hf}"]),
+    "train-hf-path-megatron-dir": C("train", {}, "model.hf_path {mc}: a Megatron checkpoint, not a Hugging Face one", ["model.hf_path={mc}", "data.train_files=[{records_json}]", "training.run_dir={out}"]),
+    "train-records-missing": C("train", {}, "data.train_files /nonexistent/train.json: no such file", TRAIN_OK + ["data.train_files=[/nonexistent/train.json]"]),
+    "train-records-zero-byte": C("train", {}, "data.eval_files {empty_json}: empty file", TRAIN_OK + ["data.eval_files=[{empty_json}]"]),
+    "train-records-random-bytes": C("train", {}, "data.train_files {random_bin}: not a JSON array or JSON lines file", TRAIN_OK + ["data.train_files=[{random_bin}]"]),
+    "train-unwritable": C("train", {}, "training.run_dir {a_file}/run: {a_file} is not a directory", TRAIN_OK + ["training.run_dir={a_file}/run"]),
 }
 
 
@@ -189,4 +214,4 @@ def test_bad_input_is_one_line_exit_2(name, bad_inputs, tmp_path):
 
 def test_table_covers_every_tool():
     assert {c.tool for c in CASES.values()} == set(TOOLS)
-    assert {p.stem for p in (ROOT / "tools").glob("*.py")} == set(TOOLS) - {"config"}
+    assert {p.stem for p in (ROOT / "tools").glob("*.py")} == set(TOOLS) - {"config", "train"}
