@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
@@ -31,13 +30,6 @@ def resolve_dali_device(dali_device: str) -> str:
     if dali_device == "auto":
         return "gpu" if torch.cuda.is_available() else "cpu"
     return dali_device
-
-
-def cuda_device_id() -> int:
-    """This rank's CUDA device: ``LOCAL_RANK`` when the launcher set it (spawned data workers inherit it
-    but not the parent's ``torch.cuda.set_device``), else the current device."""
-    local = os.environ.get("LOCAL_RANK")
-    return int(local) if local is not None else torch.cuda.current_device()
 
 
 def select_backend(codec: str, backend: str, dali_device: str, have_dali: bool | None = None) -> BackendChoice:
@@ -95,8 +87,8 @@ class VideoDecoders:
     def decoder(self, choice: BackendChoice):
         if choice.backend == "dali":
             if self._dali is None:
-                device_id = cuda_device_id() if choice.device == "gpu" else 0
-                self._dali = DaliDecoder(choice.device, device_id, self.dali_threads)
+                # on GPU the device is resolved when the pipeline is built, in the process that decodes
+                self._dali = DaliDecoder(choice.device, num_threads=self.dali_threads)
             return self._dali
         if self._pyav is None:
             self._pyav = PyAVDecoder(self.pyav_threads)
