@@ -2,7 +2,7 @@
 """Dump the last-layer attention policy rows of a response continuation (RAL's p_theta).
 
     torchrun --nproc-per-node N tools/dump_attention.py --ckpt CKPT --tp T --pp P --prompt TEXT
-        [--image FILE | --video FILE] --response TEXT --out FILE.pt [--dtype fp32|bf16]
+        [--image FILE | --video FILE] --response TEXT --out FILE.pt [--dtype auto|fp32|bf16]
 
 Also runs as a plain single process (python tools/dump_attention.py ...; N = T x P). The prompt is one
 user turn (media first, then TEXT) rendered with the checkpoint's chat template and the generation
@@ -19,7 +19,7 @@ import json
 import os
 import sys
 
-DTYPES = ("fp32", "bf16")
+DTYPES = ("auto", "fp32", "bf16")
 
 
 class ToolError(Exception):
@@ -40,7 +40,9 @@ def parser() -> argparse.ArgumentParser:
     media.add_argument("--video", help="video file")
     p.add_argument("--response", required=True, help="response text appended after the generation prompt")
     p.add_argument("--out", required=True, help="output .pt file (written by rank 0)")
-    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="model dtype (rows are always float32)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="model dtype: auto = the model's (bf16 on GPU, where fp32 would run Transformer Engine's "
+                        "unfused attention with quadratic memory; fp32 on CPU). Rows are always float32")
     p.add_argument("--json", action="store_true", help="print a JSON summary on rank 0")
     return p
 
@@ -100,7 +102,7 @@ def run(args) -> int:
         raise ToolError(str(e)) from None
     parallel = ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
                               pipeline_layer_split=split)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]  # None: provider default
     try:
         prompt, processor = build_prompt(model_dir, args.prompt, image=args.image, video=args.video)
     except (DataError, ValueError, OSError) as e:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megatron_ral.inference.attention import rotated_cache_supported
 from megatron_ral.inference.kv_cache import Chunk, plan_chunks
 from megatron_ral.inference.pipeline import StageComm
 from megatron_ral.inference.prompts import PromptInput
@@ -199,8 +200,11 @@ def generate(
     suppress = (torch.tensor(sorted(set(int(i) for i in suppress_token_ids)), dtype=torch.long)
                 if suppress_token_ids else None)
     prompts = [p if isinstance(p, PromptInput) else PromptInput.from_inputs(p) for p in prompts]
+    # padded rows need a core attention that applies the padding mask (the project's decode attention
+    # does for every spec; TE's own, used only when a capture hook is set, does not)
+    allow_padding = rotated_cache_supported(model) or getattr(model, "backend", "local") != "te"
     chunks = plan_chunks([len(p) for p in prompts], num_samples, config.max_new_tokens, config.kv_cache_tokens,
-                         allow_padding=getattr(model, "backend", "local") != "te")
+                         allow_padding=allow_padding)
     results: list[list[Response | None]] = [[None] * num_samples for _ in prompts]
     was_training = model.training
     model.eval()
