@@ -55,6 +55,10 @@ class DataConfig:
     # DALI device: "auto" (GPU when CUDA is available), "cpu" or "gpu".
     dali_device: str = "auto"
     dali_threads: int = 2
+    # At most this many DataLoader workers when DALI decodes on the GPU: every worker process holds its
+    # own CUDA context, NVDEC decoder and DALI memory pools on the rank's GPU (README, "Data"), so
+    # data.num_workers is capped to it there. 0 workers = decode in the training process.
+    dali_gpu_workers: int = 1
 
     # Background decoding: DataLoader worker processes (0 = decode in the training process) and
     # the number of batches kept decoded ahead of the trainer.
@@ -93,6 +97,8 @@ class DataConfig:
             raise ValueError(f"data.max_video_tokens must be >= 1 or null, got {self.max_video_tokens}")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.dali_gpu_workers < 0:
+            raise ValueError(f"data.dali_gpu_workers must be >= 0, got {self.dali_gpu_workers}")
         if self.prefetch_factor < 1:
             raise ValueError(f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
         if not 0.0 <= self.max_failure_fraction <= 1.0:
