@@ -52,6 +52,10 @@ class DataConfig:
     # Video decoding backend: "auto" (DALI where it can decode the codec on this device, PyAV
     # otherwise), "dali" or "pyav".
     video_backend: str = "auto"
+    # Y'CbCr matrix of a video stream without a matrix tag (tagged streams use their tag): "auto" =
+    # BT.601 below HD, BT.709 from 1280 wide or 577 high (as ffplay/mpv display them); "bt601" = what
+    # FFmpeg's converter (torchvision's, decord's readers) assumes for every untagged stream; "bt709".
+    video_untagged_matrix: str = "auto"
     # DALI device: "auto" (GPU when CUDA is available), "cpu" or "gpu".
     dali_device: str = "auto"
     dali_threads: int = 2
@@ -80,6 +84,8 @@ class DataConfig:
             raise ValueError(f"data.template must be 'think' or 'answer_only', got {self.template!r}")
         if self.video_backend not in ("auto", "dali", "pyav"):
             raise ValueError(f"data.video_backend must be auto|dali|pyav, got {self.video_backend!r}")
+        if self.video_untagged_matrix not in ("auto", "bt601", "bt709"):
+            raise ValueError(f"data.video_untagged_matrix must be auto|bt601|bt709, got {self.video_untagged_matrix!r}")
         if self.dali_device not in ("auto", "cpu", "gpu"):
             raise ValueError(f"data.dali_device must be auto|cpu|gpu, got {self.dali_device!r}")
         if self.fps <= 0:

@@ -6,6 +6,10 @@ One pipeline serves both devices:
 - GPU: the same decoder on the "mixed" backend (NVDEC: H.264, HEVC, VP8/VP9, AV1, MPEG-4, MJPEG),
   followed by a bicubic antialiased `fn.resize` to the Qwen target size on the GPU.
 The frame indices are computed in Python (the Qwen rule) and fed per sample through `frames=`.
+
+DALI returns RGB converted with a fixed BT.601 matrix (the range is the stream's); for a stream with
+another matrix (e.g. BT.709, typical of HD H.264/HEVC) the frames go through ``colour.rematrix``, the
+shared torch step that PyAV's planes go through too, on the frames' device.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import numpy as np
 import torch
 
 from megatron_ral.data.errors import MediaError
+from megatron_ral.data.video.colour import rematrix
 from megatron_ral.data.video.probe import VideoInfo
 
 CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
@@ -115,7 +120,8 @@ class DaliDecoder:
         return "gpu" if self.device_id is None else f"gpu:{self.device_id}"
 
     def decode(self, info: VideoInfo, indices: list[int], size: tuple[int, int] | None = None) -> torch.Tensor:
-        """Return uint8 frames [len(indices), 3, H, W] in the order of `indices` (on the GPU for device="gpu")."""
+        """Return uint8 RGB frames [len(indices), 3, H, W] in the order of `indices` (on the GPU for
+        device="gpu"), in the stream's own colour matrix (``info.colour``)."""
         if not indices:
             raise ValueError("no frame indices to decode")
         if min(indices) < 0 or max(indices) >= info.total_frames:
@@ -154,4 +160,4 @@ class DaliDecoder:
             frames = frames[0]
         if frames.shape[0] != len(indices):
             raise MediaError("truncated", info.path, f"DALI returned {frames.shape[0]} of {len(indices)} frames")
-        return frames.permute(0, 3, 1, 2).contiguous()
+        return rematrix(frames.permute(0, 3, 1, 2).contiguous(), info.colour)
