@@ -25,8 +25,9 @@ FFmpeg's own converter (swscale, and so torchvision's and decord's readers) take
 BT.601 whatever their size: ``data.video_untagged_matrix=bt601`` reproduces that. The range: its tag;
 untagged, full for yuvj pixel formats and limited otherwise.
 
-Normalised Y'CbCr here: Y' in [0, 1], Cb and Cr in [-1/2, 1/2]; RGB in [0, 1] before the final
-``round(255 x)`` and clamp to uint8.
+Normalised Y'CbCr: Y' in [0, 1], Cb and Cr in [-1/2, 1/2] (from 8-bit levels: (Y - 16) / 219 and
+(C - 128) / 224 in limited range, Y / 255 and (C - 128) / 255 in full range); RGB in [0, 1] before the
+final ``round(255 x)`` and clamp to uint8.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 # (Kr, Kb) of each matrix: Y' = Kr R + (1 - Kr - Kb) G + Kb B.
 MATRICES: dict[str, tuple[float, float]] = {
@@ -116,57 +118,67 @@ def _coefficients(matrix: str) -> torch.Tensor:
     ], dtype=torch.float64)
 
 
-def _apply(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """m (3, 3) applied to the channel axis 1 of x (T, 3, H, W)."""
-    return torch.einsum("ij,tjhw->tihw", m.to(device=x.device, dtype=x.dtype), x)
+def _range(full_range: bool) -> tuple[float, float, float]:
+    """(luma offset, luma scale, chroma scale) from 8-bit sample levels to normalised Y'CbCr."""
+    return (0.0, 1.0 / 255.0, 1.0 / 255.0) if full_range else (16.0, 1.0 / 219.0, 1.0 / 224.0)
 
 
-def _to_uint8(rgb: torch.Tensor) -> torch.Tensor:
-    return rgb.mul_(255.0).round_().clamp_(0.0, 255.0).to(torch.uint8)
+def ycbcr_to_rgb(y: torch.Tensor, cb: torch.Tensor, cr: torch.Tensor, matrix: str, full_range: bool) -> torch.Tensor:
+    """The shared step. Y'CbCr samples in 8-bit levels, float (T, H, W) each (chroma already at the luma
+    size) -> uint8 RGB (T, 3, H, W), with the range's normalisation and the matrix folded into one affine
+    map per channel: R = Y' + 2(1 - Kr) Cr,  B = Y' + 2(1 - Kb) Cb,  G = (Y' - Kr R - Kb B) / Kg on
+    normalised values, then round(255 x), clamped."""
+    m = (_coefficients(matrix) * 255.0).tolist()
+    y0, sy, sc = _range(full_range)
+    out = torch.empty((y.shape[0], 3, *y.shape[1:]), dtype=torch.float32, device=y.device)
+    luma = y.float().mul(sy * 255.0)
+    for c in range(3):
+        a_cb, a_cr = m[c][1] * sc, m[c][2] * sc
+        # the offsets: luma black level, chroma zero at 128, and +0.5 to round half up on truncation
+        bias = -y0 * sy * 255.0 - 128.0 * (a_cb + a_cr) + 0.5
+        channel = out[:, c]
+        torch.add(luma, cr, alpha=a_cr, out=channel) if a_cr else channel.copy_(luma)
+        if a_cb:
+            channel.add_(cb, alpha=a_cb)
+        channel.add_(bias)
+    return out.clamp_(0.0, 255.0).to(torch.uint8)
 
 
-def ycbcr_to_rgb(ycbcr: torch.Tensor, matrix: str) -> torch.Tensor:
-    """The shared step: normalised Y'CbCr float (T, 3, H, W) -> uint8 RGB (T, 3, H, W) with ``matrix``."""
-    return _to_uint8(_apply(_coefficients(matrix), ycbcr.float()))
+def _upsample(chroma: torch.Tensor, height: int, width: int, left: bool) -> torch.Tensor:
+    """Bilinear upsampling of chroma (T, 2, h, w) to the luma size, edges replicated. Vertically (and
+    horizontally unless ``left``) each sample sits at the centre of the luma pixels it covers, the h
+    samples stretched over the ``height`` rows (an odd luma size has ceil(size/2) chroma samples; FFmpeg's
+    converter does the same). ``left``: horizontally sample i sits on luma column i * width / w."""
+    h, w = chroma.shape[-2:]
+    if not left:
+        if (h, w) == (height, width):
+            return chroma
+        return F.interpolate(chroma, size=(height, width), mode="bilinear", align_corners=False)
+    if h != height:
+        chroma = F.interpolate(chroma, size=(height, w), mode="bilinear", align_corners=False)
+    if w == width:
+        return chroma
+    factor = -(-width // w)          # 2 for 4:2:0 / 4:2:2
+    cosited = (w - 1) * factor + 1   # columns 0 .. last sample, with sample i on column i * factor
+    out = F.interpolate(chroma, size=(height, cosited), mode="bilinear", align_corners=True)
+    if cosited < width:              # columns right of the last sample repeat it
+        out = torch.cat([out, out[..., -1:].expand(*out.shape[:-1], width - cosited)], dim=-1)
+    return out[..., :width]
 
 
-def _upsample(plane: torch.Tensor, size: int, dim: int, cosited: bool) -> torch.Tensor:
-    """Bilinear resampling of ``plane`` along ``dim`` to ``size`` samples, edges replicated. The n input
-    samples are stretched over the ``size`` outputs (an odd luma size has ceil(size/2) chroma samples, as
-    in FFmpeg's converter); ``cosited``: input sample i sits on output i * size / n, else at the centre of
-    the outputs it covers."""
-    n = plane.shape[dim]
-    if n == size:
-        return plane
-    x = torch.arange(size, dtype=torch.float64, device=plane.device)
-    pos = x * (n / size) if cosited else (x + 0.5) * (n / size) - 0.5
-    pos = pos.clamp_(0, n - 1)
-    lo = pos.floor().long()
-    hi = (lo + 1).clamp_(max=n - 1)
-    shape = [1] * plane.dim()
-    shape[dim] = size
-    w = (pos - lo).to(plane.dtype).view(shape)
-    return plane.index_select(dim, lo) * (1 - w) + plane.index_select(dim, hi) * w
-
-
-def normalise_planes(y: torch.Tensor, cb: torch.Tensor, cr: torch.Tensor, full_range: bool,
-                     chroma_siting: str = "center") -> torch.Tensor:
-    """uint8 planes (T, H, W) / (T, h, w) -> normalised float (T, 3, H, W), the chroma upsampled
-    bilinearly to the luma size (4:2:0, 4:2:2, 4:4:4, ...) from where ``chroma_siting`` puts it: "center"
-    both ways, or "left" (co-sited horizontally, centred vertically)."""
-    height, width = y.shape[-2:]
-    chroma = torch.stack([cb, cr], dim=1).float()
-    chroma = _upsample(chroma, height, 2, cosited=False)
-    chroma = _upsample(chroma, width, 3, cosited=chroma_siting == "left")
-    yf = y.float()[:, None]
-    if full_range:
-        return torch.cat([yf / 255.0, (chroma - 128.0) / 255.0], dim=1)
-    return torch.cat([(yf - 16.0) / 219.0, (chroma - 128.0) / 224.0], dim=1)
+def upsample_chroma(cb: torch.Tensor, cr: torch.Tensor, height: int, width: int,
+                    chroma_siting: str = "center") -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 chroma planes (T, h, w) -> float (T, H, W) each, upsampled bilinearly to the luma size (4:2:0,
+    4:2:2, 4:4:4, ...) from where ``chroma_siting`` puts them: "center" both ways, or "left" (co-sited
+    horizontally, centred vertically)."""
+    up = _upsample(torch.stack([cb, cr], dim=1).float(), height, width, chroma_siting == "left")
+    return up[:, 0], up[:, 1]
 
 
 def planes_to_rgb(y: torch.Tensor, cb: torch.Tensor, cr: torch.Tensor, spec: ColourSpec) -> torch.Tensor:
-    """uint8 planes of T frames -> uint8 RGB (T, 3, H, W) with the stream's matrix and range."""
-    return ycbcr_to_rgb(normalise_planes(y, cb, cr, spec.full_range, spec.chroma_siting), spec.matrix)
+    """uint8 planes of T frames -> uint8 RGB (T, 3, H, W) with the stream's matrix, range and siting."""
+    cb_up, cr_up = upsample_chroma(cb, cr, *y.shape[-2:], spec.chroma_siting)
+    return ycbcr_to_rgb(y, cb_up, cr_up, spec.matrix, spec.full_range)
 
 
 # 8-bit planar Y'CbCr formats whose planes are used as they are
@@ -189,11 +201,13 @@ def frame_planes(frame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return out[0], out[1], out[2]
 
 
-def dali_to_ycbcr(rgb: torch.Tensor) -> torch.Tensor:
-    """Undo DALI's fixed BT.601 conversion: uint8 RGB (T, 3, H, W) -> normalised Y'CbCr float (exact
-    inverse of the matrix; the range is the stream's in both, so it cancels)."""
-    inverse = torch.linalg.inv(_coefficients(DALI_MATRIX))
-    return _apply(inverse, rgb.float() / 255.0)
+def dali_to_ycbcr(rgb: torch.Tensor, full_range: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Undo DALI's fixed BT.601 conversion: uint8 RGB (T, 3, H, W) -> Y'CbCr in 8-bit levels, float
+    (T, H, W) each, with the stream's range (which DALI honours): the exact inverse of the matrix."""
+    inverse = torch.linalg.inv(_coefficients(DALI_MATRIX)).to(device=rgb.device, dtype=torch.float32)
+    ycc = torch.einsum("ij,tjhw->tihw", inverse, rgb.float().div_(255.0))
+    y0, sy, sc = _range(full_range)
+    return ycc[:, 0].div_(sy).add_(y0), ycc[:, 1].div_(sc).add_(128.0), ycc[:, 2].div_(sc).add_(128.0)
 
 
 def rematrix(rgb: torch.Tensor, spec: ColourSpec, decoded_with: str = DALI_MATRIX) -> torch.Tensor:
@@ -206,6 +220,6 @@ def rematrix(rgb: torch.Tensor, spec: ColourSpec, decoded_with: str = DALI_MATRI
         raise ValueError(f"only DALI's fixed {DALI_MATRIX} conversion is undone, not {decoded_with!r}")
     out = torch.empty_like(rgb)
     for start in range(0, rgb.shape[0], CHUNK):
-        part = rgb[start : start + CHUNK]
-        out[start : start + CHUNK] = ycbcr_to_rgb(dali_to_ycbcr(part), spec.matrix)
+        y, cb, cr = dali_to_ycbcr(rgb[start : start + CHUNK], spec.full_range)
+        out[start : start + CHUNK] = ycbcr_to_rgb(y, cb, cr, spec.matrix, spec.full_range)
     return out

@@ -113,14 +113,16 @@ def rgb_cube_outside_bt601(steps: int = 64) -> dict:
     from megatron_ral.data.video.colour import ColourSpec, _coefficients, rematrix, ycbcr_to_rgb
 
     v = torch.linspace(0, 1, steps, dtype=torch.float64)
-    rgb = torch.stack(torch.meshgrid(v, v, v, indexing="ij")).reshape(3, -1)[None, :, :, None]
-    ycc = torch.einsum("ij,tjhw->tihw", torch.linalg.inv(_coefficients("bt709")), rgb)
-    ycc[:, 0] = (torch.round(16 + 219 * ycc[:, 0]) - 16) / 219          # 8-bit limited-range samples
-    ycc[:, 1:] = (torch.round(128 + 224 * ycc[:, 1:]) - 128) / 224
-    as601 = torch.einsum("ij,tjhw->tihw", _coefficients("bt601"), ycc) * 255
-    outside = ((as601.round() < 0) | (as601.round() > 255)).any(dim=1)
-    truth = ycbcr_to_rgb(ycc, "bt709")
-    back = rematrix(ycbcr_to_rgb(ycc, "bt601"), ColourSpec("bt709"))
+    rgb = torch.stack(torch.meshgrid(v, v, v, indexing="ij")).reshape(3, -1)
+    ycc = torch.linalg.inv(_coefficients("bt709")) @ rgb                      # normalised Y'CbCr
+    levels = torch.stack([torch.round(16 + 219 * ycc[0]), torch.round(128 + 224 * ycc[1:])[0],
+                          torch.round(128 + 224 * ycc[1:])[1]])                 # 8-bit limited-range samples
+    normalised = torch.stack([(levels[0] - 16) / 219, (levels[1] - 128) / 224, (levels[2] - 128) / 224])
+    as601 = (_coefficients("bt601") @ normalised) * 255
+    outside = ((as601.round() < 0) | (as601.round() > 255)).any(dim=0)
+    y, cb, cr = (t.reshape(1, 1, -1).float() for t in levels)
+    truth = ycbcr_to_rgb(y, cb, cr, "bt709", False)
+    back = rematrix(ycbcr_to_rgb(y, cb, cr, "bt601", False), ColourSpec("bt709"))  # DALI's output, undone
     err = (back.int() - truth.int()).abs().amax(dim=1)
     return {"frac_outside": round(float(outside.float().mean()), 4), "max_error": int(err.max()),
             "frac_error_gt1": round(float((err > 1).float().mean()), 4)}
