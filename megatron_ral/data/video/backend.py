@@ -61,7 +61,8 @@ def select_backend(codec: str, backend: str, dali_device: str, have_dali: bool |
             )
         return BackendChoice("dali", device, "data.video_backend=dali")
     if dali_ok and device == "cpu" and colour is not None and colour.matrix != DALI_MATRIX:
-        return BackendChoice("pyav", "cpu", f"DALI on cpu converts with a fixed BT.601 matrix; the stream is {colour.matrix}")
+        return BackendChoice("pyav", "cpu",
+                             f"DALI on cpu converts with a fixed BT.601 matrix; the stream is {colour.matrix}")
     if dali_ok:
         return BackendChoice("dali", device, f"DALI decodes {codec} on {device}")
     if not have_dali:

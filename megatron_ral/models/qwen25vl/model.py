@@ -220,9 +220,10 @@ class Qwen25VLModel(MegatronModule):
 
         ``attention_mask``: an HF (B, S) padding mask (1 = real token), a megatron (B, 1, S, S)
         bool mask (True = masked), or None (causal). With the Transformer Engine spec only None and
-        right padding are accepted (a ValueError otherwise: TE's causal layers would ignore the mask). ``position_ids`` (3, B, S) are computed from
-        input_ids / grids / second_per_grid_ts / padding when None (prompt-style inputs; pass them
-        explicitly for KV-cache decode steps). ``vision_embeddings`` replaces pixel inputs with
+        right padding are accepted (a ValueError otherwise: TE's causal layers would ignore the mask),
+        except during generation, whose core attention applies masks. ``position_ids`` (3, B, S) are
+        computed from input_ids / grids / second_per_grid_ts / padding when None (prompt-style inputs;
+        pass them explicitly for KV-cache decode steps). ``vision_embeddings`` replaces pixel inputs with
         features from :meth:`encode_vision` (e.g. computed once for G responses of a prompt).
         """
         padding_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
