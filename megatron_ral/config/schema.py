@@ -21,6 +21,10 @@ class ModelConfig:
     load: Megatron distributed checkpoint to load weights from (from tools/convert_hf_to_megatron.py or a
         training run); empty means take the weights from ``hf_path`` through the converter.
     layer_spec: "auto" (Transformer Engine when CUDA and TE are present, else local torch), "local" or "te".
+    attention_backend: Transformer Engine's attention kernel: "auto" (TE picks flash, fused or unfused per
+        shape and dtype), "flash", "fused" or "unfused". megatron-core exports NVTE_FLASH_ATTN,
+        NVTE_FUSED_ATTN and NVTE_UNFUSED_ATTN to match (for every spec) and refuses values already set
+        otherwise: unset them and choose here. The local spec computes attention in torch whatever the value.
     dtype: "auto" (bf16 on GPU, fp32 on CPU), "bf16", "fp16" or "fp32".
     freeze_vision: keep the vision tower and merger frozen (the paper trains the LM only).
     freeze_lm_embeddings: keep the LM's input embedding (and, when tied, the output layer) frozen.
@@ -35,6 +39,7 @@ class ModelConfig:
     hf_path: str = ""
     load: str = ""
     layer_spec: str = "auto"
+    attention_backend: str = "auto"
     dtype: str = "auto"
     freeze_vision: bool = True
     freeze_lm_embeddings: bool = False

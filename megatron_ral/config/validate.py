@@ -96,6 +96,11 @@ def validate(cfg: Config, world_size: int | None = None, dims: ModelDims | None 
                    f"must sum to the number of layers ({dims.num_layers}), got {sum(split)}")
 
     _one_of(cfg.model.layer_spec, ("auto", "local", "te"), "model.layer_spec")
+    _one_of(cfg.model.attention_backend, ("auto", "flash", "fused", "unfused"), "model.attention_backend")
+    if cfg.model.attention_backend in ("flash", "fused"):
+        _check(cfg.model.dtype != "fp32", "model.attention_backend",
+               f"{cfg.model.attention_backend!r} attention needs bf16 or fp16 (model.dtype); in fp32 Transformer "
+               "Engine has only its unfused kernel")
     _one_of(cfg.model.dtype, ("auto", "bf16", "fp16", "fp32"), "model.dtype")
     _one_of(cfg.model.rope_text_after_vision, ("max_position", "spatial_extent"), "model.rope_text_after_vision")
     _one_of(cfg.model.recompute_granularity, (None, "selective", "full"), "model.recompute_granularity")

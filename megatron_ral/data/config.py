@@ -52,9 +52,17 @@ class DataConfig:
     # Video decoding backend: "auto" (DALI where it can decode the codec on this device, PyAV
     # otherwise), "dali" or "pyav".
     video_backend: str = "auto"
+    # Y'CbCr matrix of a video stream without a matrix tag (tagged streams use their tag): "auto" =
+    # BT.601 below HD, BT.709 from 1280 wide or 577 high (as ffplay/mpv display them); "bt601" = what
+    # FFmpeg's converter (torchvision's, decord's readers) assumes for every untagged stream; "bt709".
+    video_untagged_matrix: str = "auto"
     # DALI device: "auto" (GPU when CUDA is available), "cpu" or "gpu".
     dali_device: str = "auto"
     dali_threads: int = 2
+    # At most this many DataLoader workers when DALI decodes on the GPU: every worker process holds its
+    # own CUDA context, NVDEC decoder and DALI memory pools on the rank's GPU (README, "Data"), so
+    # data.num_workers is capped to it there. 0 workers = decode in the training process.
+    dali_gpu_workers: int = 1
 
     # Background decoding: DataLoader worker processes (0 = decode in the training process) and
     # the number of batches kept decoded ahead of the trainer.
@@ -76,6 +84,8 @@ class DataConfig:
             raise ValueError(f"data.template must be 'think' or 'answer_only', got {self.template!r}")
         if self.video_backend not in ("auto", "dali", "pyav"):
             raise ValueError(f"data.video_backend must be auto|dali|pyav, got {self.video_backend!r}")
+        if self.video_untagged_matrix not in ("auto", "bt601", "bt709"):
+            raise ValueError(f"data.video_untagged_matrix must be auto|bt601|bt709, got {self.video_untagged_matrix!r}")
         if self.dali_device not in ("auto", "cpu", "gpu"):
             raise ValueError(f"data.dali_device must be auto|cpu|gpu, got {self.dali_device!r}")
         if self.fps <= 0:
@@ -93,6 +103,8 @@ class DataConfig:
             raise ValueError(f"data.max_video_tokens must be >= 1 or null, got {self.max_video_tokens}")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.dali_gpu_workers < 0:
+            raise ValueError(f"data.dali_gpu_workers must be >= 0, got {self.dali_gpu_workers}")
         if self.prefetch_factor < 1:
             raise ValueError(f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
         if not 0.0 <= self.max_failure_fraction <= 1.0:

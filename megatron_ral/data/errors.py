@@ -9,6 +9,7 @@ SKIP_REASONS = (
     "missing_file",      # media path does not exist
     "empty_file",        # media file has zero bytes
     "corrupt_media",     # container/image cannot be opened or decoded
+    "decoder_failed",    # the video decoder could not be set up (e.g. a DALI pipeline on this GPU)
     "no_frames",         # video with no decodable frames
     "truncated",         # fewer frames decode than the container holds
     "bad_geometry",      # size or aspect ratio outside what the vision tower accepts

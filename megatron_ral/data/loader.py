@@ -101,9 +101,18 @@ class VisionDataLoader:
         """Records in this rank's shard per epoch."""
         return len(range(self.rank, len(self.index), self.world_size))
 
+    def worker_count(self, start: int = 0) -> int:
+        """DataLoader workers for an epoch read from position ``start``: data.num_workers, at most one per
+        remaining record, and at most data.dali_gpu_workers when DALI decodes on the GPU (each worker
+        holds its own CUDA context, NVDEC decoder and DALI memory pools)."""
+        workers = min(self.cfg.num_workers, max(len(self) - start, 0))
+        if self.builder.decoders.uses_gpu:
+            workers = min(workers, self.cfg.dali_gpu_workers)
+        return workers
+
     def _epoch_items(self, epoch: int, start: int) -> Iterator:
         stream = ShardStream(self.index, self.builder, self.rank, self.world_size, self.cfg.seed, self.cfg.shuffle, epoch, start)
-        workers = min(self.cfg.num_workers, max(len(self) - start, 0))
+        workers = self.worker_count(start)
         if workers == 0:
             yield from stream
             return

@@ -27,12 +27,14 @@ class MediaOptions:
     max_video_tokens: int | None
     image_min_pixels: int
     image_max_pixels: int
+    video_untagged_matrix: str = "auto"
 
     @classmethod
     def from_config(cls, cfg: DataConfig) -> "MediaOptions":
         return cls(
             cfg.fps, cfg.min_frames, cfg.max_frames, cfg.video_min_pixels, cfg.video_max_pixels,
             cfg.video_total_pixels, cfg.max_video_tokens, cfg.image_min_pixels, cfg.image_max_pixels,
+            cfg.video_untagged_matrix,
         )
 
 
@@ -48,8 +50,9 @@ def image_input(path: str, params: VisionParams, opts: MediaOptions) -> VisionIn
 
 
 def video_input(path: str, params: VisionParams, opts: MediaOptions, decoders: VideoDecoders) -> VisionInput:
-    """Probe, sample frames the Qwen way, decode them with the chosen backend, preprocess."""
-    info = probe_video(path)
+    """Probe, sample frames the Qwen way, decode them with the chosen backend (RGB in the stream's own
+    colour matrix, see video/colour.py), preprocess."""
+    info = probe_video(path, opts.video_untagged_matrix)
     plan = plan_frames(info.total_frames, info.fps, opts.fps, opts.min_frames, opts.max_frames, params.temporal_patch_size)
     try:
         plan = fit_token_budget(
@@ -61,7 +64,7 @@ def video_input(path: str, params: VisionParams, opts: MediaOptions, decoders: V
         )
     except ValueError as e:
         raise MediaError("bad_geometry", path, str(e)) from e
-    choice = decoders.choose(info.codec)
+    choice = decoders.choose(info.codec, info.colour)
     decoder = decoders.decoder(choice)
     frames = decoder.decode(info, plan.indices, size) if decoder.name == "dali" else decoder.decode(info, plan.indices)
     resized = decoder.name == "dali" and decoder.resizes
@@ -71,6 +74,7 @@ def video_input(path: str, params: VisionParams, opts: MediaOptions, decoders: V
     )
     out.meta.update(
         path=path, codec=info.codec, backend=choice.backend, device=choice.device, backend_reason=choice.reason,
+        colour=info.colour.describe(),
         total_frames=info.total_frames, video_fps=info.fps, orig_size=(info.height, info.width),
     )
     return out

@@ -10,7 +10,7 @@ import torch
 from megatron_ral.data.config import DataConfig
 from megatron_ral.data.media import MediaOptions, image_input, video_input
 from megatron_ral.data.processor import QwenVLProcessor
-from megatron_ral.data.video.backend import VideoDecoders, log_choice_once
+from megatron_ral.data.video.backend import BackendChoice, VideoDecoders, log_choice_once
 
 DEFAULT_VIDEO_TOTAL_PIXELS = int(128000 * 28 * 28 * 0.9)
 
@@ -76,7 +76,8 @@ def preprocess_single(
     if kind == "video":
         decoders = VideoDecoders(backend, cfg.dali_device)
         vision = video_input(video, params, opts, decoders)
-        log_choice_once(vision.meta["codec"], decoders.choose(vision.meta["codec"]))
+        meta = vision.meta
+        log_choice_once(meta["codec"], BackendChoice(meta["backend"], meta["device"], meta["backend_reason"]))
     else:
         vision = image_input(image, params, opts)
     text = prompt if prompt is not None else f"Describe this {kind}."
@@ -91,7 +92,7 @@ def preprocess_single(
                    frame_indices=torch.tensor(vision.frame_indices, dtype=torch.long))
         out["position_ids"] = mrope_position_ids(input_ids, attention_mask, processor, model_dir,
                                                  video_grid_thw=grid, second_per_grid_ts=spgt)
-        out["meta"] = {k: vision.meta[k] for k in ("codec", "backend", "device", "total_frames", "video_fps")}
+        out["meta"] = {k: vision.meta[k] for k in ("codec", "backend", "device", "colour", "total_frames", "video_fps")}
         out["meta"]["sample_fps"] = vision.sample_fps
     else:
         out.update(pixel_values=vision.pixel_values, image_grid_thw=grid)

@@ -1,14 +1,16 @@
-"""Decode-time core attention for the local (torch) layer spec: grouped queries, rotated-key cache.
+"""Decode-time core attention, the same for every layer spec: grouped queries, rotated-key cache.
 
 Two costs of megatron's static KV path grow with the cached length at every decode step:
 
-1. the local ``DotProductAttention`` expands the cached keys and values to one copy per query head
-   (``repeat_interleave``), copying the whole cache heads/kv_heads times per layer;
+1. megatron's local ``DotProductAttention`` expands the cached keys and values to one copy per query
+   head (``repeat_interleave``), copying the whole cache heads/kv_heads times per layer;
 2. the cache holds keys *before* rotary embedding, so every layer re-rotates all cached keys (and the
-   model recomputes the rotary table of every position) at every step.
+   model recomputes the rotary table of every position) at every step, with the local spec and with
+   Transformer Engine's alike (megatron applies RoPE after reading the cache in both).
 
-``DecodeAttention`` replaces the core attention of each layer during generation. It computes
-attention with the query heads of a KV group stacked against that group's keys (no expansion):
+``DecodeAttention`` replaces the core attention of each layer during generation, whatever the layer
+spec (local torch or Transformer Engine). It computes attention with the query heads of a KV group
+stacked against that group's keys (no expansion):
 
     q (sq, B, G*r, d) -> (B, G, r*sq, d);  scores = q k^T * scale  (B, G, r*sq, sk)
     probs = softmax(scores masked with -10000, fp32);  out = probs v  -> (sq, B, G*r*d)
@@ -19,6 +21,11 @@ core attention rotates the query and the sq newly written key columns *in place 
 the frequencies of the new positions only (computed once per forward by megatron's own
 MultimodalRotaryEmbedding and rotation function). Cached keys are thus rotated exactly once.
 
+Under the Transformer Engine spec an unmasked (causal) prefill still runs TE's own kernel on the
+rotated query and keys (flash / fused attention for the long prompt); decode steps and masked
+(left-padded) prefills run the grouped attention above, which applies the mask TE would ignore.
+Training and scoring forwards never see this module: TE serves them directly.
+
 Masks are megatron's: bool, True = masked, 4-D and broadcastable to (B, 1, sq, sk); without a mask,
 causal when sq > 1 (the queries are the last sq of the sk positions).
 """
@@ -26,6 +33,7 @@ causal when sq > 1 (the queries are the last sq of the sk positions).
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -86,15 +94,23 @@ class NewTokenRotary:
 
 
 class DecodeAttention(torch.nn.Module):
-    """Drop-in for a megatron local DotProductAttention during generation (same scale, fp32
-    softmax, no dropout); with ``rotary`` it also rotates the query and the new cached keys."""
+    """Drop-in for a layer's core attention during generation (megatron's local ``DotProductAttention``
+    or ``TEDotProductAttention``): same scale, fp32 softmax, no dropout; with ``rotary`` it also
+    rotates the query and the new cached keys. ``prefill_with_original``: run an unmasked multi-token
+    forward (the prefill) through the original module, after the rotation (the TE spec's fused kernels)."""
 
-    def __init__(self, original: torch.nn.Module, rotary: NewTokenRotary | None = None):
+    reads_attention_mask = True  # see Qwen25VLModel.core_attention_reads_masks
+
+    def __init__(self, original: torch.nn.Module, rotary: NewTokenRotary | None = None,
+                 prefill_with_original: bool = False):
         super().__init__()
         self.original = original
         self.rotary = rotary
+        self.prefill_with_original = prefill_with_original
         cfg = original.config
-        self.softmax_scale = float(original.softmax_scale)
+        # the scale both megatron modules use (TE's and the local one): config.softmax_scale or 1/sqrt(d)
+        scale = getattr(cfg, "softmax_scale", None)
+        self.softmax_scale = float(scale if scale is not None else 1.0 / math.sqrt(cfg.kv_channels))
         self.softmax_in_fp32 = bool(cfg.attention_softmax_in_fp32 or cfg.fp16 or cfg.bf16)
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
@@ -112,20 +128,20 @@ class DecodeAttention(torch.nn.Module):
             query = apply_rotary_pos_emb(query, freqs, cfg)
             new_keys = key[key.shape[0] - sq:]   # the columns megatron just wrote into the cache
             new_keys.copy_(apply_rotary_pos_emb(new_keys, freqs, cfg))
+        if self.prefill_with_original and query.shape[0] > 1 and attention_mask is None:
+            return self.original(query, key, value, None, attn_mask_type=attn_mask_type)
         return grouped_attention(query, key, value, attention_mask, self.softmax_scale, self.softmax_in_fp32)
 
 
 def _swappable(model) -> list:
-    """(attention, core attention) of every layer if all are local DotProductAttention without a
-    capture hook and without dropout; else [] (the model's own attention is used)."""
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
-
+    """(attention, core attention) of every layer of this stage, whatever the layer spec; [] when a
+    layer cannot take DecodeAttention (a capture hook is set, which needs the model's own attention
+    call, or attention dropout is on): the model's own attention path is used then."""
     pairs = []
     for layer in model.language_model.decoder.layers:
         attn = layer.self_attention
         core = attn.core_attention
-        if (not isinstance(core, DotProductAttention) or getattr(core, "capture_hook", None) is not None
-                or core.config.attention_dropout or core.config.apply_rope_fusion):
+        if getattr(core, "capture_hook", None) is not None or core.config.attention_dropout:
             return []
         pairs.append((attn, core))
     return pairs
@@ -140,16 +156,18 @@ def rotated_cache_supported(model) -> bool:
 @contextlib.contextmanager
 def decode_attention(model, rotary: NewTokenRotary | None = None):
     """Swap DecodeAttention into every layer of this stage inside the block; with ``rotary`` the
-    model's rotary embedding is off and the core attention applies it (rotated-key cache). A model
-    that cannot be swapped (TE spec, capture hook set) runs unchanged; ``rotary`` then is an error."""
+    model's rotary embedding is off and the core attention applies it (rotated-key cache). Under the
+    Transformer Engine spec (``model.backend == "te"``) causal prefills keep TE's kernel. A model that
+    cannot be swapped (a capture hook set) runs unchanged; ``rotary`` then is an error."""
     pairs = _swappable(model)
     if rotary is not None and not pairs:
-        raise RuntimeError("the rotated-key cache needs the local layer spec without capture hooks")
+        raise RuntimeError("the rotated-key cache needs every layer's core attention (no capture hook set)")
+    prefill_with_original = getattr(model, "backend", "local") == "te"
     lm = model.language_model
     saved_type = lm.position_embedding_type
     try:
         for attn, core in pairs:
-            attn.core_attention = DecodeAttention(core, rotary)
+            attn.core_attention = DecodeAttention(core, rotary, prefill_with_original)
         if rotary is not None:
             lm.position_embedding_type = "none"
         yield

@@ -31,7 +31,7 @@ def parser() -> ToolParser:
                    description="Dump the last-layer attention-policy rows of a response continuation (RAL's "
                                "p_theta).\nAlso runs as a plain single process when TP x PP = 1.",
                    epilog="Run under torchrun for TP x PP > 1.")
-    add_model_flags(p, dtype_default="fp32")
+    add_model_flags(p, dtype_default="auto")  # auto: bf16 on GPU (fp32 would run TE's unfused, quadratic-memory attention), fp32 on CPU
     p.add_argument("--response", required=True, help="response text appended after the generation prompt")
     p.add_argument("--out", required=True, help="output .pt file (written by rank 0; rows are always float32)")
     add_json(p, "the summary (out, rows shape, prompt_length)")

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megatron_ral.inference.attention import rotated_cache_supported
 from megatron_ral.inference.kv_cache import Chunk, plan_chunks
 from megatron_ral.inference.pipeline import StageComm
 from megatron_ral.inference.prompts import PromptInput
@@ -208,8 +209,11 @@ def generate(
     prompts = [p if isinstance(p, PromptInput) else PromptInput.from_inputs(p) for p in prompts]
     if prompt_keys is not None and len(prompt_keys) != len(prompts):
         raise ValueError(f"{len(prompt_keys)} prompt keys for {len(prompts)} prompts")
+    # padded rows need a core attention that applies the padding mask (the project's decode attention
+    # does for every spec; TE's own, used only when a capture hook is set, does not)
+    allow_padding = rotated_cache_supported(model) or getattr(model, "backend", "local") != "te"
     chunks = plan_chunks([len(p) for p in prompts], num_samples, config.max_new_tokens, config.kv_cache_tokens,
-                         allow_padding=getattr(model, "backend", "local") != "te")
+                         allow_padding=allow_padding)
     results: list[list[Response | None]] = [[None] * num_samples for _ in prompts]
     was_training = model.training
     model.eval()

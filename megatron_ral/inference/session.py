@@ -7,10 +7,11 @@ without padding need no mask.
 
 Positions (M-RoPE): the prompt's (3, L) ids come from the model's rope index; a generated token
 gets ``cache_position + rope_delta`` in all three rows, where cache_position counts the row's real
-tokens before it. With the local layer spec the cache holds rotated keys (see ``attention``) and a
-step needs only the new token's positions. Otherwise megatron's static KV path stores keys before
-rotation and slices the rotary table by absolute column, so every step passes the position ids of
-all columns so far (kept in a (3, B, capacity) buffer).
+tokens before it. The cache holds rotated keys and the project's decode attention serves every step,
+whatever the layer spec (see ``attention``), so a step needs only the new token's positions. Only
+when a capture hook is set on the last layer does megatron's own static KV path run: it stores keys
+before rotation and slices the rotary table by absolute column, so every step then passes the
+position ids of all columns so far (kept in a (3, B, capacity) buffer).
 """
 
 from __future__ import annotations
@@ -99,10 +100,11 @@ class DecodeSession:
         seq = max(lengths)
         capacity = seq + max(max_new_tokens - 1, 0)
         batch = len(prompts)
-        if getattr(model, "backend", "local") == "te" and min(lengths) != seq:
-            # TE's causal attention ignores the padding mask: padded rows would silently be wrong.
-            raise NotImplementedError("prompts of different lengths in one prefill need the local layer spec; "
-                                      "with Transformer Engine batch equal-length prompts (generate() does)")
+        if self.rotary is None and not model.core_attention_reads_masks() and min(lengths) != seq:
+            # megatron's own path under TE (a capture hook is set): TE's causal attention would ignore
+            # the padding mask and padded rows would silently be wrong.
+            raise NotImplementedError("prompts of different lengths in one prefill need the project's decode "
+                                      "attention (no capture hook set) or the local layer spec")
         dev = self.device
         ids = torch.full((batch, seq), _pad_token_id(model), dtype=torch.long, device=dev)
         self.positions = torch.zeros(3, batch, capacity, dtype=torch.long, device=dev)

@@ -97,12 +97,25 @@ def rank_and_world(environ: Mapping[str, str] | None = None) -> tuple[int, int]:
     return 0, 1
 
 
+def local_rank_from_env(environ: Mapping[str, str] | None = None) -> int:
+    """This process's rank on its node, by the precedence of :func:`resolve_launch_env`: torchrun's
+    ``LOCAL_RANK`` (``RANK`` when a launcher exports ``RANK``/``WORLD_SIZE`` without it), else SLURM's
+    ``SLURM_LOCALID``, else 0. Reads only variables (no rendezvous side effects), so data-loader
+    workers can call it: they inherit the variables (``initialize`` exports them under SLURM)."""
+    environ = os.environ if environ is None else environ
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        return _int(environ, "LOCAL_RANK") if "LOCAL_RANK" in environ else _int(environ, "RANK")
+    if "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
+        return _int(environ, "SLURM_LOCALID") if "SLURM_LOCALID" in environ else 0
+    return 0
+
+
 def resolve_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
     """Read the launcher's variables (see the module docstring for the precedence)."""
     environ = os.environ if environ is None else environ
     if "RANK" in environ and "WORLD_SIZE" in environ:
         rank, world = _int(environ, "RANK"), _int(environ, "WORLD_SIZE")
-        local = _int(environ, "LOCAL_RANK") if "LOCAL_RANK" in environ else rank
+        local = local_rank_from_env(environ)
         addr = environ.get("MASTER_ADDR", "127.0.0.1")
         port = _int(environ, "MASTER_PORT") if "MASTER_PORT" in environ else 29500
         return LaunchEnv(rank, world, local, addr, port, "torchrun")
@@ -111,7 +124,7 @@ def resolve_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
         if not nodelist:
             raise ValueError("SLURM_PROCID is set but neither SLURM_JOB_NODELIST nor SLURM_NODELIST is")
         rank, world = _int(environ, "SLURM_PROCID"), _int(environ, "SLURM_NTASKS")
-        local = _int(environ, "SLURM_LOCALID") if "SLURM_LOCALID" in environ else 0
+        local = local_rank_from_env(environ)
         addr = environ.get("MASTER_ADDR") or first_slurm_host(nodelist)
         if "MASTER_PORT" in environ:
             port = _int(environ, "MASTER_PORT")

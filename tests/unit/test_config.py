@@ -68,6 +68,9 @@ def test_yaml_and_overrides(tmp_path):
     (["data.video_backend=ffmpeg"], None, "data.video_backend", "auto|dali|pyav"),
     (["data.fps=0"], None, "data.fps", "> 0"),
     (["model.rope_text_after_vision=hf"], None, "model.rope_text_after_vision", "one of"),
+    (["model.attention_backend=sdpa"], None, "model.attention_backend", "one of"),
+    (["data.video_untagged_matrix=srgb"], None, "data.video_untagged_matrix", "auto|bt601|bt709"),
+    (["model.attention_backend=flash", "model.dtype=fp32"], None, "model.attention_backend", "needs bf16 or fp16"),
 ])
 def test_rule_names_key(overrides, world, key, words):
     e = err(overrides, world_size=world)

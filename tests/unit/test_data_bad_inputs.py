@@ -164,3 +164,26 @@ def test_one_bad_file_does_not_stop_training(media, processor):
     loader = VisionDataLoader(cfg, processor, [path], batch_size=3, num_epochs=1)
     assert sum(len(b) for b in loader) == n_good
     assert loader.metrics()["data/skipped/missing_file"] == 1
+
+
+def test_dali_gpu_pipeline_that_cannot_be_built_is_a_counted_failure(media, processor, monkeypatch):
+    """The GPU pipeline is built inside the decoder's error handling, on the rank's device: task 7 of a
+    job with one GPU per task asks for device 0 (this machine has none, so the real build fails)."""
+    root, good = media
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)   # one GPU bound to this task
+    for k, v in {"SLURM_PROCID": "7", "SLURM_NTASKS": "8", "SLURM_LOCALID": "7", "SLURM_JOB_NODELIST": "g1"}.items():
+        monkeypatch.setenv(k, v)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    videos = [r for r in good if r["data_type"] == "video"][:3]
+    path, _ = _write_records(root, videos, [])
+    cfg = DataConfig(media_root=root, num_workers=0, max_failure_fraction=1.0, shuffle=False, dali_device="gpu",
+                     video_backend="dali", **SMALL)
+    decoders = VideoDecoders("dali", "gpu")
+    with pytest.raises(MediaError) as err:
+        video_input(os.path.join(root, videos[0]["path"]), VisionParams(), MediaOptions.from_config(cfg), decoders)
+    assert err.value.reason == "decoder_failed"
+    assert "DALI pipeline on gpu:0 could not be built" in err.value.detail
+    loader = VisionDataLoader(cfg, processor, [path], batch_size=2, num_epochs=1)
+    assert list(loader) == []
+    assert loader.metrics()["data/skipped/decoder_failed"] == len(videos)

@@ -100,3 +100,19 @@ def test_batch_layout_for_the_model(setup):
     # Left padding: the last column is real for every row.
     assert bool(batch.attention_mask[:, -1].all())
     assert set(batch.model_inputs()) >= {"input_ids", "attention_mask", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"}
+
+
+def test_dali_gpu_decoding_caps_the_worker_processes(setup):
+    """Each worker that decodes with DALI on the GPU holds its own CUDA context, NVDEC decoder and DALI
+    pools: data.dali_gpu_workers bounds them (the device is only named here, nothing is decoded)."""
+    proc, root, train = setup
+    cpu = VisionDataLoader(DataConfig(media_root=root, num_workers=3, dali_device="cpu", **SMALL), proc, [train])
+    assert cpu.worker_count() == 3 and cpu.worker_count(start=len(cpu) - 2) == 2
+    gpu = VisionDataLoader(DataConfig(media_root=root, num_workers=3, dali_device="gpu", **SMALL), proc, [train])
+    assert gpu.builder.decoders.uses_gpu and gpu.worker_count() == 1
+    two = VisionDataLoader(DataConfig(media_root=root, num_workers=3, dali_device="gpu", dali_gpu_workers=2, **SMALL),
+                           proc, [train])
+    assert two.worker_count() == 2
+    pyav = VisionDataLoader(DataConfig(media_root=root, num_workers=3, dali_device="gpu", video_backend="pyav",
+                                       **SMALL), proc, [train])
+    assert pyav.worker_count() == 3  # PyAV decodes on the CPU: no GPU state per worker

@@ -6,7 +6,11 @@ model's own attention path.
   blocks) and an explicit mask;
 - generation through the rotated-key cache equals generation through megatron's own static KV path
   (forced by setting a capture hook on the last layer, which disables the swap): same tokens and
-  log-probs, and the swap is undone afterwards.
+  log-probs, and the swap is undone afterwards;
+- the decode path does not depend on the layer spec: with the Transformer Engine spec named (only the
+  backend name is set on this CPU model) generation gives the same tokens and log-probs, an unmasked
+  prefill runs the spec's own core attention once per layer, and nothing else does (decode steps,
+  masked prefills).
 """
 
 import math
@@ -93,3 +97,31 @@ def test_rotated_cache_equals_megatron_static_path(model):
                    for layer in model.language_model.decoder.layers)
     assert [layer.self_attention.core_attention for layer in model.language_model.decoder.layers] == originals
     assert model.language_model.position_embedding_type == "mrope"
+
+
+def test_decode_path_is_the_same_under_the_te_spec(model, monkeypatch):
+    prompts = list(standard_prompts().values())
+    cfg = GenerationConfig(temperature=0.8, top_p=0.9, max_new_tokens=12)
+    ragged = generate(model, prompts, cfg, num_samples=2, seed=3, stop_token_ids=[])
+    single = [generate(model, [p], cfg, num_samples=2, seed=3, stop_token_ids=[])[0] for p in prompts]
+
+    calls: list[int] = []   # query lengths seen by the spec's own core attention modules
+    layers = model.language_model.decoder.layers
+    hooks = [layer.self_attention.core_attention.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+             for layer in layers]
+    monkeypatch.setattr(model, "backend", "te")
+    try:
+        assert rotated_cache_supported(model) and DecodeSession(model).rotary is not None
+        te_ragged = generate(model, prompts, cfg, num_samples=2, seed=3, stop_token_ids=[])
+        ragged_calls = list(calls)
+        te_single = [generate(model, [p], cfg, num_samples=2, seed=3, stop_token_ids=[])[0] for p in prompts]
+    finally:
+        for h in hooks:
+            h.remove()
+    assert ragged_calls == []  # left-padded prefill and every decode step: the project's attention
+    assert calls == [len(p) for p in prompts for _ in layers]  # one causal prefill per prompt and layer
+    for ours, ref in ((te_ragged, ragged), (te_single, single)):
+        for po, pr in zip(ours, ref):
+            for ro, rr in zip(po, pr):
+                assert ro.token_ids.tolist() == rr.token_ids.tolist()
+                torch.testing.assert_close(ro.logprobs, rr.logprobs, atol=1e-4, rtol=0)

@@ -158,3 +158,37 @@ def test_vision_replicas_are_identical_whatever_the_rng_state():
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert a["patch_embed.proj.weight"].dtype == torch.bfloat16
     assert cfg.vision_config.dtype == dtype_before  # the caller's config is not modified
+
+
+def test_attention_backend_reaches_megatron_and_conflicting_nvte_variables_are_named(monkeypatch):
+    from megatron.core.transformer.enums import AttnBackend
+
+    from megatron_ral.config.errors import ConfigError
+    from megatron_ral.models.qwen25vl.provider import check_attention_backend
+
+    hf = tiny_hf_config("tiny")
+    # the values megatron-core writes for "fused"; monkeypatch restores the environment afterwards
+    for name, value in (("NVTE_FLASH_ATTN", "0"), ("NVTE_FUSED_ATTN", "1"), ("NVTE_UNFUSED_ATTN", "0")):
+        monkeypatch.setenv(name, value)
+    model = build_model(hf, backend="local", attention_backend="fused", dtype=torch.float32)
+    assert model.config.attention_backend == AttnBackend.fused
+    # "auto" (the default) with a variable a launcher exported to switch flash attention off
+    with pytest.raises(ConfigError) as err:
+        build_model(hf, backend="local", dtype=torch.float32)
+    msg = str(err.value)
+    assert msg.startswith("config error: model.attention_backend: 'auto' needs NVTE_FLASH_ATTN=1")
+    assert "the environment has NVTE_FLASH_ATTN=0, NVTE_UNFUSED_ATTN=0" in msg and "\n" not in msg
+    check_attention_backend("flash", {"NVTE_FLASH_ATTN": "1"})   # consistent or unset: fine
+    check_attention_backend("auto", {})
+    with pytest.raises(ConfigError, match="must be one of auto, flash, fused, unfused"):
+        check_attention_backend("sdpa", {})
+
+
+def test_default_dtype_is_bf16_with_cuda_and_fp32_without(monkeypatch):
+    """What dtype=None (model.dtype=auto, tools' --dtype auto) resolves to; only CUDA's presence is mocked."""
+    from megatron_ral.models.qwen25vl.provider import default_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_dtype() == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert default_dtype() == torch.bfloat16

@@ -1,1 +1,2 @@
-"""Video decoding: container probing, Qwen frame sampling, DALI and PyAV backends, backend choice."""
+"""Video decoding: container probing, Qwen frame sampling, DALI and PyAV backends, backend choice, and the
+YUV -> RGB step both backends share (``colour``)."""

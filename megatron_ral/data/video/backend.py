@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
 
+from megatron_ral.data.video.colour import DALI_MATRIX, ColourSpec
 from megatron_ral.data.video.dali_backend import DaliDecoder, dali_available, dali_codecs
 from megatron_ral.data.video.pyav_backend import PyAVDecoder
 
@@ -33,19 +33,16 @@ def resolve_dali_device(dali_device: str) -> str:
     return dali_device
 
 
-def cuda_device_id() -> int:
-    """This rank's CUDA device: ``LOCAL_RANK`` when the launcher set it (spawned data workers inherit it
-    but not the parent's ``torch.cuda.set_device``), else the current device."""
-    local = os.environ.get("LOCAL_RANK")
-    return int(local) if local is not None else torch.cuda.current_device()
-
-
-def select_backend(codec: str, backend: str, dali_device: str, have_dali: bool | None = None) -> BackendChoice:
-    """Which decoder serves `codec`.
+def select_backend(codec: str, backend: str, dali_device: str, have_dali: bool | None = None,
+                   colour: ColourSpec | None = None) -> BackendChoice:
+    """Which decoder serves `codec` (with ``colour``, the stream's Y'CbCr matrix, when known).
 
     auto: DALI when it is installed and decodes the codec on this device (CPU: VP8/VP9/MJPEG; GPU:
-    also H.264/HEVC/AV1/MPEG-4), PyAV otherwise. dali/pyav: that backend, or a ValueError naming the
-    codec when DALI cannot decode it here.
+    also H.264/HEVC/AV1/MPEG-4), PyAV otherwise. On the CPU, a stream whose matrix is not BT.601 goes
+    to PyAV: DALI converts with a fixed BT.601 matrix, and undoing it cannot restore the colours it
+    clipped, while PyAV is as fast there. On the GPU, DALI (NVDEC) stays and its matrix is undone
+    (colour.rematrix). dali/pyav: that backend, or a ValueError naming the codec when DALI cannot
+    decode it here.
     """
     if backend not in ("auto", "dali", "pyav"):
         raise ValueError(f"video backend must be auto|dali|pyav, got {backend!r}")
@@ -63,6 +60,9 @@ def select_backend(codec: str, backend: str, dali_device: str, have_dali: bool |
                 f"(it decodes {', '.join(sorted(dali_codecs(device)))} there); use auto or pyav"
             )
         return BackendChoice("dali", device, "data.video_backend=dali")
+    if dali_ok and device == "cpu" and colour is not None and colour.matrix != DALI_MATRIX:
+        return BackendChoice("pyav", "cpu",
+                             f"DALI on cpu converts with a fixed BT.601 matrix; the stream is {colour.matrix}")
     if dali_ok:
         return BackendChoice("dali", device, f"DALI decodes {codec} on {device}")
     if not have_dali:
@@ -89,14 +89,14 @@ class VideoDecoders:
         self._dali: DaliDecoder | None = None
         self._pyav: PyAVDecoder | None = None
 
-    def choose(self, codec: str) -> BackendChoice:
-        return select_backend(codec, self.backend, self.dali_device)
+    def choose(self, codec: str, colour: ColourSpec | None = None) -> BackendChoice:
+        return select_backend(codec, self.backend, self.dali_device, colour=colour)
 
     def decoder(self, choice: BackendChoice):
         if choice.backend == "dali":
             if self._dali is None:
-                device_id = cuda_device_id() if choice.device == "gpu" else 0
-                self._dali = DaliDecoder(choice.device, device_id, self.dali_threads)
+                # on GPU the device is resolved when the pipeline is built, in the process that decodes
+                self._dali = DaliDecoder(choice.device, num_threads=self.dali_threads)
             return self._dali
         if self._pyav is None:
             self._pyav = PyAVDecoder(self.pyav_threads)

@@ -76,7 +76,7 @@ def _run_backend(backend: str, paths: list[str], fps: float, max_frames: int, re
     baseline = _rss_mb()
     # Warm-up: build the pipeline / load codecs on the first clip (not timed).
     info = probe_video(paths[0])
-    choice = decoders.choose(info.codec)
+    choice = decoders.choose(info.codec, info.colour)
     decoders.decoder(choice).decode(info, [0])
     frames, seconds, cpu = 0, 0.0, 0.0
     for _ in range(repeats):

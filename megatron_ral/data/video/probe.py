@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 
 from megatron_ral.data.errors import MediaError
+from megatron_ral.data.video.colour import ColourSpec, resolve_colour
 
 
 @dataclass(frozen=True)
@@ -16,6 +17,8 @@ class VideoInfo:
     not trust a container header that may be missing (WebM) or wrong (truncated files).
     frame_pts: presentation timestamps in display order (frame i has pts frame_pts[i]), None when
     the stream has none; keyframes: frame indices of keyframes (ascending).
+    colour: the Y'CbCr matrix and range of the stream (its tags, or the untagged rule), which both
+    decoders convert with (see colour.py).
     """
 
     path: str
@@ -27,6 +30,7 @@ class VideoInfo:
     pix_fmt: str | None = None
     frame_pts: list[int] | None = field(default=None, repr=False)
     keyframes: list[int] = field(default_factory=list, repr=False)
+    colour: ColourSpec = field(default_factory=ColourSpec)
 
     @property
     def duration(self) -> float:
@@ -57,8 +61,9 @@ def _announced_frames(container, stream, rate) -> int | None:
     return int(round(seconds * float(rate))) if seconds else None
 
 
-def probe_video(path: str) -> VideoInfo:
-    """Demux (no decode) the first video stream of `path` with PyAV."""
+def probe_video(path: str, untagged_matrix: str = "auto") -> VideoInfo:
+    """Demux (no decode) the first video stream of `path` with PyAV. ``untagged_matrix``: the Y'CbCr
+    matrix of a stream without a matrix tag ("auto": BT.601 for SD, BT.709 for HD; see colour.py)."""
     import av
 
     check_file(path)
@@ -74,6 +79,7 @@ def probe_video(path: str) -> VideoInfo:
         codec = ctx.name
         width, height = ctx.width, ctx.height
         pix_fmt = ctx.pix_fmt
+        colour_tags = (ctx.colorspace, ctx.color_range)
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         announced = _announced_frames(container, stream, rate)
         pts: list[int | None] = []
@@ -106,4 +112,5 @@ def probe_video(path: str) -> VideoInfo:
             keyframes = [rank for rank, i in enumerate(order) if keys[i]] or [0]
         else:
             frame_pts = None
-    return VideoInfo(path, codec, width, height, len(pts), fps, pix_fmt, frame_pts, keyframes)
+    colour = resolve_colour(*colour_tags, pix_fmt, width, height, untagged_matrix, codec)
+    return VideoInfo(path, codec, width, height, len(pts), fps, pix_fmt, frame_pts, keyframes, colour)

@@ -1,4 +1,8 @@
-"""PyAV (FFmpeg) video decoding of explicit frame indices on CPU."""
+"""PyAV (FFmpeg) video decoding of explicit frame indices on CPU.
+
+FFmpeg decodes to Y'CbCr planes; the conversion to RGB is the shared torch step of ``colour.py`` with the
+stream's matrix and range (``VideoInfo.colour``), the same one DALI's output goes through.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +10,14 @@ import numpy as np
 import torch
 
 from megatron_ral.data.errors import MediaError
+from megatron_ral.data.video.colour import ColourSpec, frame_planes, planes_to_rgb
 from megatron_ral.data.video.probe import VideoInfo
 
 
-def _rgb_flags():
-    from av.video.reformatter import Interpolation
-
-    # Bilinear chroma upsampling with accurate rounding: the same YUV->RGB conversion as DALI's
-    # decoder, so both backends give identical pixels for the same frame.
-    return Interpolation.BILINEAR | Interpolation.FULL_CHR_H_INT | Interpolation.ACCURATE_RND
-
-
-def _to_rgb(frame) -> np.ndarray:
-    return frame.reformat(format="rgb24", interpolation=_rgb_flags()).to_ndarray()
+def _to_rgb(frame, colour: ColourSpec) -> torch.Tensor:
+    """uint8 RGB [3, H, W] of one decoded frame."""
+    y, cb, cr = (torch.from_numpy(p)[None] for p in frame_planes(frame))
+    return planes_to_rgb(y, cb, cr, colour)[0]
 
 
 class PyAVDecoder:
@@ -42,13 +41,13 @@ class PyAVDecoder:
         if min(indices) < 0 or max(indices) >= info.total_frames:
             raise ValueError(f"frame indices out of range [0, {info.total_frames}) for {info.path}")
         wanted = sorted(set(indices))
-        got: dict[int, np.ndarray] = {}
+        got: dict[int, torch.Tensor] = {}
         try:
             with av.open(info.path) as container:
                 stream = container.streams.video[0]
                 stream.thread_count = self.threads
                 if info.frame_pts is None:
-                    self._decode_sequential(container, stream, wanted, got)
+                    self._decode_sequential(container, stream, info, wanted, got)
                 else:
                     self._decode_seeking(container, stream, info, wanted, got)
             if len(got) < len(wanted) and info.frame_pts is not None:
@@ -56,7 +55,7 @@ class PyAVDecoder:
                 with av.open(info.path) as container:
                     stream = container.streams.video[0]
                     stream.thread_count = self.threads
-                    self._decode_sequential(container, stream, [i for i in wanted if i not in got], got)
+                    self._decode_sequential(container, stream, info, [i for i in wanted if i not in got], got)
         except MediaError:
             raise
         except Exception as e:
@@ -69,16 +68,15 @@ class PyAVDecoder:
                 info.path,
                 f"{len(missing)} of {len(wanted)} sampled frames did not decode (first missing index {missing[0]}, {info.total_frames} frames in container)",
             )
-        out = np.stack([got[i] for i in indices])
-        return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+        return torch.stack([got[i] for i in indices])
 
     @staticmethod
-    def _decode_sequential(container, stream, wanted: list[int], got: dict) -> None:
+    def _decode_sequential(container, stream, info: VideoInfo, wanted: list[int], got: dict) -> None:
         targets = set(wanted)
         last = wanted[-1]
         for idx, frame in enumerate(container.decode(stream)):
             if idx in targets and idx not in got:
-                got[idx] = _to_rgb(frame)
+                got[idx] = _to_rgb(frame, info.colour)
             if idx >= last:
                 break
 
@@ -102,7 +100,7 @@ class PyAVDecoder:
                     continue
                 pos = idx
                 if idx in wanted_set and idx not in got:
-                    got[idx] = _to_rgb(frame)
+                    got[idx] = _to_rgb(frame, info.colour)
                 if idx >= target:
                     break
             else:

@@ -120,6 +120,15 @@ class Qwen25VLModel(MegatronModule):
             return None
         return layers[-1].self_attention.core_attention
 
+    def core_attention_reads_masks(self) -> bool:
+        """Whether the core attention of this stage's layers applies an ``attention_mask``: megatron's
+        local module does; Transformer Engine's, built with the causal mask type, ignores it. A module
+        swapped in for generation may declare ``reads_attention_mask`` (inference.attention does)."""
+        layers = self.language_model.decoder.layers
+        if len(layers) and all(getattr(l.self_attention.core_attention, "reads_attention_mask", False) for l in layers):
+            return True
+        return self.backend != "te"
+
     def train(self, mode: bool = True):
         super().train(mode)
         if self.vision_model is not None:
@@ -211,9 +220,11 @@ class Qwen25VLModel(MegatronModule):
         when ``labels`` are given; on non-last pipeline stages the hidden states (S, B, H).
 
         ``attention_mask``: an HF (B, S) padding mask (1 = real token), a megatron (B, 1, S, S)
-        bool mask (True = masked), or None (causal). ``position_ids`` (3, B, S) are computed from
-        input_ids / grids / second_per_grid_ts / padding when None (prompt-style inputs; pass them
-        explicitly for KV-cache decode steps). ``vision_embeddings`` replaces pixel inputs with
+        bool mask (True = masked), or None (causal). With the Transformer Engine spec only None and
+        right padding are accepted (a ValueError otherwise: TE's causal layers would ignore the mask),
+        except during generation, whose core attention applies masks. ``position_ids`` (3, B, S) are
+        computed from input_ids / grids / second_per_grid_ts / padding when None (prompt-style inputs;
+        pass them explicitly for KV-cache decode steps). ``vision_embeddings`` replaces pixel inputs with
         features from :meth:`encode_vision` (e.g. computed once for G responses of a prompt).
         ``temperature`` divides the logits before the per-token loss (log-probs of the sampling
         distribution softmax(logits / T)); logits are returned unscaled.
@@ -227,11 +238,18 @@ class Qwen25VLModel(MegatronModule):
             )
         if padding_mask is not None:
             attention_mask = attention_mask_from_padding(padding_mask)
-            if attention_mask is not None and self.backend == "te":
-                raise NotImplementedError(
-                    "left/inner padding masks are not supported with the Transformer Engine spec; "
-                    "right-pad the batch (causal attention is then exact for real tokens)"
+            if attention_mask is not None and not self.core_attention_reads_masks():
+                raise ValueError(
+                    "left/inner padding needs an attention mask, which the Transformer Engine layer spec ignores "
+                    "(its layers apply their causal mask type only); right-pad the batch (causal attention is then "
+                    "exact for real tokens) or use the local layer spec"
                 )
+        elif attention_mask is not None and not self.core_attention_reads_masks():
+            raise ValueError(
+                "a 4-D attention_mask was given, but the Transformer Engine layer spec would ignore it (its layers "
+                "apply their causal mask type only; TE reads a mask only for padding/arbitrary mask types); pass "
+                "None for causal attention, right-pad instead of masking, or use the local layer spec"
+            )
 
         decoder_input = None
         if self.pre_process:

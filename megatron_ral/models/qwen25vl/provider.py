@@ -221,8 +221,47 @@ def transformer_config_from_hf(
     )
     if split is not None:
         kwargs["pipeline_model_parallel_layout"] = pipeline_layout(split, arch.num_layers, pp)
+    for name in _ROPE_FUSIONS:
+        if overrides.get(name):
+            raise ValueError(
+                f"{name}=True is not supported: Transformer Engine's fused RoPE kernels index the frequencies by "
+                "position (within each packed sequence), while M-RoPE gives every token its own "
+                "(temporal, height, width) frequencies"
+            )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
+
+
+# megatron-core switches that route RoPE through Transformer Engine's fused kernels
+_ROPE_FUSIONS = ("apply_rope_fusion", "fused_single_qkv_rope")
+
+
+# What megatron-core's LanguageModule._set_attention_backend writes into the environment for each
+# TransformerConfig.attention_backend (NVTE_FLASH_ATTN, NVTE_FUSED_ATTN, NVTE_UNFUSED_ATTN); it asserts
+# that a variable already set has that value, for every layer spec (the local one included).
+ATTENTION_BACKENDS = {"auto": (1, 1, 1), "flash": (1, 0, 0), "fused": (0, 1, 0), "unfused": (0, 0, 1)}
+NVTE_VARIABLES = ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")
+
+
+def check_attention_backend(attention_backend: str, environ=None) -> None:
+    """Raise ConfigError (one line, naming ``model.attention_backend``) when the environment holds an
+    ``NVTE_*`` attention variable megatron-core would refuse for this backend, instead of its assertion
+    deep inside the model constructor."""
+    from megatron_ral.config.errors import ConfigError
+
+    if attention_backend not in ATTENTION_BACKENDS:
+        raise ConfigError("model.attention_backend",
+                          f"must be one of {', '.join(ATTENTION_BACKENDS)}; got {attention_backend!r}")
+    environ = os.environ if environ is None else environ
+    expected = dict(zip(NVTE_VARIABLES, ATTENTION_BACKENDS[attention_backend]))
+    wrong = [f"{k}={environ[k]}" for k, v in expected.items() if k in environ and environ[k] != str(v)]
+    if wrong:
+        want = ", ".join(f"{k}={v}" for k, v in expected.items())
+        raise ConfigError(
+            "model.attention_backend",
+            f"{attention_backend!r} needs {want}, but the environment has {', '.join(wrong)} (set by the launcher, "
+            "or by a model built earlier in this process with another backend); unset the NVTE_*_ATTN variables "
+            "and choose the kernel with model.attention_backend (flash, fused or unfused)")
 
 
 def build_model(
@@ -230,6 +269,7 @@ def build_model(
     parallel=None,
     *,
     backend: str = "auto",
+    attention_backend: str = "auto",
     dtype: torch.dtype | None = None,
     pre_process: bool | None = None,
     post_process: bool | None = None,
@@ -242,17 +282,29 @@ def build_model(
     """The Qwen25VLModel of this rank's pipeline stage (megatron parallel_state must be initialized).
 
     pre_process / post_process default to whether this rank is the first / last pipeline stage.
+    ``backend``: the layer spec ("auto", "local", "te"; model.layer_spec). ``attention_backend``:
+    Transformer Engine's attention kernel ("auto", "flash", "fused", "unfused"; model.attention_backend),
+    checked against the ``NVTE_*_ATTN`` environment variables first (see check_attention_backend).
     ``last_layer_core_attention``: core attention of the last decoder layer; "capture" (default) is
     the backend's module with a capture hook (capture.py), None the plain one (see layer_specs).
+
+    The parameters are created in ``dtype`` (bf16 on GPU by default). Never wrap the returned model in
+    megatron's ``Float16Module`` (megatron-lm's training loop does for bf16/fp16): it calls
+    ``module.bfloat16()`` on the whole model, which also casts the fp32 buffers, among them the vision
+    tower's rotary ``inv_freq`` (and the LM's), whose bf16 rounding shifts the 2-D rotary angles of
+    every patch; the tower's activations stay in the parameters' dtype without it.
     """
     from megatron.core import parallel_state
+    from megatron.core.transformer.enums import AttnBackend
 
     from megatron_ral.models.qwen25vl.layer_specs import decoder_block_spec, resolve_backend
     from megatron_ral.models.qwen25vl.model import Qwen25VLModel
 
     hf_config = load_hf_config(hf_config)
-    backend = resolve_backend(backend)
+    check_attention_backend(attention_backend)
+    config_overrides.setdefault("attention_backend", AttnBackend[attention_backend])
     config = transformer_config_from_hf(hf_config, parallel, dtype=dtype, **config_overrides)
+    backend = resolve_backend(backend)
     if config.sequence_parallel and backend != "te":
         raise ValueError("sequence_parallel needs the Transformer Engine layer spec (megatron's torch norms refuse it)")
     if pre_process is None:
