@@ -100,8 +100,8 @@ class _Ours:
         return PassContext(model=self.chunks, vision=encode_prompts_vision(self.model, self.prompts),
                            temperature=self.s.temperature)
 
-    def current_logprobs(self, given: GivenBatch) -> list[torch.Tensor]:
-        """log pi_theta of every given response token (the old-policy pass), per sequence."""
+    def current_logprobs(self, given: GivenBatch) -> list[list[torch.Tensor]]:
+        """log pi_theta of every given response token (the old-policy pass), [P][G]."""
         from megatron_ral.rl.passes import old_pass
 
         batch = self.rollout_batch(given)
@@ -307,7 +307,7 @@ def compare_losses(case: LossCase, s: GRPOSettings, loss_types: tuple[str, ...] 
             entry = {"aggregation": aggregation, "loss_ours": loss_ours, "loss_trl": loss_trl,
                      "loss_abs_diff": abs(loss_ours - loss_trl)}
             entry.update(compare_grads(grads_ours, mapped))
-            entry.update({"micro_batches_ours": info["micro_batches"],
+            entry.update({"micro_batches_ours": info["micro_batches"], "kl_term_ours": info["kl"],
                           "clipped_token_frac": info["clipped_tokens"] / max(info["tokens"], 1.0)})
             result["loss_types"][loss_type] = entry
             del trainer, extra, grads_trl, mapped

@@ -39,10 +39,14 @@ from megatron_ral.errors import UserError
 # TRL version the comparison was written and measured against (the [bench] extra pins it).
 TRL_VERSION = "1.16.0"
 
-# Our loss_aggregation -> the TRL loss types that compute the same loss (one optimizer step on one
-# mini-batch, no gradient accumulation): grpo = mean over sequences of the token mean; bnpo = token mean
-# over the local batch; dapo = token sum over the tokens of the whole generation batch (the same with one
-# step per mini-batch); dr_grpo = token sum / (sequences x max_completion_length).
+# Our loss_aggregation -> the TRL loss types that compute the same mini-batch loss when an optimizer step
+# sees the whole mini-batch at once (TRL: gradient_accumulation_steps=1, as here):
+#   grpo     mean over sequences of each sequence's token mean        = seq_mean_token_mean
+#   bnpo     token mean over the per-device batch (= the mini-batch)    = token_mean
+#   dapo     token sum / (generation-batch tokens / steps_per_generation): = token_mean with one mini-batch
+#            per rollout batch (the loss check); with several, TRL divides by their mean token count, ours by
+#            each mini-batch's own
+#   dr_grpo  token sum / (sequences x max_completion_length)           = seq_mean_token_sum_norm
 LOSS_TYPES = {
     "seq_mean_token_mean": ("grpo",),
     "token_mean": ("bnpo", "dapo"),

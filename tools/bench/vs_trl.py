@@ -4,7 +4,7 @@
     python tools/bench/vs_trl.py [--work DIR] [--prompts 4] [--group 8] [--max-new-tokens 128]
         [--updates 2] [--epochs 1] [--temperature 1.0] [--kl-beta 0.04] [--clip-eps 0.2]
         [--loss-aggregation seq_mean_token_mean] [--warmup 1] [--steps 3] [--threads 1]
-        [--image-size 224] [--allow-stop] [--skip-throughput] [--skip-loss] [--out FILE.json]
+        [--image-size 224] [--repeats 1] [--trl-attn sdpa|eager] [--allow-stop] [--skip-throughput] [--skip-loss] [--out FILE.json]
 
 Needs TRL (``pip install -e ".[bench]"``); without it, one line and exit code 2.
 
@@ -12,8 +12,9 @@ Throughput: the same `small`-preset checkpoint (fp32; converted to Megatron for 
 directory for TRL), the same synthetic image prompts in the same order, the same reward
 (megatron_ral.rl.rewards.score), G, temperature, max new tokens, clip range, KL beta, aggregation and
 optimizer steps per rollout batch (TRL: steps_per_generation x num_iterations), one CPU process each
-with the same torch thread count. Each side runs in its own process, one after the other; `warmup`
-steps are left out of the figures. Reported: prompts/s (wall and CPU time), ours / TRL, phase breakdown.
+with the same torch thread count. Each side runs in its own process, one after the other (--repeats:
+alternating, the best run of each compared); `warmup` steps are left out of the figures. Reported:
+prompts/s (wall and CPU time), ours / TRL, phase breakdown, the load average around each run.
 
 Loss equality: one identical batch (same prompts, responses, advantages, old and reference log-probs)
 through our loss (the trainer's micro-batched schedule, global normaliser) and TRL's compute_loss, for
@@ -61,6 +62,10 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, default=1, help="rollout batches left out of the figures")
     p.add_argument("--steps", type=int, default=3, help="measured rollout batches")
     p.add_argument("--threads", type=int, default=1, help="torch threads of each side")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs of each side, alternating (the best of each is compared; all are listed)")
+    p.add_argument("--trl-attn", default="sdpa", choices=["sdpa", "eager"],
+                   help="transformers attention of TRL's policy and reference (sdpa: transformers' default)")
     p.add_argument("--allow-stop", action="store_true",
                    help="let responses stop at a stop token (default: exactly max-new-tokens on both sides)")
     p.add_argument("--loss-prompts", type=int, default=2)
@@ -100,7 +105,7 @@ def run_part(args) -> dict:
                           run_dir=os.path.join(args.work, "run_ours"), allow_stop=args.allow_stop)
     if args.part == "trl":
         return B.run_trl(assets, s, args.warmup, args.steps, output_dir=os.path.join(args.work, "run_trl"),
-                         allow_stop=args.allow_stop)
+                         allow_stop=args.allow_stop, attn_implementation=args.trl_attn)
     from megatron_ral.config.schema import ParallelConfig
     from megatron_ral.platform import destroy, initialize
     from megatron_ral.rl.trl_parity import LossCase, compare_losses
@@ -119,7 +124,7 @@ def child_argv(args) -> list[str]:
     """The parsed flags again, for a child process (everything but the parent-only ones)."""
     out = []
     for key, value in vars(args).items():
-        if key in ("work", "out", "part", "skip_throughput", "skip_loss"):
+        if key in ("work", "out", "part", "skip_throughput", "skip_loss", "repeats"):
             continue
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
@@ -169,8 +174,10 @@ def main(argv=None) -> int:
         if not args.skip_loss:
             result["loss_equality"] = child(args, "loss")
         if not args.skip_throughput:
-            ours = child(args, "ours")
-            trl = child(args, "trl")
+            ours, trl = [], []
+            for _ in range(args.repeats):
+                ours.append(child(args, "ours"))
+                trl.append(child(args, "trl"))
             result["throughput"] = B.compare(ours, trl, s)
         else:
             result["settings"] = asdict(s)
