@@ -49,6 +49,9 @@ setup(
         "video": ["nvidia-dali-cuda120>=2.2", "av>=12"],
         "gpu": ["transformer-engine[pytorch]"],
         "test": ["pytest>=8", "pytest-timeout"],
+        # tools/bench/vs_trl.py only (the peer GRPO trainer it is compared with); never a core dependency.
+        # Pinned: the comparison drives GRPOTrainer's batch building and loss directly.
+        "bench": ["trl==1.16.0"],
     },
     entry_points={"console_scripts": CONSOLE_SCRIPTS},
 )
