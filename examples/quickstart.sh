@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# The end-to-end tour on the embedded default: a tiny random Qwen2.5-VL checkpoint and synthetic videos, on CPU.
+# The main job on the embedded default, on CPU in minutes: a tiny random Qwen2.5-VL learns synthetic video
+# and image questions by SFT, then RAL (GRPO + the attention loss) on 2 gloo processes; held-out accuracy
+# of the base, SFT and RL models; the final checkpoint exported to Hugging Face format.
 #
 #   bash examples/quickstart.sh                 # everything under runs/quickstart in the repository
 #   bash examples/quickstart.sh --out DIR       # or OUT=DIR; a non-empty DIR this script did not create is
 #                                               # refused (untouched) unless --force
 #
-# 1. set up .venv (torch first), 2. write the tiny HF checkpoint, 3. convert it to a Megatron-Core
-# distributed checkpoint and back to HF (bit-exact), 4. write a synthetic Video-R1-style dataset (VP9),
-# 5. preprocess one video exactly as Qwen2.5-VL does, 6. generate from it with the KV cache at TP=2 on
-# two gloo processes, 7. dump the last-layer attention-policy rows (the quantity RAL trains) for a response.
+# 1. set up .venv (torch first), 2. tiny HF checkpoint -> Megatron-Core checkpoint, 3. synthetic Video-R1
+# dataset with a held-out split, 4. SFT (examples/configs/quickstart_sft.yaml), 5. RAL from the SFT
+# checkpoint (examples/configs/quickstart_ral.yaml), 6. export to HF and load it with transformers,
+# 7. summary.json. Smaller runs for tests: RECORDS=N SFT_EPOCHS=E RL_STEPS=S.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+STARTED="$(date +%s)"
 
 # --- output directory: checked before anything else runs (examples/out_dir_guard.sh) -----------------
 source "$ROOT/examples/out_dir_guard.sh"
@@ -20,70 +23,65 @@ out_dir_claim "$OUT" "$FORCE"               # refuses a foreign non-empty direct
 
 cd "$ROOT"
 PRESET="${PRESET:-tiny}"
+RECORDS="${RECORDS:-400}"
+SFT_EPOCHS="${SFT_EPOCHS:-2}"
+RL_STEPS="${RL_STEPS:-80}"
+NPROC="${NPROC:-2}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" WANDB_MODE="${WANDB_MODE:-offline}"
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 bash scripts/setup.sh
 PY="$ROOT/.venv/bin/python"
-TORCHRUN="$ROOT/.venv/bin/torchrun"
+TORCHRUN=("$ROOT/.venv/bin/torchrun" --standalone --nproc-per-node "$NPROC")
 step() { printf '\n=== %s\n' "$*"; }
+DATA="$OUT/data"
+PATHS=("model.load=$OUT/mcore" "data.train_files=[$DATA/train.json]" "data.eval_files=[$DATA/test.json]"
+       "data.media_root=$DATA")
 
-step "1/6 tiny Qwen2.5-VL checkpoint (HF format, random weights, BPE tokenizer with the Qwen special tokens)"
+step "1/6 tiny Qwen2.5-VL checkpoint (random weights, BPE tokenizer with the Qwen special tokens) -> Megatron-Core"
 "$PY" tools/make_tiny_checkpoint.py --out "$OUT/hf" --preset "$PRESET" --seed 0
-
-step "2/6 HF -> Megatron-Core distributed checkpoint -> HF (round trip)"
 "$PY" tools/convert_hf_to_megatron.py --hf "$OUT/hf" --out "$OUT/mcore"
-"$PY" tools/convert_megatron_to_hf.py --ckpt "$OUT/mcore" --out "$OUT/hf_roundtrip"
-"$PY" - "$OUT/hf" "$OUT/hf_roundtrip" <<'PY'
+
+step "2/6 synthetic Video-R1-style dataset: $RECORDS VP9 videos and images, 30% held out"
+"$PY" tools/make_synthetic_videos.py --out "$DATA" --n "$RECORDS" --seed 0 --heldout-fraction 0.3
+
+step "3/6 SFT on $NPROC gloo processes (held-out accuracy of the base model first, then of the SFT model)"
+"${TORCHRUN[@]}" -m megatron_ral.train --config examples/configs/quickstart_sft.yaml "${PATHS[@]}" \
+  "training.run_dir=$OUT/sft" "training.epochs=$SFT_EPOCHS"
+
+step "4/6 RAL from the SFT checkpoint (GRPO + lambda_attn x A x JSD of the last-layer attention policy)"
+"${TORCHRUN[@]}" -m megatron_ral.train --config examples/configs/quickstart_ral.yaml "${PATHS[@]}" \
+  "model.load=$OUT/sft/checkpoints" "training.run_dir=$OUT/ral" "training.train_steps=$RL_STEPS"
+
+step "5/6 export the final checkpoint to Hugging Face format and load it with transformers"
+"$PY" tools/convert_megatron_to_hf.py --ckpt "$OUT/ral/checkpoints" --out "$OUT/hf_final"
+"$PY" - "$OUT/hf_final" <<'PY'
 import sys
-from safetensors import safe_open
-from pathlib import Path
-def tensors(d):
-    out = {}
-    for f in sorted(Path(d).glob("*.safetensors")):
-        with safe_open(str(f), "pt") as s:
-            out.update({k: s.get_tensor(k) for k in s.keys()})
-    return out
-a, b = tensors(sys.argv[1]), tensors(sys.argv[2])
-assert a.keys() == b.keys(), "tensor names differ"
-bad = [k for k in a if a[k].dtype != b[k].dtype or not (a[k] == b[k]).all()]
-assert not bad, f"tensors differ: {bad[:5]}"
-print(f"round trip bit-exact: {len(a)} tensors")
+import torch
+from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+model = Qwen2_5_VLForConditionalGeneration.from_pretrained(sys.argv[1], dtype=torch.float32)
+AutoProcessor.from_pretrained(sys.argv[1])
+print(f"transformers loads {sys.argv[1]}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
 PY
 
-step "3/6 synthetic Video-R1-style dataset (VP9 videos + images, train/test records)"
-"$PY" tools/make_synthetic_videos.py --out "$OUT/data" --n 12 --seed 0 --json
-VIDEO="$OUT/data/$("$PY" -c "import json,sys; r=[x for x in json.load(open(sys.argv[1])) if x['data_type']=='video'][0]; print(r['path'])" "$OUT/data/train.json")"
-QUESTION="$("$PY" -c "import json,sys; r=[x for x in json.load(open(sys.argv[1])) if x['data_type']=='video'][0]; print(r['problem'])" "$OUT/data/train.json")"
-echo "video: $VIDEO"
-echo "question: $QUESTION"
+step "6/6 summary"
+"$PY" -m megatron_ral.rl.summary --sft "$OUT/sft" --rl "$OUT/ral" --train "$DATA/train.json" \
+  --heldout "$DATA/test.json" --checkpoint "$OUT/ral/checkpoints" --hf-export "$OUT/hf_final" \
+  --out "$OUT/summary.json" --started "$STARTED" > /dev/null
+"$PY" - "$OUT/summary.json" <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1]))
+print(f"""
+held-out accuracy ({s['heldout_records']} records, greedy):  base {s['accuracy_base']:.3f}   SFT {s['accuracy_sft']:.3f}   RL {s['accuracy_rl']:.3f}   (chance {s['chance_accuracy']:.3f})
+RL reward/total, mean of the first and last quarter of {s['rl_steps']} steps:  {s['reward_first_quarter']:.3f} -> {s['reward_last_quarter']:.3f}
+wall time: {s['wall_seconds'] / 60:.1f} min
 
-step "4/6 preprocess the video exactly as Qwen2.5-VL (frame indices, smart resize, patches, M-RoPE ids)"
-"$PY" tools/preprocess.py --hf "$OUT/hf" --video "$VIDEO" --prompt "$QUESTION" --fps 2 --out "$OUT/sample.pt" --json
-
-step "5/6 generate with the KV cache, tensor parallel over 2 gloo processes"
-"$TORCHRUN" --standalone --nproc-per-node 2 tools/generate.py --ckpt "$OUT/mcore" --tp 2 --pp 1 --prompt "$QUESTION" --video "$VIDEO" \
-  --max-new-tokens 16 --greedy --json | tee "$OUT/generation.json"
-
-step "6/6 attention-policy rows of the last layer for that response (what RAL trains)"
-RESPONSE="$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['text'])" "$OUT/generation.json")"
-"$PY" tools/dump_attention.py --ckpt "$OUT/mcore" --tp 1 --pp 1 --prompt "$QUESTION" --video "$VIDEO" \
-  --response "$RESPONSE" --out "$OUT/attention.pt"
-"$PY" - "$OUT/attention.pt" <<'PY'
-import sys, torch
-d = torch.load(sys.argv[1])
-rows, P = d["rows"], d["prompt_length"]
-print(f"rows {tuple(rows.shape)}, prompt length {P}, row sums {rows.sum(-1).min():.6f}..{rows.sum(-1).max():.6f}")
+outputs:
+  summary            {sys.argv[1]}
+  RL run             {s['run_dir']}  (metrics.jsonl, checkpoints/)
+  SFT run            {s['sft_run_dir']}
+  final checkpoint   {s['checkpoint_dir']}  (Megatron-Core, loads at any TP/PP)
+  Hugging Face       {s['hf_export_dir']}
+  held-out records   {s['heldout_data']}""")
 PY
-cat <<EOF
-
-quickstart done: outputs in $OUT
-  hf/               tiny random Qwen2.5-VL, Hugging Face format (weights, tokenizer, processor); its text is
-                    random until the model is trained
-  mcore/            the same weights as a Megatron-Core distributed checkpoint (loads at any TP/PP)
-  hf_roundtrip/     mcore/ converted back to Hugging Face format (bit-identical to hf/)
-  data/             synthetic Video-R1-style dataset: videos/, images/, train.json, test.json
-  sample.pt         model inputs of one video + question (torch.load it: input_ids, pixel_values_videos, ...)
-  generation.json   the greedy response of step 5 (token_ids, text, finish_reason, prompt_length)
-  attention.pt      last-layer attention-policy rows of that response (rows [R, T], prompt_length, input_ids)
-EOF
+printf '\nquickstart done: outputs in %s\n' "$OUT"

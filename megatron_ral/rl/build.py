@@ -94,7 +94,8 @@ def build_policy(cfg, parallel, weights: str):
             overrides.update(recompute_method="uniform", recompute_num_layers=1)
     dtype = resolve_dtype(cfg.model.dtype)
     model = build_model(str(hf_files_dir(weights)), parallel, backend=cfg.model.layer_spec, dtype=dtype,
-                        rope_text_after_vision=cfg.model.rope_text_after_vision, **overrides)
+                        rope_text_after_vision=cfg.model.rope_text_after_vision,
+                        attention_backend=cfg.model.attention_backend, **overrides)
     load_model_weights(model, weights)
     apply_freezing(model, cfg.model)
     if not any(p.requires_grad for p in model.parameters()):

@@ -121,7 +121,8 @@ def evaluate_checkpoint(cfg, model_dir: str, dtype=None, keep_samples: int = 0):
     from megatron_ral.rl.evaluate import evaluate
 
     model = load_model(cfg.model.load, cfg.parallel, dtype=dtype, backend=cfg.model.layer_spec,
-                       rope_text_after_vision=cfg.model.rope_text_after_vision)
+                       rope_text_after_vision=cfg.model.rope_text_after_vision,
+                       attention_backend=cfg.model.attention_backend)
     processor = QwenVLProcessor.from_pretrained(model_dir)
     dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     data_cfg = dataclasses.replace(cfg.data, shuffle=False, max_records=cfg.training.max_eval_records)

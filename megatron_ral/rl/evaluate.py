@@ -69,3 +69,31 @@ def evaluate(model, loader, tokenizer, generation, *, template: str, stop_token_
     return EvalResult(accuracy=total.mean("accuracy"), format=total.mean("format"), reward=total.mean("reward"),
                       count=int(total.counts.get("accuracy", 0)), skipped=int(total.total("skipped")),
                       by_type=by_type, samples=samples)
+
+
+def chance_accuracy(records: list, reference: list) -> float:
+    """Expected accuracy of guessing uniformly among the possible answers, over ``records``.
+
+    A multiple-choice record has 1 / (number of options); any other record 1 / (number of distinct answers
+    that ``reference`` records of the same ``data_source`` have), 1 / (distinct answers of its problem type)
+    when the source is unknown. Records are dicts or ``Record`` objects; answers are the ``<answer>`` text of
+    ``solution``.
+    """
+    from megatron_ral.rl.rewards import extract_answer
+
+    def get(r, key):
+        return r.get(key) if isinstance(r, dict) else getattr(r, key, None)
+
+    answers: dict[tuple, set] = {}
+    for r in reference:
+        for key in (("source", get(r, "data_source")), ("type", get(r, "problem_type"))):
+            answers.setdefault(key, set()).add(extract_answer(get(r, "solution") or ""))
+    total = 0.0
+    for r in records:
+        options = get(r, "options") or []
+        if get(r, "problem_type") == "multiple choice" and options:
+            total += 1.0 / len(options)
+            continue
+        seen = answers.get(("source", get(r, "data_source"))) or answers.get(("type", get(r, "problem_type"))) or {""}
+        total += 1.0 / len(seen)
+    return total / max(len(records), 1)

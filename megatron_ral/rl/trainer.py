@@ -275,8 +275,10 @@ def evaluate_now(run: Run, cfg) -> dict:
 def progress_bar(run: Run, start: int):
     from megatron_ral.logging.progress import progress_enabled
 
-    if run.info.rank != 0 or not (run.cfg.logging.progress and progress_enabled()):
-        return None
+    import sys
+
+    if run.info.rank != 0 or not (run.cfg.logging.progress and progress_enabled()) or not sys.stderr.isatty():
+        return None  # not a terminal (CI, SLURM logs): the log lines every logging.log_interval steps report
     from tqdm.auto import tqdm
 
     return tqdm(total=run.total_steps, initial=start - 1, desc=run.cfg.algorithm.name, unit="step", dynamic_ncols=True,

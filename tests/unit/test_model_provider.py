@@ -97,10 +97,14 @@ def test_backend_selection_and_capture_on_last_layer_only():
     cfg = transformer_config_from_hf(tiny_hf_config("tiny"))
     specs = decoder_layer_specs(cfg, "local")
     cores = [s.submodules.self_attention.submodules.core_attention for s in specs]
-    assert [c.__name__ for c in cores] == ["DotProductAttention", "DotProductAttention", "CaptureDotProductAttention"]
+    assert [c.__name__ for c in cores] == ["SDPADotProductAttention", "SDPADotProductAttention",
+                                           "CaptureSDPADotProductAttention"]
     assert issubclass(cores[-1], cores[0])
     plain = decoder_layer_specs(cfg, "local", last_layer_core_attention=None)
     assert plain[-1].submodules.self_attention.submodules.core_attention is cores[0]
+    megatron = decoder_layer_specs(cfg, "local", local_attention="megatron")
+    assert [s.submodules.self_attention.submodules.core_attention.__name__ for s in megatron] == [
+        "DotProductAttention", "DotProductAttention", "CaptureDotProductAttention"]
 
 
 def expected_names(hf_config):

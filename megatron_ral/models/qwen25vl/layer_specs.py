@@ -57,11 +57,17 @@ def resolve_backend(backend: Backend = "auto") -> Literal["local", "te"]:
     return backend
 
 
-def qwen2_layer_spec(backend: Literal["local", "te"]) -> ModuleSpec:
+LOCAL_ATTENTION = ("sdpa", "megatron")
+
+
+def qwen2_layer_spec(backend: Literal["local", "te"], local_attention: str = "sdpa") -> ModuleSpec:
     """Spec of one Qwen2 decoder layer (RMSNorm, QKV-biased GQA attention, SwiGLU MLP).
 
     The biases, GLU and norm type come from the TransformerConfig (add_qkv_bias=True,
-    add_bias_linear=False, gated_linear_unit=True, normalization='RMSNorm').
+    add_bias_linear=False, gated_linear_unit=True, normalization='RMSNorm'). ``local_attention`` picks the
+    local spec's core attention: "sdpa" (torch's fused kernel, see sdpa_attention.py; the default) or
+    "megatron" (megatron-core's DotProductAttention, which materialises the scores); both have the same
+    parameters and state.
     """
     if backend == "te":
         from megatron.core.models.gpt.gpt_layer_specs import (
@@ -69,7 +75,14 @@ def qwen2_layer_spec(backend: Literal["local", "te"]) -> ModuleSpec:
         )
 
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
-    return get_gpt_layer_local_spec(qk_layernorm=False, normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(qk_layernorm=False, normalization="RMSNorm")
+    if local_attention not in LOCAL_ATTENTION:
+        raise ValueError(f"local_attention must be one of {LOCAL_ATTENTION}, got {local_attention!r}")
+    if local_attention == "sdpa":
+        from megatron_ral.models.qwen25vl.sdpa_attention import SDPADotProductAttention
+
+        spec = with_core_attention(spec, SDPADotProductAttention)
+    return spec
 
 
 def final_norm_spec(backend: Literal["local", "te"]):
@@ -91,10 +104,11 @@ def with_core_attention(layer_spec: ModuleSpec, core_attention) -> ModuleSpec:
 
 
 def decoder_layer_specs(
-    config: TransformerConfig, backend: Literal["local", "te"], last_layer_core_attention="capture"
+    config: TransformerConfig, backend: Literal["local", "te"], last_layer_core_attention="capture",
+    local_attention: str = "sdpa",
 ) -> list[ModuleSpec]:
     """Specs of all ``config.num_layers`` decoder layers (global order)."""
-    base = qwen2_layer_spec(backend)
+    base = qwen2_layer_spec(backend, local_attention)
     specs = [base] * config.num_layers
     if last_layer_core_attention == "capture":
         plain = base.submodules.self_attention.submodules.core_attention
@@ -113,10 +127,11 @@ def decoder_block_spec(
     last_layer_core_attention="capture",
     vp_stage: int | None = None,
     pp_rank: int | None = None,
+    local_attention: str = "sdpa",
 ) -> TransformerBlockSubmodules:
     """The decoder-block spec holding the layers of this pipeline stage."""
     backend = resolve_backend(backend)
-    specs = decoder_layer_specs(config, backend, last_layer_core_attention)
+    specs = decoder_layer_specs(config, backend, last_layer_core_attention, local_attention)
     n_local = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
     layout = config.pipeline_model_parallel_layout
     if layout is not None:

@@ -274,6 +274,7 @@ def build_model(
     pre_process: bool | None = None,
     post_process: bool | None = None,
     last_layer_core_attention="capture",
+    local_attention: str = "sdpa",
     vision_attn_implementation: str = "sdpa",
     rope_text_after_vision: str = "max_position",
     vp_stage: int | None = None,
@@ -287,6 +288,8 @@ def build_model(
     checked against the ``NVTE_*_ATTN`` environment variables first (see check_attention_backend).
     ``last_layer_core_attention``: core attention of the last decoder layer; "capture" (default) is
     the backend's module with a capture hook (capture.py), None the plain one (see layer_specs).
+    ``local_attention``: the local spec's core attention, "sdpa" (torch's fused kernel) or "megatron"
+    (megatron-core's DotProductAttention); same parameters, same function (sdpa_attention.py).
 
     The parameters are created in ``dtype`` (bf16 on GPU by default). Never wrap the returned model in
     megatron's ``Float16Module`` (megatron-lm's training loop does for bf16/fp16): it calls
@@ -312,7 +315,8 @@ def build_model(
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     block_spec = decoder_block_spec(
-        config, backend, last_layer_core_attention=last_layer_core_attention, vp_stage=vp_stage
+        config, backend, last_layer_core_attention=last_layer_core_attention, vp_stage=vp_stage,
+        local_attention=local_attention,
     )
     return Qwen25VLModel(
         config=config,
