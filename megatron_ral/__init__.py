@@ -21,6 +21,9 @@ for _msg in (
     r"`torch.distributed.all_gather_into_tensor` is deprecated",
     r"`torch.distributed._all_gather_base` is a private function",
     r"full scope is deprecated",
+    r"`torch.distributed.reduce_scatter_tensor` is deprecated",
+    # megatron-core's optimizer probes `param.grad` on its fp32 views of the parameters (optimizer.py)
+    r"The .grad attribute of a Tensor that is not a leaf Tensor is being accessed",
 ):
     _warnings.filterwarnings("ignore", message=_msg)
 

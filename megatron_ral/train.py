@@ -111,7 +111,7 @@ def main(argv=None) -> int:
                 if stop:
                     log.warning("stopped by signal after step %d (checkpoint saved)", step)
                     return 0
-            if start <= run.total_steps or not ckpt.latest():
+            if cfg.checkpoint.save_final and (start <= run.total_steps or not ckpt.latest()):
                 T.save(run, ckpt, run.total_steps)
             if cfg.training.eval_at_end and run.data.eval_cfg is not None:
                 final = T.evaluate_now(run, cfg)

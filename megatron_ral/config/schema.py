@@ -190,12 +190,14 @@ class TrainingConfig:
 @dataclass
 class CheckpointConfig:
     """save_dir: where dist checkpoints go (empty: RUN_DIR/checkpoints); save_interval in steps (0 = only
-    at the end); keep_last: how many to keep; resume: continue from the newest complete checkpoint in
+    at the end); save_final: also save after the last step (false: only every save_interval steps and on
+    SIGTERM); keep_last: how many to keep; resume: continue from the newest complete checkpoint in
     save_dir (at any parallel layout); save_on_sigterm: on SIGTERM (SLURM's warning before the time limit)
     save a checkpoint at the end of the current step and exit 0."""
 
     save_dir: str = ""
     save_interval: int = 0
+    save_final: bool = True
     keep_last: int = 2
     resume: bool = True
     save_on_sigterm: bool = True

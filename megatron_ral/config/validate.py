@@ -116,8 +116,6 @@ def validate(cfg: Config, world_size: int | None = None, dims: ModelDims | None 
     a = cfg.algorithm
     _one_of(a.name, ALGORITHMS, "algorithm.name")
     if a.name in RL_ALGORITHMS:
-        _check(cfg.generation.temperature > 0, "generation.temperature",
-               "must be > 0 for RL (rollouts are sampled; 0 means greedy)")
         _check(a.rollouts_per_prompt >= 2, "algorithm.rollouts_per_prompt",
                f"must be >= 2 for group-normalised advantages, got {a.rollouts_per_prompt}")
     _check(a.updates_per_rollout >= 1, "algorithm.updates_per_rollout", "must be >= 1")
@@ -150,6 +148,8 @@ def validate(cfg: Config, world_size: int | None = None, dims: ModelDims | None 
 
     g = cfg.generation
     _check(g.temperature >= 0, "generation.temperature", f"must be >= 0, got {g.temperature}")
+    if a.name in RL_ALGORITHMS:
+        _check(g.temperature > 0, "generation.temperature", "must be > 0 for RL (rollouts are sampled; 0 means greedy)")
     _check(0 < g.top_p <= 1, "generation.top_p", f"must be in (0, 1], got {g.top_p}")
     _check(g.top_k >= 0, "generation.top_k", "must be >= 0 (0 disables top-k)")
     _check(g.max_new_tokens >= 1, "generation.max_new_tokens", "must be >= 1")

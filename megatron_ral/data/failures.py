@@ -21,9 +21,10 @@ class FailureTracker:
         fraction = failed_recent / max(window, draws_in_batch)   ->   stop if fraction > max_fraction
     """
 
-    def __init__(self, max_fraction: float = 0.05, window: int = 100):
+    def __init__(self, max_fraction: float = 0.05, window: int = 100, stop: bool = True):
         self.max_fraction = max_fraction
         self.window = window
+        self.stop = stop  # False: only count; the caller decides (e.g. over every data-parallel rank)
         self.counts: Counter = Counter()
         self.total = 0
         self.failed = 0
@@ -54,18 +55,14 @@ class FailureTracker:
         logger.warning("skipping sample (%s): %s: %s [record %s]", failure.reason, failure.source, failure.detail, failure.record_source)
         self.check()
 
+    def recent(self) -> tuple[list[Failure], int]:
+        """(the failures among the recent draws, the span they are counted over)."""
+        return [f for bad, f in self._recent if bad], self._span()
+
     def check(self) -> None:
-        recent_failed = [f for bad, f in self._recent if bad]
-        span = self._span()
-        if len(recent_failed) / span > self.max_fraction:
-            files = sorted({f.source for f in recent_failed})
-            reasons = Counter(f.reason for f in recent_failed)
-            shown = ", ".join(files[:20]) + (f", ... ({len(files) - 20} more)" if len(files) > 20 else "")
-            raise TooManyFailuresError(
-                f"{len(recent_failed)} of the last {span} samples failed "
-                f"({len(recent_failed) / span:.1%} > data.max_failure_fraction={self.max_fraction:.1%}); "
-                f"reasons {dict(reasons)}; files: {shown}"
-            )
+        if self.stop:
+            failed, span = self.recent()
+            raise_if_too_many(failed, span, self.max_fraction)
 
     def end_batch(self) -> dict:
         """Close the current batch; return its failure counts."""
@@ -91,3 +88,20 @@ class FailureTracker:
         self.counts = Counter(state.get("counts", {}))
         self.total = int(state.get("total", 0))
         self.failed = int(state.get("failed", 0))
+
+
+def raise_if_too_many(failed: list[Failure], span: int, max_fraction: float, shared: bool = False) -> None:
+    """TooManyFailuresError when ``len(failed) / span`` exceeds ``max_fraction``; ``shared``: every rank raises
+    it alike (the counts were summed over ranks), so one rank reports it."""
+    if span > 0 and len(failed) / span > max_fraction:
+        files = sorted({f.source for f in failed})
+        reasons = Counter(f.reason for f in failed)
+        shown = ", ".join(files[:20]) + (f", ... ({len(files) - 20} more)" if len(files) > 20 else "")
+        err = TooManyFailuresError(
+            f"{len(failed)} of the last {span} samples failed "
+            f"({len(failed) / span:.1%} > data.max_failure_fraction={max_fraction:.1%}); "
+            f"reasons {dict(reasons)}; files: {shown}"
+        )
+        if shared:
+            err.same_on_every_rank = True
+        raise err

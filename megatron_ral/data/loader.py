@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from megatron_ral.data.collate import Batch, collate
 from megatron_ral.data.config import DataConfig
 from megatron_ral.data.errors import DataError
-from megatron_ral.data.failures import FailureTracker
+from megatron_ral.data.failures import FailureTracker, raise_if_too_many
 from megatron_ral.data.processor import QwenVLProcessor
 from megatron_ral.data.records import RecordIndex
 from megatron_ral.data.samples import Failure, Sample, SampleBuilder
@@ -73,12 +73,13 @@ class VisionDataLoader:
         loader = VisionDataLoader(cfg, processor, cfg.train_files, rank, world_size, batch_size=8)
         for batch in loader: ...            # Batch objects
         loader.metrics()                    # data/skipped/<reason>, data/skipped_total, data/samples_total
+        stop_on_failures=False              # count only; the caller applies the stop rule (e.g. over DP ranks)
         loader.state_dict() / VisionDataLoader(..., state=saved)   # resume at the same record
     """
 
     def __init__(self, cfg: DataConfig, processor: QwenVLProcessor, files: list[str], rank: int = 0, world_size: int = 1,
                  batch_size: int = 1, mode: str = "prompt", num_epochs: int | None = None, padding_side: str = "right",
-                 state: dict | None = None, index: RecordIndex | None = None):
+                 state: dict | None = None, index: RecordIndex | None = None, stop_on_failures: bool = True):
         cfg.validate()
         self.cfg = cfg
         self.processor = processor
@@ -92,7 +93,7 @@ class VisionDataLoader:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if len(self) == 0:
             raise ValueError(f"data-parallel rank {rank} of {world_size} gets no records ({len(self.index)} records in {list(files)})")
-        self.tracker = FailureTracker(cfg.max_failure_fraction, cfg.failure_window)
+        self.tracker = FailureTracker(cfg.max_failure_fraction, cfg.failure_window, stop=stop_on_failures)
         self.epoch, self.position = 0, 0
         if state:
             self.load_state_dict(state)
@@ -143,13 +144,19 @@ class VisionDataLoader:
     def __iter__(self) -> Iterator[Batch]:
         pending: list[Sample] = []
         shard_len = len(self)
+        failed_in_a_row = 0
         for epoch, position, item in self._items():
             self.epoch, self.position = epoch, position + 1
             if self.position >= shard_len:
                 self.epoch, self.position = epoch + 1, 0
             if isinstance(item, Failure):
                 self.tracker.fail(item)
+                failed_in_a_row += 1
+                if failed_in_a_row >= shard_len:  # a whole pass over the shard without one usable record
+                    failed, _ = self.tracker.recent()
+                    raise_if_too_many(failed or [item], 1, 0.0)
                 continue
+            failed_in_a_row = 0
             self.tracker.ok()
             self._note(item)
             pending.append(item)

@@ -171,8 +171,9 @@ def build_data(cfg, hf_dir: str, dp_rank: int, dp_size: int, loader_state: dict 
     processor = QwenVLProcessor.from_pretrained(hf_dir)
     per_rank = cfg.training.prompts_per_step // dp_size
     mode = "sft" if cfg.algorithm.name == "sft" else "prompt"
+    # the loader only counts failures: the trainer applies the stop rule over every data-parallel rank
     train = VisionDataLoader(cfg.data, processor, list(cfg.data.train_files), rank=dp_rank, world_size=dp_size,
-                             batch_size=per_rank, mode=mode, state=loader_state)
+                             batch_size=per_rank, mode=mode, state=loader_state, stop_on_failures=False)
     eval_cfg = None
     if cfg.data.eval_files:
         eval_cfg = dataclasses.replace(cfg.data, shuffle=False, max_records=cfg.training.max_eval_records)

@@ -18,9 +18,23 @@ from megatron_ral.rl.batch import MicroBatch, RolloutBatch
 from megatron_ral.rl.schedule import PassContext, run_pass
 
 
-def attention_diagnostics(rows: torch.Tensor, mb: MicroBatch, image_token_id: int, video_token_id: int) -> dict:
-    """Sums over the counted response tokens: attention entropy and vision / text / response mass."""
-    valid = (mb.response_mask & (mb.weight[:, None] > 0)).to(rows.device)
+DIAGNOSTIC_PROMPTS = 2  # the attention diagnostics cover the responses of the step's first global prompts
+
+
+def diagnostic_sequences(batch: RolloutBatch, mb: MicroBatch, prompts: int = DIAGNOSTIC_PROMPTS) -> torch.Tensor:
+    """bool [B]: the micro-batch's sequences that answer one of the step's first ``prompts`` global prompts
+    (the same sequences whatever the layout or micro-batch size)."""
+    return torch.tensor([batch.prompt_keys[r.prompt] < prompts for r in mb.refs], dtype=torch.bool)
+
+
+def attention_diagnostics(rows: torch.Tensor, mb: MicroBatch, image_token_id: int, video_token_id: int,
+                          sequences: torch.Tensor | None = None) -> dict:
+    """Sums over the counted response tokens (of ``sequences`` [B] when given): attention entropy and
+    vision / text / response mass."""
+    valid = mb.response_mask & (mb.weight[:, None] > 0)
+    if sequences is not None:
+        valid = valid & sequences[:, None]
+    valid = valid.to(rows.device)
     keys = mb.attention_mask.bool()
     resp = torch.zeros_like(keys)
     for b, (p, r) in enumerate(zip(mb.prompt_lengths, mb.response_lengths)):
@@ -37,14 +51,17 @@ def attention_diagnostics(rows: torch.Tensor, mb: MicroBatch, image_token_id: in
             "attn/tokens": float(valid.sum())}
 
 
-def old_pass(ctx: PassContext, batch: RolloutBatch, store, image_token_id: int, video_token_id: int,
-             capture_rows: bool = True) -> list[dict]:
-    """Old log-probs (and p_old into ``store`` when given) for every micro-batch of ``batch``."""
+def old_pass(ctx: PassContext, batch: RolloutBatch, store, image_token_id: int, video_token_id: int) -> list[dict]:
+    """Old log-probs (and p_old into ``store`` when given) for every micro-batch of ``batch``; the
+    attention diagnostics of the rollout policy from the responses to the step's first global prompts
+    (a sample: rows cost a capture each, which GRPO needs for nothing else)."""
 
     def capture_kwargs(mb):
-        if store is None and not capture_rows:
+        rows = bool(diagnostic_sequences(batch, mb).any()) or (store is not None and store.config.mode == "rows")
+        qk = store is not None and store.config.mode == "qk"
+        if not (rows or qk):
             return None
-        return {"grad": False, "keep_rows": capture_rows, "keep_qk": store is not None and store.config.mode == "qk"}
+        return {"grad": False, "keep_rows": rows, "keep_qk": qk}
 
     def consume(mb, token_loss, result):
         batch.old_logprobs[mb.index] = mb.token_logprobs(token_loss).detach().float()
@@ -55,8 +72,9 @@ def old_pass(ctx: PassContext, batch: RolloutBatch, store, image_token_id: int, 
                     store.put(mb.index, result.qk)
                 else:
                     store.put_rows(mb.index, result.rows)
-            if result.rows is not None:
-                metrics = attention_diagnostics(result.rows, mb, image_token_id, video_token_id)
+            chosen = diagnostic_sequences(batch, mb)
+            if result.rows is not None and bool(chosen.any()):
+                metrics = attention_diagnostics(result.rows, mb, image_token_id, video_token_id, chosen)
         return None, metrics
 
     return run_pass(ctx, batch.micro_batches, consume, forward_only=True, capture_kwargs=capture_kwargs)

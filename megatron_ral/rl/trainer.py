@@ -192,9 +192,22 @@ def _next_batch(run: Run):
         raise UserError("data.train_files: the training loader ran out of records") from None
 
 
+def _check_failures(run: Run) -> None:
+    """The data-failure stop rule over every data-parallel rank: the recent failures and draws of all
+    shards summed (each rank's loader only counts), so every rank stops at the same step, with one message."""
+    from megatron_ral.data.failures import raise_if_too_many
+
+    failed, span = run.data.train.tracker.recent()
+    gathered = [None] * run.dp_size
+    dist.all_gather_object(gathered, (failed, span), group=run.dp_group)
+    raise_if_too_many([f for fs, _ in gathered for f in fs], sum(n for _, n in gathered),
+                      run.data.train.tracker.max_fraction, shared=True)
+
+
 def _data_metrics(run: Run) -> dict:
     from megatron_ral.rl.metrics import MetricSums
 
+    _check_failures(run)
     sums = MetricSums()
     rollout_owner, _ = _owners(run.info)
     if rollout_owner:

@@ -105,7 +105,7 @@ class _Ours:
         from megatron_ral.rl.passes import old_pass
 
         batch = self.rollout_batch(given)
-        old_pass(self._ctx(), batch, None, self.model.image_token_id, self.model.video_token_id, capture_rows=False)
+        old_pass(self._ctx(), batch, None, self.model.image_token_id, self.model.video_token_id)
         return _per_sequence(batch, batch.old_logprobs)
 
     def loss_and_grads(self, given: GivenBatch, aggregation: str) -> tuple[float, dict[str, torch.Tensor], dict]:

@@ -22,7 +22,7 @@ from megatron_ral.rl import losses as L
 from megatron_ral.rl.batch import MicroBatch, RolloutBatch
 from megatron_ral.rl.metrics import MetricSums
 from megatron_ral.rl.optim_step import StepOutcome, optimizer_step, zero_grads
-from megatron_ral.rl.passes import attention_diagnostics
+from megatron_ral.rl.passes import attention_diagnostics, diagnostic_sequences
 from megatron_ral.rl.schedule import PassContext, run_pass
 
 
@@ -115,7 +115,7 @@ def policy_update(ctx: PassContext, batch: RolloutBatch, micro_batches: list[Mic
     def capture_kwargs(mb):
         if use_attention:
             return {"grad": True}
-        return {"grad": False} if diagnostics is not None else None
+        return {"grad": False} if diagnostics is not None and diagnostic_sequences(batch, mb).any() else None
 
     def consume(mb, token_loss, result):
         logp = mb.token_logprobs(token_loss)
@@ -124,8 +124,9 @@ def policy_update(ctx: PassContext, batch: RolloutBatch, micro_batches: list[Mic
         p_old = store.get(mb.index, device=logp.device) if (use_attention and rows is not None) else None
         loss, metrics = minibatch_loss(mb, logp, old, batch.ref_logprobs.get(mb.index),
                                        rows if use_attention else None, p_old, norms, settings)
-        if diagnostics is not None and rows is not None:
-            metrics.update(attention_diagnostics(rows.detach(), mb, *diagnostics))
+        chosen = diagnostic_sequences(batch, mb) if diagnostics is not None else None
+        if chosen is not None and rows is not None and bool(chosen.any()):
+            metrics.update(attention_diagnostics(rows.detach(), mb, *diagnostics, chosen))
         if not math.isfinite(metrics["loss/total"]):
             nonfinite[0] = True
         return loss, metrics

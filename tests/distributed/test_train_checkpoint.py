@@ -12,7 +12,6 @@ DDP, (distributed) Adam and LR scheduler on gloo:
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -175,15 +174,15 @@ def test_resume_at_another_layout(tp2_run, tmp_path, tp, pp, ranks):
         assert torch.equal(original[k], again[k]), k
 
     # and the next step is the one the TP=2 run took, up to the float rounding of another layout: Adam
-    # moments to 1e-5 relative; weights to 1% of the step (m / (sqrt(v) + eps) amplifies rounding in
-    # near-zero gradients; frozen vision weights exactly)
+    # moments to 1e-5 relative; weights to 5% of the largest step (m / (sqrt(v) + eps) amplifies rounding in
+    # near-zero gradients: single elements have been seen 2% of a step apart; frozen vision weights exactly)
     expected, got = _tensors(_iter(tp2_run["next"], 3)), _tensors(_iter(nxt, 3))
     moved = 0
     for k in expected:
         if k in moments:
             atol = 1e-5 * expected[k].abs().max().item()
         else:
-            atol = 1e-2 * (expected[k] - original[k]).abs().max().item()
+            atol = 5e-2 * (expected[k] - original[k]).abs().max().item()
         torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=atol, msg=lambda m: f"{k}: {m}")
         moved += not torch.equal(expected[k], original[k])
     assert moved >= len(moments)
@@ -299,10 +298,9 @@ def test_training_checkpoint_converts_to_hf(tp2_run, tmp_path):
     res = subprocess.run([sys.executable, str(TOOL), "--ckpt", str(tp2_run["ckpt"]), "--out", str(outs["run_dir"]),
                           "--quiet"], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    spec = importlib.util.spec_from_file_location("convert_megatron_to_hf", TOOL)  # the same tool, in-process
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    assert tool.main(["--ckpt", str(iter_dir), "--out", str(outs["iter_dir"]), "--quiet"]) == 0
+    from megatron_ral.checkpoint.cli import megatron_to_hf_main  # the same tool's command line, in-process
+
+    assert megatron_to_hf_main(["--ckpt", str(iter_dir), "--out", str(outs["iter_dir"]), "--quiet"]) == 0
     assert all((out / "config.json").is_file() for out in outs.values())
     # the same weights saved model-only (model_io, the path the HF parity tests cover)
     megatron_to_hf(tp2_run["weights"], tmp_path / "weights", progress=False)

@@ -33,7 +33,7 @@ def assets(tmp_path_factory):
 
 def _run(assets, preset: str, name: str, world: int, overrides: list[str]) -> list[dict]:
     root = assets["root"]
-    cfg = tf.write_config(root / f"{name}.yaml", assets[preset], root / name)
+    cfg = tf.write_config(root / f"{name}.yaml", assets[preset], root / name, checkpoint={"save_final": False})
     return run_distributed(tf.run_training, world, str(cfg), overrides, timeout=900)[0]
 
 

@@ -15,7 +15,8 @@ def test_tiny_benchmark_report():
     (case,) = res["cases"]
     for impl in ("capture", "eager"):
         assert case[impl]["status"] == "ok", case[impl]
-        assert case[impl]["peak_extra_bytes"] > 0 and case[impl]["fwd_bwd_cpu_s"] > 0
+        # tiny shapes may fit in memory the process already holds: the high-water mark can stay put
+        assert case[impl]["peak_extra_bytes"] >= 0 and case[impl]["fwd_bwd_cpu_s"] > 0
     assert "memory_ratio_capture_over_eager" in case and "time_ratio_capture_over_eager" in case
     storage = {(e["T"], e["R"]): e for e in res["old_policy_storage"]}
     e = storage[(32768, 4096)]

@@ -1,0 +1,49 @@
+"""Every shipped configuration validates at the layout it is written for, and the paper's settings are the
+ones RESEARCH.md / the RAL paper give (G 8, lr 1e-5, beta 0.04, lambda_attn 1, temperature 1, 1 fps, at most
+128 frames of at most 128*28*28 pixels, reward 0.9 / 0.1)."""
+
+from pathlib import Path
+
+import pytest
+
+from megatron_ral.config import ModelDims, load_config, validate
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ROOT / "examples" / "configs"
+QWEN25VL_7B = ModelDims(num_layers=28, num_attention_heads=28, num_query_groups=4)
+TINY = ModelDims(num_layers=3, num_attention_heads=4, num_query_groups=2)
+
+
+def test_every_example_config_is_covered():
+    assert {p.name for p in CONFIGS.glob("*.yaml")} == {
+        "quickstart_sft.yaml", "quickstart_ral.yaml", "qwen25vl_7b_sft.yaml", "qwen25vl_7b_grpo_video.yaml",
+        "qwen25vl_7b_ral_video.yaml", "qwen25vl_7b_ral_zero_video.yaml"}
+
+
+@pytest.mark.parametrize("name", ["quickstart_sft.yaml", "quickstart_ral.yaml"])
+def test_quickstart_configs_validate_on_two_cpu_processes(name):
+    cfg = validate(load_config(CONFIGS / name), world_size=2, dims=TINY, cuda_available=False)
+    assert cfg.data.template == "answer_only" and cfg.model.dtype == "fp32"
+
+
+@pytest.mark.parametrize("name,algorithm", [("qwen25vl_7b_grpo_video.yaml", "grpo"), ("qwen25vl_7b_ral_video.yaml", "ral"),
+                                            ("qwen25vl_7b_ral_zero_video.yaml", "ral")])
+def test_7b_rl_configs_have_the_paper_settings(name, algorithm):
+    cfg = validate(load_config(CONFIGS / name), world_size=8, dims=QWEN25VL_7B)
+    a, d = cfg.algorithm, cfg.data
+    assert a.name == algorithm and a.rollouts_per_prompt == 8 and a.kl_beta == 0.04
+    assert cfg.optimizer.lr == 1e-5 and cfg.generation.temperature == 1.0
+    assert (a.reward_accuracy_weight, a.reward_format_weight) == (0.9, 0.1)
+    assert d.fps == 1.0 and d.max_frames == 128 and d.video_max_pixels == 128 * 28 * 28
+    assert d.max_records == 51200 and cfg.model.freeze_vision
+    if algorithm == "ral":
+        assert a.lambda_attn == 1.0 and a.updates_per_rollout >= 2
+    assert d.template == ("answer_only" if "zero" in name else "think")
+    # also at 16 GPUs (2 nodes), the data-parallel size doubles
+    validate(load_config(CONFIGS / name), world_size=16, dims=QWEN25VL_7B)
+
+
+def test_7b_sft_config_has_the_paper_settings():
+    cfg = validate(load_config(CONFIGS / "qwen25vl_7b_sft.yaml"), world_size=8, dims=QWEN25VL_7B)
+    assert cfg.algorithm.name == "sft" and cfg.optimizer.lr == 5e-6 and cfg.data.template == "think"
+    assert cfg.model.freeze_vision
