@@ -80,9 +80,12 @@ class MicroBatch:
         return int((self.weight > 0).sum())
 
     def token_logprobs(self, token_loss: Tensor) -> Tensor:
-        """Response-aligned log-probs [B, R] from the model's per-token loss [B, S] (-log p of labels)."""
-        idx = self.gather_index.to(token_loss.device)
-        return -token_loss.gather(1, idx)
+        """Response-aligned log-probs [B, R] from the model's per-token loss at ``gather_index`` (the model
+        computes the output layer there only: ``loss_index=gather_index``)."""
+        if tuple(token_loss.shape) != tuple(self.gather_index.shape):
+            raise ValueError(f"expected the per-token loss at the response positions {tuple(self.gather_index.shape)}, "
+                             f"got {tuple(token_loss.shape)}")
+        return -token_loss
 
     def vision_mask(self, image_token_id: int, video_token_id: int) -> Tensor:
         ids = self.input_ids

@@ -51,6 +51,7 @@ def model_inputs(mb: MicroBatch, vision: list, pre_process: bool) -> dict:
         "input_ids": mb.input_ids,
         "attention_mask": mb.attention_mask,
         "labels": mb.labels,
+        "loss_index": mb.gather_index,   # the output layer and the loss at the response positions only
         "image_grid_thw": mb.image_grid_thw,
         "video_grid_thw": mb.video_grid_thw,
         "second_per_grid_ts": mb.second_per_grid_ts,
@@ -69,7 +70,8 @@ def run_pass(ctx: PassContext, micro_batches: list[MicroBatch], consume: Consume
     """Run the schedule over ``micro_batches``; returns the metrics dict of each micro-batch (last stage).
 
     ``consume(mb, token_loss, capture_result)`` runs on the last stage: ``token_loss`` is the model's
-    per-token loss [B, S] (-log p of the next token under softmax(logits / T)); it returns
+    per-token loss [B, R] at the response positions (-log p of each response token under
+    softmax(logits / T)); it returns
     (loss or None, metrics). ``capture_kwargs(mb)`` gives the keyword arguments of
     ``AttentionCapture.capture`` for a micro-batch (None: no capture).
     """

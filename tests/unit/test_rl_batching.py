@@ -43,9 +43,8 @@ def test_micro_batches_by_hand():
     assert m.response_mask.tolist() == [[True, True, False], [True, False, False], [True, True, True], [True, True, False]]
     assert m.layout.row_index[2].tolist() == [5, 6, 7] and m.num_tokens == 8 and m.num_sequences == 4
     assert m.advantages.tolist() == [0.0, 1.0, 2.0, 3.0]
-    # the log-probs gathered from a per-token loss are the negated loss at those positions
-    loss = torch.arange(32, dtype=torch.float32).reshape(4, 8)
-    assert m.token_logprobs(loss)[2].tolist() == [-20.0, -21.0, -22.0]
+    # labels at the gather positions are the response tokens themselves
+    assert m.labels.gather(1, m.gather_index)[2].tolist() == [100, 101, 102]
 
 
 def test_dropped_groups_and_empty_minibatches_keep_a_zero_weight_sequence():

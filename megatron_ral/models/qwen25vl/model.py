@@ -10,6 +10,8 @@ stages take the previous stage's hidden states through :meth:`set_input_tensor`.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt.gpt_model import GPTModel
@@ -185,6 +187,27 @@ class Qwen25VLModel(MegatronModule):
             emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
         return emb
 
+    @contextlib.contextmanager
+    def _decoder_output(self):
+        """The GPTModel returns its decoder's output (final norm applied) instead of logits inside the block."""
+        lm = self.language_model
+        saved = lm.post_process
+        lm.post_process = False
+        try:
+            yield
+        finally:
+            lm.post_process = saved
+
+    def output_logits(self, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Vocab-parallel logits (B, R, V/TP) of the decoder output ``hidden`` (S, B, H) at positions
+        ``index`` (B, R): GPTModel's output layer (tied weights included) on the selected rows only."""
+        lm = self.language_model
+        idx = index.to(hidden.device).transpose(0, 1)  # (R, B)
+        rows = hidden.gather(0, idx[..., None].expand(-1, -1, hidden.shape[-1]))  # (R, B, H)
+        weight = lm.shared_embedding_or_output_weight() if lm.share_embeddings_and_output_weights else None
+        logits, _ = lm.output_layer(rows, weight=weight, runtime_gather_output=False)
+        return logits.transpose(0, 1).contiguous()  # (B, R, V/TP)
+
     def mask_padded_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         """Set the logits of padded vocabulary entries (index >= vocab_size) to the dtype minimum."""
         if self.padded_vocab_size == self.vocab_size:
@@ -215,6 +238,7 @@ class Qwen25VLModel(MegatronModule):
         packed_seq_params=None,
         extra_block_kwargs: dict | None = None,
         temperature: float = 1.0,
+        loss_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, S, V) — vocab-sharded over TP unless gathered — or per-token loss (B, S)
         when ``labels`` are given; on non-last pipeline stages the hidden states (S, B, H).
@@ -227,7 +251,10 @@ class Qwen25VLModel(MegatronModule):
         pass them explicitly for KV-cache decode steps). ``vision_embeddings`` replaces pixel inputs with
         features from :meth:`encode_vision` (e.g. computed once for G responses of a prompt).
         ``temperature`` divides the logits before the per-token loss (log-probs of the sampling
-        distribution softmax(logits / T)); logits are returned unscaled.
+        distribution softmax(logits / T)); logits are returned unscaled. ``loss_index`` (B, R) (with
+        ``labels``): compute the output layer and the loss only at these positions and return the loss
+        (B, R) of ``labels.gather(1, loss_index)`` (the output layer over a 152k vocabulary is most of a
+        small model's cost; a trainer needs the response positions only). Without sequence parallelism.
         """
         padding_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
         if position_ids is None:
@@ -259,19 +286,26 @@ class Qwen25VLModel(MegatronModule):
                 )
             decoder_input = self.embed(input_ids, vision_embeddings, check_placeholders=inference_context is None)
 
-        output = self.language_model(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            decoder_input=decoder_input,
-            labels=None,
-            inference_context=inference_context,
-            runtime_gather_output=False if labels is not None else runtime_gather_output,
-            packed_seq_params=packed_seq_params,
-            extra_block_kwargs=extra_block_kwargs,
-        )
+        selective = loss_index is not None and labels is not None and self.post_process
+        if selective and self.config.sequence_parallel:
+            raise NotImplementedError("loss_index needs the hidden states of the whole sequence (no sequence parallelism)")
+        with self._decoder_output() if selective else contextlib.nullcontext():
+            output = self.language_model(
+                input_ids=input_ids,
+                position_ids=position_ids,
+                attention_mask=attention_mask,
+                decoder_input=decoder_input,
+                labels=None,
+                inference_context=inference_context,
+                runtime_gather_output=False if labels is not None else runtime_gather_output,
+                packed_seq_params=packed_seq_params,
+                extra_block_kwargs=extra_block_kwargs,
+            )
         if not self.post_process:
             return output
+        if selective:
+            output = self.output_logits(output, loss_index)
+            labels = labels.gather(1, loss_index.to(labels.device))
         logits = self.mask_padded_vocab(output)
         if labels is None:
             return logits
