@@ -105,3 +105,14 @@ def raise_if_too_many(failed: list[Failure], span: int, max_fraction: float, sha
         if shared:
             err.same_on_every_rank = True
         raise err
+
+
+def raise_no_usable_record(failed: list[Failure], shard_len: int) -> None:
+    """TooManyFailuresError for a shard of ``shard_len`` records of which a whole pass yielded none."""
+    files = sorted({f.source for f in failed})
+    reasons = Counter(f.reason for f in failed)
+    shown = ", ".join(files[:20]) + (f", ... ({len(files) - 20} more)" if len(files) > 20 else "")
+    raise TooManyFailuresError(
+        f"none of the {shard_len} records of this rank's shard could be used in a whole pass; "
+        f"reasons {dict(reasons)}; files: {shown}"
+    )

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from megatron_ral.data.collate import Batch, collate
 from megatron_ral.data.config import DataConfig
 from megatron_ral.data.errors import DataError
-from megatron_ral.data.failures import FailureTracker, raise_if_too_many
+from megatron_ral.data.failures import FailureTracker, raise_no_usable_record
 from megatron_ral.data.processor import QwenVLProcessor
 from megatron_ral.data.records import RecordIndex
 from megatron_ral.data.samples import Failure, Sample, SampleBuilder
@@ -152,9 +152,9 @@ class VisionDataLoader:
             if isinstance(item, Failure):
                 self.tracker.fail(item)
                 failed_in_a_row += 1
-                if failed_in_a_row >= shard_len:  # a whole pass over the shard without one usable record
-                    failed, _ = self.tracker.recent()
-                    raise_if_too_many(failed or [item], 1, 0.0)
+                if self.num_epochs is None and failed_in_a_row >= shard_len:
+                    # An endless loader over a shard with no usable record would never yield: stop instead.
+                    raise_no_usable_record(self.tracker.recent()[0] or [item], shard_len)
                 continue
             failed_in_a_row = 0
             self.tracker.ok()

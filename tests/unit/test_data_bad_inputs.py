@@ -157,6 +157,20 @@ def test_too_many_failures_stop_and_name_the_files(media, processor):
     assert "missing.webm" in msg and "empty.webm" in msg
 
 
+def test_endless_loader_over_a_shard_with_no_usable_record_stops(media, processor):
+    """Even with every failure tolerated, an endless loader (num_epochs=None) whose shard yields nothing in a
+    whole pass stops with an error naming the files instead of looping forever; a finite one just ends."""
+    root, good = media
+    path, n_good = _write_records(root, [], _bad_lines(good))
+    assert n_good == 0
+    cfg = DataConfig(media_root=root, num_workers=0, max_failure_fraction=1.0, shuffle=False, **SMALL)
+    with pytest.raises(TooManyFailuresError) as err:
+        next(iter(VisionDataLoader(cfg, processor, [path], batch_size=2, num_epochs=None)))
+    assert "none of the 8 records" in str(err.value) and "missing.webm" in str(err.value)
+    finite = VisionDataLoader(cfg, processor, [path], batch_size=2, num_epochs=2)
+    assert list(finite) == [] and finite.metrics()["data/skipped_total"] == 16
+
+
 def test_one_bad_file_does_not_stop_training(media, processor):
     root, good = media
     path, n_good = _write_records(root, good, [json.dumps(dict(good[0], path="missing.webm"))])
