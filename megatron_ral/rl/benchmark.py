@@ -2,9 +2,11 @@
 
 Both algorithms start from the same seeded weights and read the same records in the same order, with
 the same sampling seeds; each runs ``warmup`` unmeasured steps then ``steps`` measured ones, in one
-process, one after the other. Reported per algorithm: the median seconds of each phase (generate, old
-pass, reference pass, updates) and of the whole step, the mean response length (so a difference in
-generated length is visible), and the ratio RAL / GRPO of the step time (goal: <= 1.25).
+process, one after the other. With ``repeats`` > 1 the pair runs again in alternating order (GRPO first,
+then RAL first, ...) and the medians are over every measured step of every repeat. Reported per
+algorithm: the median seconds of each phase (generate, old pass, reference pass, updates) and of the
+whole step, the mean response length (so a difference in generated length is visible), and the ratio
+RAL / GRPO of the step time (goal: <= 1.25).
 
 GRPO here is the same trainer with the attention term off (``algorithm.name: grpo``); it still keeps the
 old pass (updates_per_rollout >= 2 needs old log-probs) and the no-grad attention diagnostics, so the
@@ -39,7 +41,7 @@ def _config(assets: dict, run_dir: Path, algorithm: str, args) -> "object":
     overrides = [
         f"model.load={assets['mcore']}", "model.dtype=fp32",
         f"data.train_files=[{data / 'train.json'}]", f"data.media_root={data}", "data.num_workers=0",
-        "data.shuffle=false", f"data.max_frames={args.max_frames}",
+        "data.shuffle=false", f"data.min_frames={min(4, args.max_frames)}", f"data.max_frames={args.max_frames}",
         f"data.video_min_pixels={args.pixels}", f"data.video_max_pixels={args.pixels}",
         f"data.image_min_pixels={args.pixels}", f"data.image_max_pixels={args.pixels}",
         f"algorithm.name={algorithm}", f"algorithm.rollouts_per_prompt={args.group_size}",
@@ -60,12 +62,15 @@ def length_reward(response: str, record, template: str) -> float:
     return sum(c.isascii() and c.isalpha() for c in text) / max(len(text), 1)
 
 
-def _run(cfg, info, warmup: int) -> dict:
+def _run(cfg, info, warmup: int) -> list[dict]:
     from megatron_ral.rl import trainer as T
 
     run = T.build(cfg, info)
     rows = [T.train_step(run, cfg, step) for step in range(1, run.total_steps + 1)]
-    measured = rows[warmup:]
+    return rows[warmup:]
+
+
+def _summary(measured: list[dict]) -> dict:
     out = {k.split("/")[1]: statistics.median(r[k] for r in measured) for k in PHASES}
     out["response_length_mean"] = statistics.mean(r["response/length_mean"] for r in measured)
     out["steps"] = len(measured)
@@ -84,17 +89,25 @@ def run_rl_step_benchmark(args) -> dict:
         assets = _assets(root, args.preset, args.config_json, args.records, args.seed)
         info = initialize(ParallelConfig(), seed=args.seed)
         try:
-            results = {}
-            for algorithm in ("grpo", "ral"):
-                torch.manual_seed(args.seed)
-                results[algorithm] = _run(_config(assets, root / algorithm, algorithm, args), info, args.warmup)
+            rows = {"grpo": [], "ral": []}
+            repeats = getattr(args, "repeats", 1)
+            for repeat in range(repeats):
+                # alternate the order (GRPO first, then RAL first, ...) so that drift in the machine's load
+                # or warm caches does not favour the algorithm that always runs second
+                order = ("grpo", "ral") if repeat % 2 == 0 else ("ral", "grpo")
+                for algorithm in order:
+                    torch.manual_seed(args.seed)
+                    run_dir = root / f"{algorithm}_{repeat}"
+                    rows[algorithm] += _run(_config(assets, run_dir, algorithm, args), info, args.warmup)
         finally:
             destroy()
+        results = {algorithm: _summary(r) for algorithm, r in rows.items()}
     ratio = results["ral"]["step_s"] / results["grpo"]["step_s"]
     return {
         "setup": {"preset": args.preset, "config_json": args.config_json, "prompts": args.prompts,
                   "group_size": args.group_size, "updates_per_rollout": args.updates,
-                  "max_new_tokens": args.max_new_tokens, "threads": torch.get_num_threads()},
+                  "max_new_tokens": args.max_new_tokens,
+                  "repeats": getattr(args, "repeats", 1), "threads": torch.get_num_threads()},
         "grpo": results["grpo"], "ral": results["ral"],
         "ral_over_grpo_step": ratio,
         "ral_extra_update_s": results["ral"]["update_s"] - results["grpo"]["update_s"],
