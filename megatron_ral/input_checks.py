@@ -98,6 +98,14 @@ def json_file(path: str, flag: str) -> Any:
         raise UsageError(f"{flag} {path}: not valid JSON ({e})") from None
 
 
+def json_text(text: str, flag: str) -> Any:
+    """The parsed content of JSON given on the command line, or one line saying why it is not JSON."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{flag}: not valid JSON text ({e})") from None
+
+
 # --- media -------------------------------------------------------------------------------------------
 
 def video_file(path: str, flag: str = "--video") -> None:

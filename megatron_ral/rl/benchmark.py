@@ -36,12 +36,13 @@ def _assets(root: Path, preset: str, config_overrides: dict | None, records: int
 
 def _config(assets: dict, run_dir: Path, algorithm: str, args) -> "object":
     from megatron_ral.config import load_config, validate
+    from megatron_ral.data.config import DataConfig
 
     data = Path(assets["data"])
     overrides = [
         f"model.load={assets['mcore']}", "model.dtype=fp32",
         f"data.train_files=[{data / 'train.json'}]", f"data.media_root={data}", "data.num_workers=0",
-        "data.shuffle=false", f"data.min_frames={min(4, args.max_frames)}", f"data.max_frames={args.max_frames}",
+        "data.shuffle=false", f"data.min_frames={min(DataConfig.min_frames, args.max_frames)}", f"data.max_frames={args.max_frames}",
         f"data.video_min_pixels={args.pixels}", f"data.video_max_pixels={args.pixels}",
         f"data.image_min_pixels={args.pixels}", f"data.image_max_pixels={args.pixels}",
         f"algorithm.name={algorithm}", f"algorithm.rollouts_per_prompt={args.group_size}",
@@ -90,8 +91,7 @@ def run_rl_step_benchmark(args) -> dict:
         info = initialize(ParallelConfig(), seed=args.seed)
         try:
             rows = {"grpo": [], "ral": []}
-            repeats = getattr(args, "repeats", 1)
-            for repeat in range(repeats):
+            for repeat in range(args.repeats):
                 # alternate the order (GRPO first, then RAL first, ...) so that drift in the machine's load
                 # or warm caches does not favour the algorithm that always runs second
                 order = ("grpo", "ral") if repeat % 2 == 0 else ("ral", "grpo")
@@ -107,7 +107,7 @@ def run_rl_step_benchmark(args) -> dict:
         "setup": {"preset": args.preset, "config_json": args.config_json, "prompts": args.prompts,
                   "group_size": args.group_size, "updates_per_rollout": args.updates,
                   "max_new_tokens": args.max_new_tokens,
-                  "repeats": getattr(args, "repeats", 1), "threads": torch.get_num_threads()},
+                  "repeats": args.repeats, "threads": torch.get_num_threads()},
         "grpo": results["grpo"], "ral": results["ral"],
         "ral_over_grpo_step": ratio,
         "ral_extra_update_s": results["ral"]["update_s"] - results["grpo"]["update_s"],

@@ -26,7 +26,7 @@ import torch
 
 from megatron_ral.arguments import ToolParser
 from megatron_ral.entry import prog_name, run_main
-from megatron_ral.errors import UsageError
+from megatron_ral import input_checks as check
 from megatron_ral.inference.benchmark import run_generation_benchmark
 
 
@@ -43,10 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="prompt and weight seed")
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-    try:
-        overrides = json.loads(args.config_json) if args.config_json else None
-    except json.JSONDecodeError as e:
-        raise UsageError(f"--config-json: not valid JSON text ({e})") from None
+    overrides = check.json_text(args.config_json, "--config-json") if args.config_json else None
     result = run_generation_benchmark(
         preset=args.preset, config_overrides=overrides, batch=args.batch,
         prompt_lengths=(args.min_prompt, args.max_prompt), max_new_tokens=args.max_new_tokens, seed=args.seed)

@@ -18,7 +18,7 @@ import torch
 
 from megatron_ral.arguments import ToolParser
 from megatron_ral.entry import prog_name, run_main
-from megatron_ral.errors import UsageError
+from megatron_ral import input_checks as check
 from megatron_ral.rl.benchmark import run_rl_step_benchmark
 
 
@@ -41,18 +41,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="runs of the GRPO/RAL pair, in alternating order; medians over all of them")
     p.add_argument("--seed", type=int, default=0, help="weights, data and sampling seed")
     args = p.parse_args(argv)
-    try:
-        args.config_json = json.loads(args.config_json) if args.config_json else None
-    except json.JSONDecodeError as e:
-        raise UsageError(f"--config-json: not valid JSON text ({e})") from None
+    args.config_json = check.json_text(args.config_json, "--config-json") if args.config_json else None
     for flag in ("prompts", "group_size", "updates", "micro_batch_size", "max_new_tokens", "records", "steps",
                  "repeats"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')}: must be >= 1, got {getattr(args, flag)}")
-    if args.max_frames < 2:
-        raise UsageError(f"--max-frames: must be >= 2 (a video is at least one temporal patch), got {args.max_frames}")
-    if args.warmup < 0:
-        raise UsageError(f"--warmup: must be >= 0, got {args.warmup}")
+        check.at_least(getattr(args, flag), 1, f"--{flag.replace('_', '-')}")
+    check.at_least(args.max_frames, 2, "--max-frames")  # a video is at least one temporal patch of 2 frames
+    check.at_least(args.warmup, 0, "--warmup")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     print(json.dumps(run_rl_step_benchmark(args)))
     return 0
