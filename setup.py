@@ -23,18 +23,18 @@ INSTALL_REQUIRES = [
     "rouge-score>=0.1.2",  # free-form reward (rl/rewards.py): the ROUGE implementation Video-R1 uses
 ]
 
-# Console scripts: each runs the same function as tools/<name>.py (the library holds every command line).
+# Console scripts: each runs the same function as tools/<name>.py (megatron_ral/cli holds every command line).
 CONSOLE_SCRIPTS = [
-    "megatron-ral-train = megatron_ral.train:cli",
-    "megatron-ral-config = megatron_ral.config.cli:cli",
-    "megatron-ral-convert-hf-to-megatron = megatron_ral.checkpoint.cli:hf_to_megatron_cli",
-    "megatron-ral-convert-megatron-to-hf = megatron_ral.checkpoint.cli:megatron_to_hf_cli",
-    "megatron-ral-make-tiny-checkpoint = megatron_ral.checkpoint.cli:make_tiny_cli",
-    "megatron-ral-make-synthetic-videos = megatron_ral.data.cli:synthetic_cli",
-    "megatron-ral-preprocess = megatron_ral.data.cli:preprocess_cli",
-    "megatron-ral-generate = megatron_ral.inference.cli:cli",
-    "megatron-ral-dump-attention = megatron_ral.inference.dump_cli:cli",
-    "megatron-ral-evaluate = megatron_ral.rl.eval_cli:cli",
+    "megatron-ral-train = megatron_ral.cli.train:cli",
+    "megatron-ral-config = megatron_ral.cli.config:cli",
+    "megatron-ral-convert-hf-to-megatron = megatron_ral.cli.convert_hf_to_megatron:cli",
+    "megatron-ral-convert-megatron-to-hf = megatron_ral.cli.convert_megatron_to_hf:cli",
+    "megatron-ral-make-tiny-checkpoint = megatron_ral.cli.make_tiny_checkpoint:cli",
+    "megatron-ral-make-synthetic-videos = megatron_ral.cli.make_synthetic_videos:cli",
+    "megatron-ral-preprocess = megatron_ral.cli.preprocess:cli",
+    "megatron-ral-generate = megatron_ral.cli.generate:cli",
+    "megatron-ral-dump-attention = megatron_ral.cli.dump_attention:cli",
+    "megatron-ral-evaluate = megatron_ral.cli.evaluate:cli",
 ]
 
 setup(

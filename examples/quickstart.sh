@@ -65,7 +65,7 @@ print(f"transformers loads {sys.argv[1]}: {sum(p.numel() for p in model.paramete
 PY
 
 step "6/6 summary"
-"$PY" -m megatron_ral.rl.summary --sft "$OUT/sft" --rl "$OUT/ral" --train "$DATA/train.json" \
+"$PY" -m megatron_ral.cli.summary --sft "$OUT/sft" --rl "$OUT/ral" --train "$DATA/train.json" \
   --heldout "$DATA/test.json" --checkpoint "$OUT/ral/checkpoints" --hf-export "$OUT/hf_final" \
   --out "$OUT/summary.json" --started "$STARTED" > /dev/null
 "$PY" - "$OUT/summary.json" <<'PY'

@@ -1,7 +1,7 @@
 """The one base class for errors caused by the user's input.
 
 Every entry point (tools, ``python -m megatron_ral.config``, the trainer) runs under
-:func:`megatron_ral.entry.run_main`: a :class:`UserError` prints ``<prog>: error: <message>`` once on
+:func:`megatron_ral.cli.entry.run_main`: a :class:`UserError` prints ``<prog>: error: <message>`` once on
 stderr and exits with code 2; any other exception is a bug and keeps its traceback.
 
 The library's input errors derive from it: configuration values (``config.ConfigError``), records and
@@ -10,7 +10,7 @@ files and layouts (``checkpoint.errors``), and the tools' flags (:class:`UsageEr
 values, process layouts). Raise one of them (or ``UserError`` itself) with a one-line message that
 names the file, key or flag.
 
-``same_on_every_rank`` tells :func:`~megatron_ral.entry.run_main` who reports the error in a multi-rank
+``same_on_every_rank`` tells :func:`~megatron_ral.cli.entry.run_main` who reports the error in a multi-rank
 job: ``True`` when every rank raises it alike (a flag or a config value: rank 0 speaks for all),
 ``False`` when it concerns this rank only (a sample of its data shard: the failing rank speaks),
 ``None`` to decide by phase (before ``torch.distributed`` is initialised the inputs are the same on

@@ -1,7 +1,6 @@
-"""Checkpoints: HF <-> Megatron conversion, streaming IO, and locally generated test checkpoints.
+"""Checkpoints: HF <-> Megatron conversion, streaming IO, training checkpoints and run directories.
 
     convert            hf_to_megatron / megatron_to_hf (streaming, bounded memory, all-or-nothing output)
-    mapping            parameter names and QKV / fc1 layouts, HF <-> Megatron-Core
     safetensors_io     streaming reader/writer of (sharded) HF safetensors checkpoints
     dist_ckpt_io       megatron-core torch_dist checkpoints written and read chunk by chunk
     model_io           a model's weights saved / loaded as a layout-free torch_dist checkpoint
@@ -10,7 +9,8 @@
     run_dir            a run's iter_N checkpoints, temporary saves, the latest pointer, pruning (files only)
     rng_state          one process's RNG states (python, numpy, torch, CUDA, megatron tracker) captured/restored
     output_dir         atomic output directories, HF side files (config/tokenizer/processor), progress
-    qwen25vl_arch      the shape facts of a Qwen2.5-VL config
-    tiny               seeded tiny/small Qwen2.5-VL HF checkpoints (tokenizer, processor) for tests
-    random_checkpoint  random checkpoints with the released shapes, for benchmarks
+    locate             what a path is (HF directory, dist checkpoint, training run) before torch is imported
+
+The HF <-> Megatron name mapping and the config facts belong to the model (models/qwen25vl/mapping.py,
+arch.py); the tiny-model maker is megatron_ral.tiny.
 """

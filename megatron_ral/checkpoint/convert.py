@@ -19,7 +19,7 @@ from typing import Iterator
 
 import torch
 
-from megatron_ral.checkpoint import mapping as M
+from megatron_ral.models.qwen25vl import mapping as M
 from megatron_ral.checkpoint.dist_ckpt_io import (
     BytesSpec,
     ChunkSpec,
@@ -32,7 +32,7 @@ from megatron_ral.checkpoint.dist_ckpt_io import (
 from megatron_ral.checkpoint.errors import CheckpointFileError, CheckpointMismatchError, UnsupportedCheckpointError  # noqa: F401
 from megatron_ral.checkpoint.locate import find_hf_config_dir, resolve_dist_dir
 from megatron_ral.checkpoint.output_dir import Progress, atomic_output_dir, copy_hf_side_files
-from megatron_ral.checkpoint.qwen25vl_arch import (
+from megatron_ral.models.qwen25vl.arch import (
     Qwen25VLArch,
     arch_from_config,
     load_hf_config,

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from megatron_ral.errors import UserError
+from megatron_ral.models.qwen25vl.arch import UnsupportedCheckpointError  # noqa: F401 - defined with the model
 
 
 class CheckpointFileError(UserError, RuntimeError):
     """A checkpoint file is missing, truncated or malformed (the message names the file)."""
 
 
-class UnsupportedCheckpointError(UserError, ValueError):
-    """The checkpoint is not a Qwen2.5-VL model this converter understands."""
 
 
 class CheckpointMismatchError(UserError, ValueError):

@@ -14,11 +14,7 @@ import os
 from pathlib import Path
 
 from megatron_ral.checkpoint.errors import CheckpointFileError, UnsupportedCheckpointError
-
-def is_dist_checkpoint(directory: str | os.PathLike) -> bool:
-    d = Path(directory)
-    return (d / ".metadata").is_file() and (d / "metadata.json").is_file()
-
+from megatron_ral.checkpoint.run_dir import is_dist_checkpoint  # noqa: F401 - re-exported
 
 def check_dist_backend(dist_dir: str | os.PathLike) -> None:
     """metadata.json of a torch_dist checkpoint (when present) names the torch_dist backend."""

@@ -16,7 +16,12 @@ import re
 import shutil
 from pathlib import Path
 
-from megatron_ral.checkpoint.locate import is_dist_checkpoint
+
+def is_dist_checkpoint(directory: str | os.PathLike) -> bool:
+    """A torch_dist checkpoint directory (its ``.metadata`` and ``metadata.json`` present)."""
+    d = Path(directory)
+    return (d / ".metadata").is_file() and (d / "metadata.json").is_file()
+
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 _ITER_RE = re.compile(r"^iter_(\d+)$")

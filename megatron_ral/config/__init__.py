@@ -3,7 +3,7 @@
     cfg = load_config("examples/configs/tiny_ral.yaml", ["algorithm.lambda_attn=1.0"])
     validate(cfg, world_size=8)
 
-``python -m megatron_ral.config --config FILE [key=value ...]`` (``config.cli``) prints the resolved
+``python -m megatron_ral.config --config FILE [key=value ...]`` (``megatron_ral.cli.config``) prints the resolved
 configuration or one line naming the bad key (exit code 2).
 """
 

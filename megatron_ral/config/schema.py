@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from megatron_ral.data.config import DataConfig
+from megatron_ral.config.data import DataConfig
 
 
 @dataclass

@@ -1,6 +1,5 @@
 """Video/image input pipeline for Qwen2.5-VL training on Video-R1-style data.
 
-    config      DataConfig (the `data:` section of the run config)
     records     Video-R1 records, byte-offset index over JSON-array / JSON-lines files
     sharding    per-epoch order and its exact partition across data-parallel ranks
     prompts     thinking / answer-only (RAL-zero) prompt text, SFT targets
@@ -13,5 +12,5 @@
     single      one media file + prompt -> model inputs (tools/preprocess.py)
     synthetic   the embedded synthetic dataset (tools/make_synthetic_videos.py)
 
-Submodules are imported explicitly (this package imports nothing heavy on its own).
+DataConfig (the ``data:`` section) lives in megatron_ral.config.data. Submodules are imported explicitly (this package imports nothing heavy on its own).
 """

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from megatron_ral.data.collate import Batch, collate
-from megatron_ral.data.config import DataConfig
+from megatron_ral.config.data import DataConfig
 from megatron_ral.data.errors import DataError
 from megatron_ral.data.failures import FailureTracker, raise_no_usable_record
 from megatron_ral.data.processor import QwenVLProcessor

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_ral.data.config import DataConfig
+from megatron_ral.config.data import DataConfig
 from megatron_ral.data.errors import MediaError
 from megatron_ral.data.geometry import VisionParams, smart_resize, video_resize_target
 from megatron_ral.data.image import load_image

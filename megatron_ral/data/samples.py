@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megatron_ral.data.config import DataConfig
+from megatron_ral.config.data import DataConfig
 from megatron_ral.data.errors import DataError
 from megatron_ral.data.media import MediaOptions, image_input, video_input
 from megatron_ral.data.pixels import VisionInput

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from megatron_ral.data.config import DataConfig
+from megatron_ral.config.data import DataConfig
 from megatron_ral.data.media import MediaOptions, image_input, video_input
 from megatron_ral.data.processor import QwenVLProcessor
 from megatron_ral.data.video.backend import BackendChoice, VideoDecoders, log_choice_once

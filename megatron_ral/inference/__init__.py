@@ -8,6 +8,6 @@ top-p / greedy, per-response RNGs), ``kv_cache`` (megatron StaticInferenceContex
 token-budget planning), ``pipeline`` (stage-to-stage activations, token broadcast), ``session``
 (prefill + decode steps of one batch), ``attention`` (decode-time core attention for every layer spec:
 grouped queries, keys rotated once in the cache), ``generate`` (the loop: G responses per prompt, stop tokens,
-finished-row compaction), ``loading`` (model from a dist checkpoint), ``cli`` (tools/generate.py),
-``benchmark`` (tools/bench/generation.py), ``testing`` (reference helpers for tests).
+finished-row compaction), ``loading`` (model from a dist checkpoint). The command line is
+``megatron_ral.cli.generate``, the benchmark ``megatron_ral.bench.generation``.
 """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -120,3 +121,19 @@ def concat_vision(prompts: list[PromptInput]) -> dict:
         return torch.cat(parts, dim=0) if parts else None
 
     return {k: cat(k) for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")}
+
+
+def build_prompt(model_dir: str | os.PathLike, text: str, *, image: str | None = None, video: str | None = None,
+                 processor=None) -> tuple[PromptInput, object]:
+    """One user turn (the image / video first, then ``text``) rendered with the checkpoint's chat
+    template and the generation prompt, as the data pipeline builds rollout prompts."""
+    from megatron_ral.data.processor import QwenVLProcessor
+    from megatron_ral.data.single import preprocess_single
+
+    model_dir = str(model_dir)
+    processor = processor or QwenVLProcessor.from_pretrained(model_dir)
+    if image is not None or video is not None:
+        inputs = preprocess_single(model_dir, image=image, video=video, prompt=text, processor=processor)
+        return PromptInput.from_inputs(inputs), processor
+    messages = [{"role": "user", "content": [{"type": "text", "text": text}]}]
+    return PromptInput(processor.encode_prompt(messages, [])), processor

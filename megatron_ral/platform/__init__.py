@@ -4,7 +4,8 @@
     initialize(ParallelConfig(tensor_model_parallel_size=2), seed=1234)
 
 See ``cpu_compat`` for what changes on a machine without CUDA (nothing changes with CUDA present),
-``launch_env`` for torchrun / SLURM variables, and ``spawn`` for multi-process tests on loopback.
+and ``launch_env`` for torchrun / SLURM variables (the multi-process test spawner is
+``megatron_ral.testing.spawn``).
 The names below are imported on first use, so ``megatron_ral.platform.launch_env`` (read by the
 tools before they load anything heavy) does not import torch.
 """

@@ -46,7 +46,8 @@ def initial_weights(model_cfg, run_dir: str | os.PathLike) -> str:
     (by rank 0, into RUN_DIR/initial_mcore) with the streaming converter."""
     if model_cfg.load:
         return model_cfg.load
-    from megatron_ral.checkpoint.convert import hf_to_megatron, is_dist_checkpoint
+    from megatron_ral.checkpoint.convert import hf_to_megatron
+    from megatron_ral.checkpoint.run_dir import is_dist_checkpoint
 
     out = Path(run_dir) / "initial_mcore"
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

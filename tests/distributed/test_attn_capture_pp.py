@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_ral.attention.testing import check_parallel_capture
+from megatron_ral.testing.attention import check_parallel_capture
 
 pytestmark = pytest.mark.distributed
 

@@ -8,9 +8,9 @@ import torch
 
 from megatron_ral.checkpoint.convert import hf_to_megatron, megatron_to_hf
 from megatron_ral.checkpoint.safetensors_io import HFCheckpointReader
-from megatron_ral.checkpoint.tiny import make_tiny_checkpoint
+from megatron_ral.tiny.checkpoint import make_tiny_checkpoint
 from megatron_ral.config.schema import ParallelConfig
-from megatron_ral.platform.spawn import run_distributed
+from megatron_ral.testing.spawn import run_distributed
 
 pytestmark = pytest.mark.distributed
 
@@ -36,7 +36,7 @@ def _layout_and_logits(hf_dir: str, ckpt: str) -> dict:
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 
-    from megatron_ral.models.qwen25vl.testing import make_prompt
+    from megatron_ral.testing.models import make_prompt
 
     model = _build(hf_dir).eval()
     tensors, objects = {}, set()
@@ -85,7 +85,7 @@ def test_layout_matches_model_and_logits_match_hf(tmp_path, name):
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-    from megatron_ral.models.qwen25vl.testing import hf_reference_model
+    from megatron_ral.testing.models import hf_reference_model
 
     ckpt, hf = _convert(tmp_path, name)
     (out,) = run_distributed(_layout_and_logits, 1, str(hf), str(ckpt))
@@ -122,7 +122,7 @@ def test_reshard_tp2_pp2_round_trip_bit_exact(tmp_path, name, split):
 
 
 def _logits_after_load(hf_dir: str, ckpt: str) -> torch.Tensor:
-    from megatron_ral.models.qwen25vl.testing import make_prompt
+    from megatron_ral.testing.models import make_prompt
 
     model = _build(hf_dir).eval()
     _load(model, ckpt)

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from megatron_ral.config.schema import ParallelConfig
-from megatron_ral.platform.spawn import run_distributed
+from megatron_ral.testing.spawn import run_distributed
 
 pytestmark = pytest.mark.distributed
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.distributed
 def _rank_epoch(ckpt: str, root: str, records: str, epochs: int) -> dict:
     from megatron.core import parallel_state
 
-    from megatron_ral.data.config import DataConfig
+    from megatron_ral.config.data import DataConfig
     from megatron_ral.data.loader import VisionDataLoader
     from megatron_ral.data.processor import QwenVLProcessor
     from megatron_ral.platform import initialize
@@ -33,7 +33,7 @@ def _rank_epoch(ckpt: str, root: str, records: str, epochs: int) -> dict:
 
 
 def test_epoch_partition_across_dp_ranks(tmp_path):
-    from megatron_ral.checkpoint.tiny import make_tiny_checkpoint
+    from megatron_ral.tiny.checkpoint import make_tiny_checkpoint
     from megatron_ral.data.synthetic import SyntheticSpec, make_synthetic_dataset
 
     ckpt = str(make_tiny_checkpoint(tmp_path / "ckpt"))

@@ -1,4 +1,4 @@
-"""A user error in a 2-rank torchrun job ends both ranks and is reported once (megatron_ral.entry.run_main).
+"""A user error in a 2-rank torchrun job ends both ranks and is reported once (megatron_ral.cli.entry.run_main).
 
 * One rank fails after torch.distributed is up while the other waits in an all-reduce for it: the failing
   rank prints its line (``rank 1: ...``) and exits 2; the waiting rank does not hang (the launcher stops
@@ -26,7 +26,7 @@ HANG_GUARD_S = 240
 
 WORKER = '''
 import sys
-from megatron_ral.entry import run_main
+from megatron_ral.cli.entry import run_main
 from megatron_ral.errors import UserError
 
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from megatron_ral.config.schema import GenerationConfig, ParallelConfig
-from megatron_ral.inference.testing import converted_checkpoint, hf_generate, load_hf_model, standard_prompts
-from megatron_ral.platform.spawn import run_distributed
+from megatron_ral.testing.inference import converted_checkpoint, hf_generate, load_hf_model, standard_prompts
+from megatron_ral.testing.spawn import run_distributed
 
 pytestmark = pytest.mark.distributed
 

@@ -15,14 +15,14 @@ import pytest
 import torch
 
 from megatron_ral.config.schema import ParallelConfig
-from megatron_ral.models.qwen25vl.testing import (
+from megatron_ral.testing.models import (
     TOKEN_IDS,
     hf_reference_model,
     hf_state_dict,
     make_prompt,
     tiny_hf_config,
 )
-from megatron_ral.platform.spawn import run_distributed
+from megatron_ral.testing.spawn import run_distributed
 
 pytestmark = pytest.mark.distributed
 

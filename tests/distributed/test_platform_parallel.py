@@ -10,7 +10,7 @@ import torch
 
 import gpt_fixture as fx
 from megatron_ral.config.schema import ParallelConfig
-from megatron_ral.platform.spawn import run_distributed
+from megatron_ral.testing.spawn import run_distributed
 
 pytestmark = pytest.mark.distributed
 

@@ -23,7 +23,7 @@ import torch
 
 import train_fixture as fx
 from megatron_ral.checkpoint.dist_ckpt_io import DistCheckpointReader
-from megatron_ral.platform.spawn import run_distributed
+from megatron_ral.testing.spawn import run_distributed
 
 pytestmark = pytest.mark.distributed
 
@@ -136,7 +136,7 @@ def _resume_elsewhere(save_dir: str, resaved_dir: str, next_dir: str, tp: int, p
 def tp2_run(tmp_path_factory):
     """A TP=2 training checkpoint at step 2 (with HF side files), the same weights saved model-only, and the
     checkpoint of the uninterrupted step 3."""
-    from megatron_ral.models.qwen25vl.testing import tiny_hf_config
+    from megatron_ral.testing.models import tiny_hf_config
 
     root = tmp_path_factory.mktemp("tp2")
     hf = root / "hf"  # the model's HF config (what the converter needs; tokenizer files are copied alike)
@@ -236,7 +236,7 @@ def _run_child(*args) -> int:
     """Run _crash_child in a process of its own session (forked from the preloaded fork server, like the
     ranks of run_distributed); once it is dead, end what it left behind in that session (megatron's
     checkpoint writer starts helper processes that a killed parent cannot stop). Returns its exit code."""
-    from megatron_ral.platform.spawn import _context
+    from megatron_ral.testing.spawn import _context
 
     child = _context().Process(target=_crash_entry, args=tuple(map(str, args)))
     child.start()
@@ -289,7 +289,7 @@ TOOL = HERE.parents[1] / "tools" / "convert_megatron_to_hf.py"
 def test_training_checkpoint_converts_to_hf(tp2_run, tmp_path):
     from megatron_ral.checkpoint.convert import megatron_to_hf
     from megatron_ral.checkpoint.safetensors_io import HFCheckpointReader
-    from megatron_ral.models.qwen25vl.testing import hf_state_dict, tiny_hf_config
+    from megatron_ral.testing.models import hf_state_dict, tiny_hf_config
 
     iter_dir = _iter(tp2_run["ckpt"], 2)
     assert (iter_dir / "config.json").is_file()  # self-describing
@@ -298,7 +298,7 @@ def test_training_checkpoint_converts_to_hf(tp2_run, tmp_path):
     res = subprocess.run([sys.executable, str(TOOL), "--ckpt", str(tp2_run["ckpt"]), "--out", str(outs["run_dir"]),
                           "--quiet"], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    from megatron_ral.checkpoint.cli import megatron_to_hf_main  # the same tool's command line, in-process
+    from megatron_ral.cli.convert_megatron_to_hf import main as megatron_to_hf_main  # the same tool's command line, in-process
 
     assert megatron_to_hf_main(["--ckpt", str(iter_dir), "--out", str(outs["iter_dir"]), "--quiet"]) == 0
     assert all((out / "config.json").is_file() for out in outs.values())
@@ -343,7 +343,7 @@ def _save_steps(save_dir: str) -> dict:
     from megatron_ral.checkpoint.convert import CheckpointMismatchError
     from megatron_ral.checkpoint.model_io import save_model_weights
     from megatron_ral.checkpoint.safetensors_io import CheckpointFileError
-    from megatron_ral.models.qwen25vl.testing import seeded_megatron_model
+    from megatron_ral.testing.models import seeded_megatron_model
 
     model_only = save_model_weights(t.model[0].module, Path(save_dir).parent / "model_only")
     errors = {}

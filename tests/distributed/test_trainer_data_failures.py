@@ -9,7 +9,7 @@ import json
 import pytest
 
 import trainer_fixture as tf
-from megatron_ral.platform.spawn import run_distributed
+from megatron_ral.testing.spawn import run_distributed
 
 pytestmark = pytest.mark.distributed
 

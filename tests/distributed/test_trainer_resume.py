@@ -85,7 +85,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(assets):
 
 def test_resume_at_another_layout_continues(assets):
     """Two steps at TP=1, then the same run continued at TP=2 (2 ranks) for a third step."""
-    from megatron_ral.platform.spawn import run_distributed
+    from megatron_ral.testing.spawn import run_distributed
 
     cfg, run_dir = _config(assets, "relayout", training={"train_steps": 2})
     subprocess.run(tf.train_command(cfg), env=tf.subprocess_env(), check=True, capture_output=True, timeout=600)

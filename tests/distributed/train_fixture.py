@@ -40,7 +40,7 @@ def build(par: ParallelConfig, seed: int) -> Trainer:
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    from megatron_ral.models.qwen25vl.testing import seeded_megatron_model
+    from megatron_ral.testing.models import seeded_megatron_model
 
     dist_opt = par.use_distributed_optimizer
     model = seeded_megatron_model("tiny", seed, par, last_layer_core_attention=None)
@@ -64,7 +64,7 @@ def build(par: ParallelConfig, seed: int) -> Trainer:
 
 def batches(step: int) -> list[dict]:
     """The global batch of a step: GLOBAL_BATCHES text rows with next-token labels."""
-    from megatron_ral.models.qwen25vl.testing import make_prompt
+    from megatron_ral.testing.models import make_prompt
 
     out = []
     for i in range(GLOBAL_BATCHES):

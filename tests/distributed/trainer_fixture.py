@@ -23,7 +23,7 @@ def text_reward(response: str, record, template: str) -> float:
 def make_assets(root: Path, preset: str, n_records: int = 16, seed: int = 0) -> dict:
     """HF checkpoint, its Megatron conversion and a synthetic dataset under ``root`` (made once)."""
     from megatron_ral.checkpoint.convert import hf_to_megatron
-    from megatron_ral.checkpoint.tiny import make_tiny_checkpoint
+    from megatron_ral.tiny.checkpoint import make_tiny_checkpoint
     from megatron_ral.data.synthetic import make_synthetic_dataset
 
     hf, mcore, data = root / f"hf_{preset}", root / f"mcore_{preset}", root / "data"
@@ -60,9 +60,9 @@ def write_config(path: Path, assets: dict, run_dir: Path, **sections) -> Path:
 
 
 def run_training(config: str, overrides: list[str]) -> list[dict]:
-    """``megatron_ral.train.main`` in this rank (spawned by run_distributed); rank 0 returns metrics.jsonl."""
+    """``megatron_ral.cli.train.main`` in this rank (spawned by run_distributed); rank 0 returns metrics.jsonl."""
     os.environ.setdefault("WANDB_MODE", "disabled")
-    from megatron_ral.train import main
+    from megatron_ral.cli.train import main
 
     code = main(["--config", config, *overrides])
     assert code == 0, code

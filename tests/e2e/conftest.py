@@ -14,7 +14,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> tuple[Path, Path]:
     """(hf_dir, megatron_dir) of the seeded tiny preset, converted once per session."""
-    from megatron_ral.inference.testing import converted_checkpoint
+    from megatron_ral.testing.inference import converted_checkpoint
 
     return converted_checkpoint(tmp_path_factory.mktemp("tiny_checkpoint"), "tiny", seed=21)
 

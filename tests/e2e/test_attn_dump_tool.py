@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_ral.attention.testing import hf_attention_rows, run_dump_tool
-from megatron_ral.inference.cli import build_prompt
-from megatron_ral.inference.testing import converted_checkpoint, load_hf_model
+from megatron_ral.testing.attention import hf_attention_rows, run_dump_tool
+from megatron_ral.inference.prompts import build_prompt
+from megatron_ral.testing.inference import converted_checkpoint, load_hf_model
 
 pytestmark = pytest.mark.e2e
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from megatron_ral.checkpoint.safetensors_io import HFCheckpointReader
-from megatron_ral.checkpoint.tiny import make_tiny_checkpoint
+from megatron_ral.tiny.checkpoint import make_tiny_checkpoint
 
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")

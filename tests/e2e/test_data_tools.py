@@ -67,7 +67,7 @@ def test_synthetic_h264(tmp_path):
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    from megatron_ral.checkpoint.tiny import make_tiny_checkpoint
+    from megatron_ral.tiny.checkpoint import make_tiny_checkpoint
 
     return str(make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt")))
 

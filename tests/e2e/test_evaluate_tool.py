@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from megatron_ral.inference.testing import converted_checkpoint, hf_generate, load_hf_model
+from megatron_ral.testing.inference import converted_checkpoint, hf_generate, load_hf_model
 
 pytestmark = pytest.mark.e2e
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -20,7 +20,7 @@ MAX_NEW = 8
 
 
 def test_evaluate_tool_matches_hf_generate_and_reward(tmp_path):
-    from megatron_ral.data.config import DataConfig
+    from megatron_ral.config.data import DataConfig
     from megatron_ral.data.processor import QwenVLProcessor
     from megatron_ral.data.records import RecordIndex
     from megatron_ral.data.samples import SampleBuilder

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from megatron_ral.inference.testing import converted_checkpoint, greedy_tool_and_hf
+from megatron_ral.testing.inference import converted_checkpoint, greedy_tool_and_hf
 
 pytestmark = pytest.mark.e2e
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from megatron_ral.attention.benchmark import run_benchmark
+from megatron_ral.bench.attention_capture import run_benchmark
 from megatron_ral.attention.old_policy import stored_values_per_sample
 
 

@@ -19,7 +19,7 @@ from megatron_ral.attention.capture import (
     response_layout,
 )
 from megatron_ral.attention.policy import ChunkConfig
-from megatron_ral.attention.testing import (
+from megatron_ral.testing.attention import (
     hf_attention_rows,
     model_inputs,
     padded_batch,
@@ -28,8 +28,8 @@ from megatron_ral.attention.testing import (
     with_response,
 )
 from megatron_ral.config.schema import ParallelConfig
-from megatron_ral.inference.testing import converted_checkpoint, load_hf_model, standard_prompts
-from megatron_ral.models.qwen25vl.testing import TOKEN_IDS
+from megatron_ral.testing.inference import converted_checkpoint, load_hf_model, standard_prompts
+from megatron_ral.testing.models import TOKEN_IDS
 from megatron_ral.platform import destroy, initialize
 
 RESPONSES = {"image": random_response(6, seed=1), "video": random_response(9, seed=2)}

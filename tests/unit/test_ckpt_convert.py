@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from megatron_ral.checkpoint import mapping as M
+from megatron_ral.models.qwen25vl import mapping as M
 from megatron_ral.checkpoint.convert import (
     CheckpointMismatchError,
     hf_to_megatron,
@@ -15,14 +15,14 @@ from megatron_ral.checkpoint.convert import (
 )
 from megatron_ral.checkpoint.dist_ckpt_io import ChunkSpec, DistCheckpointReader, TensorSpec, write_dist_checkpoint
 from megatron_ral.checkpoint.output_dir import atomic_output_dir
-from megatron_ral.checkpoint.qwen25vl_arch import UnsupportedCheckpointError
+from megatron_ral.models.qwen25vl.arch import UnsupportedCheckpointError
 from megatron_ral.checkpoint.safetensors_io import (
     CheckpointFileError,
     HFCheckpointReader,
     TensorPlan,
     write_sharded,
 )
-from megatron_ral.checkpoint.tiny import make_tiny_checkpoint
+from megatron_ral.tiny.checkpoint import make_tiny_checkpoint
 
 SMALL_BF16 = {"text_config": {"num_hidden_layers": 2}, "vision_config": {"depth": 2, "fullatt_block_indexes": [1]},
               "dtype": "bfloat16"}

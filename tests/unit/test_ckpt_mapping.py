@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from megatron_ral.checkpoint import mapping as M
-from megatron_ral.checkpoint.qwen25vl_arch import Qwen25VLArch, UnsupportedCheckpointError, arch_from_config
+from megatron_ral.models.qwen25vl import mapping as M
+from megatron_ral.models.qwen25vl.arch import Qwen25VLArch, UnsupportedCheckpointError, arch_from_config
 
 
 def _labelled(rows: int, base: int, cols: int | None) -> torch.Tensor:

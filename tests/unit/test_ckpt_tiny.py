@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from megatron_ral.checkpoint.tiny import make_tiny_checkpoint
-from megatron_ral.checkpoint.tiny_tokenizer import SPECIAL_TOKENS
+from megatron_ral.tiny.checkpoint import make_tiny_checkpoint
+from megatron_ral.tiny.tokenizer import SPECIAL_TOKENS
 
 
 @pytest.fixture(autouse=True)

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from megatron_ral.checkpoint.tiny import build_config
-from megatron_ral.checkpoint.tiny_config import KNOWN_KEYS, TinyConfigError, normalize_overrides
+from megatron_ral.tiny.checkpoint import build_config
+from megatron_ral.tiny.config import KNOWN_KEYS, TinyConfigError, normalize_overrides
 
 NESTED = {"text_config": {"hidden_size": 96, "intermediate_size": 160, "num_hidden_layers": 2,
                           "num_attention_heads": 4, "num_key_value_heads": 2,

@@ -17,14 +17,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 PARSERS = {
-    "convert_hf_to_megatron": ("megatron_ral.checkpoint.cli", "hf_to_megatron_parser"),
-    "convert_megatron_to_hf": ("megatron_ral.checkpoint.cli", "megatron_to_hf_parser"),
-    "make_tiny_checkpoint": ("megatron_ral.checkpoint.cli", "make_tiny_parser"),
-    "make_synthetic_videos": ("megatron_ral.data.cli", "synthetic_parser"),
-    "preprocess": ("megatron_ral.data.cli", "preprocess_parser"),
-    "generate": ("megatron_ral.inference.cli", "parser"),
-    "dump_attention": ("megatron_ral.inference.dump_cli", "parser"),
-    "config": ("megatron_ral.config.cli", "parser"),
+    "convert_hf_to_megatron": ("megatron_ral.cli.convert_hf_to_megatron", "parser"),
+    "convert_megatron_to_hf": ("megatron_ral.cli.convert_megatron_to_hf", "parser"),
+    "make_tiny_checkpoint": ("megatron_ral.cli.make_tiny_checkpoint", "parser"),
+    "make_synthetic_videos": ("megatron_ral.cli.make_synthetic_videos", "parser"),
+    "preprocess": ("megatron_ral.cli.preprocess", "parser"),
+    "generate": ("megatron_ral.cli.generate", "parser"),
+    "dump_attention": ("megatron_ral.cli.dump_attention", "parser"),
+    "config": ("megatron_ral.cli.config", "parser"),
 }
 
 
@@ -91,11 +91,14 @@ def test_flag_checks_do_not_import_torch(tmp_path):
     code = (
         "import sys\n"
         "from megatron_ral.errors import UserError\n"
-        "from megatron_ral.inference.cli import main as gen\n"
-        "from megatron_ral.inference.dump_cli import main as dump\n"
-        "from megatron_ral.data.cli import preprocess_main, synthetic_main\n"
-        "from megatron_ral.checkpoint.cli import hf_to_megatron_main, megatron_to_hf_main, make_tiny_main\n"
-        "from megatron_ral.config.cli import main as config\n"
+        "from megatron_ral.cli.generate import main as gen\n"
+        "from megatron_ral.cli.dump_attention import main as dump\n"
+        "from megatron_ral.cli.preprocess import main as preprocess_main\n"
+        "from megatron_ral.cli.make_synthetic_videos import main as synthetic_main\n"
+        "from megatron_ral.cli.convert_hf_to_megatron import main as hf_to_megatron_main\n"
+        "from megatron_ral.cli.convert_megatron_to_hf import main as megatron_to_hf_main\n"
+        "from megatron_ral.cli.make_tiny_checkpoint import main as make_tiny_main\n"
+        "from megatron_ral.cli.config import main as config\n"
         "calls = [(gen, ['--ckpt', '/nonexistent', '--prompt', 'x']),\n"
         "         (dump, ['--ckpt', '/nonexistent', '--prompt', 'x', '--response', 'y', '--out', 'o.pt']),\n"
         "         (preprocess_main, ['--hf', '/nonexistent', '--video', 'v.mp4', '--out', 'o.pt']),\n"

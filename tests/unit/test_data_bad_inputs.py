@@ -11,8 +11,8 @@ import av
 import numpy as np
 import pytest
 
-from megatron_ral.checkpoint.tiny import make_tiny_checkpoint
-from megatron_ral.data.config import DataConfig
+from megatron_ral.tiny.checkpoint import make_tiny_checkpoint
+from megatron_ral.config.data import DataConfig
 from megatron_ral.data.errors import MediaError, TooManyFailuresError
 from megatron_ral.data.geometry import VisionParams
 from megatron_ral.data.loader import VisionDataLoader

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from megatron_ral.checkpoint.tiny import make_tiny_checkpoint
-from megatron_ral.data.config import DataConfig
+from megatron_ral.tiny.checkpoint import make_tiny_checkpoint
+from megatron_ral.config.data import DataConfig
 from megatron_ral.data.loader import VisionDataLoader
 from megatron_ral.data.processor import QwenVLProcessor
 from megatron_ral.data.synthetic import SyntheticSpec, make_synthetic_dataset

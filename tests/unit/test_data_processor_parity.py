@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from megatron_ral.checkpoint.tiny import make_tiny_checkpoint
+from megatron_ral.tiny.checkpoint import make_tiny_checkpoint
 from megatron_ral.data.pixels import preprocess_image, preprocess_video
 from megatron_ral.data.processor import QwenVLProcessor
 from megatron_ral.data.prompts import get_template, sft_target, user_messages

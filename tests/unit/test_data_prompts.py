@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_ral.data.config import DataConfig
+from megatron_ral.config.data import DataConfig
 from megatron_ral.data.prompts import TYPE_SUFFIX, get_template, question_text, sft_target, user_messages
 from megatron_ral.data.records import PROBLEM_TYPES, parse_record
 

@@ -1,12 +1,12 @@
-"""megatron_ral.entry.run_main and the tools' argument parser, in process: exit codes, the one error line,
+"""megatron_ral.cli.entry.run_main and the tools' argument parser, in process: exit codes, the one error line,
 who prints in a multi-rank job (ranks faked through the launcher's environment variables)."""
 
 from __future__ import annotations
 
 import pytest
 
-from megatron_ral import entry
-from megatron_ral.arguments import ToolParser
+from megatron_ral.cli import entry
+from megatron_ral.cli.arguments import ToolParser
 from megatron_ral.errors import UsageError, UserError
 
 

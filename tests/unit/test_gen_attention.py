@@ -22,7 +22,7 @@ from megatron_ral.config.schema import GenerationConfig, ParallelConfig
 from megatron_ral.inference.attention import MASK_VALUE, decode_attention, grouped_attention, rotated_cache_supported
 from megatron_ral.inference.generate import generate
 from megatron_ral.inference.session import DecodeSession
-from megatron_ral.inference.testing import standard_prompts
+from megatron_ral.testing.inference import standard_prompts
 from megatron_ral.platform import destroy, initialize
 
 
@@ -67,7 +67,7 @@ def test_grouped_attention_matches_float64(case):
 
 @pytest.fixture(scope="module")
 def model():
-    from megatron_ral.models.qwen25vl.testing import seeded_megatron_model
+    from megatron_ral.testing.models import seeded_megatron_model
 
     initialize(ParallelConfig(), seed=1234)
     yield seeded_megatron_model("small", seed=2, backend="local", vision_attn_implementation="eager").eval()

@@ -15,7 +15,7 @@ from megatron_ral.inference.generate import FINISH_LENGTH, FINISH_STOP, generate
 from megatron_ral.inference.loading import load_model, stop_token_ids
 from megatron_ral.inference.sampling import SamplingParams, sample_tokens
 from megatron_ral.inference.session import DecodeSession
-from megatron_ral.inference.testing import (
+from megatron_ral.testing.inference import (
     converted_checkpoint,
     full_forward_next_logits,
     hf_generate,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megatron_ral.inference.prompts import PromptInput, concat_vision, split_batch
-from megatron_ral.models.qwen25vl.testing import TOKEN_IDS, make_prompt
+from megatron_ral.testing.models import TOKEN_IDS, make_prompt
 
 IMG, VID = TOKEN_IDS["<|image_pad|>"], TOKEN_IDS["<|video_pad|>"]
 

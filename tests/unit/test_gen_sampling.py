@@ -21,7 +21,7 @@ from megatron_ral.inference.sampling import (
     row_seed,
     sample_tokens,
 )
-from megatron_ral.inference.testing import prompt_from_segments, standard_prompts
+from megatron_ral.testing.inference import prompt_from_segments, standard_prompts
 from megatron_ral.platform import destroy, initialize
 
 LOGITS = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]))
@@ -81,7 +81,7 @@ def test_plan_chunks_respects_budget():
 
 @pytest.fixture(scope="module")
 def model():
-    from megatron_ral.models.qwen25vl.testing import seeded_megatron_model
+    from megatron_ral.testing.models import seeded_megatron_model
 
     initialize(ParallelConfig(), seed=1234)
     yield seeded_megatron_model("tiny", seed=5, backend="local", vision_attn_implementation="eager").eval()

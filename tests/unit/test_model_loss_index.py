@@ -5,10 +5,10 @@ the untied and the tied (output layer = embedding) presets, at temperature 1 and
 import pytest
 import torch
 
-from megatron_ral.attention.testing import padded_batch, random_response, with_response
+from megatron_ral.testing.attention import padded_batch, random_response, with_response
 from megatron_ral.config.schema import ParallelConfig
-from megatron_ral.inference.testing import standard_prompts
-from megatron_ral.models.qwen25vl.testing import seeded_megatron_model
+from megatron_ral.testing.inference import standard_prompts
+from megatron_ral.testing.models import seeded_megatron_model
 from megatron_ral.platform import destroy, initialize
 
 

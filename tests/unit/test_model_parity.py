@@ -11,7 +11,7 @@ import torch
 from megatron_ral.config.schema import ParallelConfig
 from megatron_ral.models.qwen25vl.hf_weights import load_hf_weights
 from megatron_ral.models.qwen25vl.provider import build_model
-from megatron_ral.models.qwen25vl.testing import (
+from megatron_ral.testing.models import (
     TOKEN_IDS,
     hf_reference_model,
     hf_state_dict,

@@ -15,7 +15,7 @@ from megatron_ral.models.qwen25vl.provider import (
     pipeline_layout,
     transformer_config_from_hf,
 )
-from megatron_ral.models.qwen25vl.testing import tiny_hf_config
+from megatron_ral.testing.models import tiny_hf_config
 from megatron_ral.platform import destroy, initialize
 
 # config.json of the released 7B model (flat pre-transformers-5 layout, rope_scaling with mrope).

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from megatron_ral.models.qwen25vl.rope_index import RopeIndexConfig, decode_position_ids, get_rope_index
-from megatron_ral.models.qwen25vl.testing import TOKEN_IDS, make_prompt, tiny_hf_config
+from megatron_ral.testing.models import TOKEN_IDS, make_prompt, tiny_hf_config
 
 IMG, VID = TOKEN_IDS["<|image_pad|>"], TOKEN_IDS["<|video_pad|>"]
 

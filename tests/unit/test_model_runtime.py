@@ -6,7 +6,7 @@ import torch
 from megatron_ral.config.schema import ParallelConfig
 from megatron_ral.models.qwen25vl.model import attention_mask_from_padding
 from megatron_ral.models.qwen25vl.rope_index import decode_position_ids
-from megatron_ral.models.qwen25vl.testing import make_prompt, seeded_megatron_model
+from megatron_ral.testing.models import make_prompt, seeded_megatron_model
 from megatron_ral.platform import destroy, initialize
 
 

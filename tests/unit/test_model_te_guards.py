@@ -12,7 +12,7 @@ import torch
 
 from megatron_ral.config.schema import ParallelConfig
 from megatron_ral.models.qwen25vl.provider import build_model, transformer_config_from_hf
-from megatron_ral.models.qwen25vl.testing import make_prompt, seeded_megatron_model, tiny_hf_config
+from megatron_ral.testing.models import make_prompt, seeded_megatron_model, tiny_hf_config
 from megatron_ral.platform import destroy, initialize
 
 

@@ -8,7 +8,7 @@ from megatron_ral.inference.prompts import PromptInput
 from megatron_ral.rl.batch import RolloutBatch, micro_batch_vision, plan_micro_batches
 from megatron_ral.rl.evaluate import chance_accuracy
 from megatron_ral.rl.rollout import global_prompt_keys
-from megatron_ral.rl.summary import quarter_means
+from megatron_ral.cli.summary import quarter_means
 from megatron_ral.rl.trainer import loader_state_for
 
 PAD = 0

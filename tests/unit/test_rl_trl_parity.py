@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from megatron_ral.rl.trl_benchmark import make_assets
+    from megatron_ral.bench.vs_trl import make_assets
 
     return make_assets(tmp_path_factory.mktemp("vs_trl"), preset="tiny", records=4, image_size=64)
 
@@ -38,8 +38,8 @@ def platform():
 
 def test_loss_and_gradients_equal_trl_for_every_matching_aggregation(assets, platform, monkeypatch):
     pytest.importorskip("trl")
-    from megatron_ral.rl.trl_parity import LossCase, compare_losses
-    from megatron_ral.rl.trl_peer import GRPOSettings
+    from megatron_ral.bench.trl_parity import LossCase, compare_losses
+    from megatron_ral.bench.trl_peer import GRPOSettings
 
     monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
     s = GRPOSettings(prompts_per_step=2, group_size=3, max_new_tokens=6, temperature=0.7, clip_eps=0.2,

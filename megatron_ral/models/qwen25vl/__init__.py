@@ -6,8 +6,10 @@
     capture      core attention with a capture hook (post-RoPE Q/K of the last layer)
     provider     HF config.json -> TransformerConfig -> Qwen25VLModel of this pipeline stage
     model        Qwen25VLModel (vision_model + language_model GPTModel)
+    hf_config    the language-model facts of an HF config object (LMArchitecture, padded vocabulary)
+    arch         the shape facts of a config.json (what the converters and tools check without torch)
+    mapping      parameter names and QKV / fc1 layouts, HF <-> Megatron-Core (the converters use it)
     hf_weights   in-memory HF -> megatron weights for one rank
-    testing      tiny seeded HF references and synthetic prompts
 
 Names are imported lazily so that ``rope_index`` stays usable without megatron-core.
 """

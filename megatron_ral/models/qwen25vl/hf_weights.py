@@ -3,7 +3,7 @@
 Takes a full HF state dict (released naming ``model.layers.N...`` / ``visual...`` / ``lm_head``, or
 the transformers-5 in-memory naming ``model.language_model...`` / ``model.visual...``) and fills the
 local shard of every parameter of this rank's model (its tensor-parallel slice, its pipeline
-stage's layers). Names and global layouts come from megatron_ral.checkpoint.mapping; for
+stage's layers). Names and global layouts come from megatron_ral.models.qwen25vl.mapping; for
 whole-checkpoint conversion with bounded memory use megatron_ral.checkpoint.convert (HF -> torch_dist)
 and load it with megatron's dist_checkpointing into ``model.sharded_state_dict()``.
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from megatron.core import parallel_state
 
-from megatron_ral.checkpoint.mapping import canonical_hf_name, qkv_to_megatron
+from megatron_ral.models.qwen25vl.mapping import canonical_hf_name, qkv_to_megatron
 
 
 def _tp_chunk(t: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:

@@ -20,7 +20,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_ral.models.qwen25vl.provider import LMArchitecture, padded_vocab_size
+from megatron_ral.models.qwen25vl.hf_config import LMArchitecture, padded_vocab_size
 from megatron_ral.models.qwen25vl.rope_index import RopeIndexConfig, get_rope_index
 from megatron_ral.models.qwen25vl.vision import (
     VisionEmbeddings,

@@ -214,3 +214,10 @@ def layout(tp: int, pp: int, pp_split: str | None, *, num_layers: int | None = N
         if split is not None and sum(split) != num_layers:
             raise UsageError(f"--pp-split {pp_split}: sums to {sum(split)}, the model has {num_layers} layers")
     return split
+
+
+def not_inside(out: str, source: Path, flag: str) -> None:
+    """--out must neither be the input, nor lie inside it, nor contain it (--overwrite would delete it)."""
+    o, s = Path(out).resolve(), Path(source).resolve()
+    if o == s or s in o.parents or o in s.parents:
+        raise UsageError(f"--out {out}: must not be {flag}, inside it or around it")

@@ -37,7 +37,7 @@ REAL_SHAPES: dict[str, dict] = {
 
 
 def real_shape_config(shape: str):
-    from megatron_ral.checkpoint.tiny import build_config
+    from megatron_ral.tiny.checkpoint import build_config
 
     if shape not in REAL_SHAPES:
         raise ValueError(f"unknown shape {shape!r}; choose one of {sorted(REAL_SHAPES)}")
@@ -48,7 +48,7 @@ def tensor_plans(config) -> list[TensorPlan]:
     """Released-naming tensor list of `config` (lm_head absent when tied), from a meta-device model."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from megatron_ral.checkpoint.mapping import canonical_hf_name
+    from megatron_ral.models.qwen25vl.mapping import canonical_hf_name
 
     dtype = getattr(torch, str(config.dtype).replace("torch.", ""))
     with torch.device("meta"):

@@ -19,11 +19,11 @@ import json
 import sys
 from typing import NoReturn, Sequence
 
-from megatron_ral import input_checks as check
-from megatron_ral.arguments import ToolParser, add_json
-from megatron_ral.entry import prog_name, run_main
+from megatron_ral.cli import input_checks as check
+from megatron_ral.cli.arguments import ToolParser, add_json
+from megatron_ral.cli.entry import prog_name, run_main
 from megatron_ral.errors import UsageError
-from megatron_ral.inference.cli import add_model_flags, build_prompt, check_model_flags, run_on_platform, torch_dtype
+from megatron_ral.cli.model_flags import add_model_flags, check_model_flags, run_on_platform, torch_dtype
 
 
 def parser() -> ToolParser:
@@ -49,6 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from megatron_ral.attention.dump import dump_attention
     from megatron_ral.inference.loading import load_model
+
+    from megatron_ral.inference.prompts import build_prompt
 
     prompt, processor = build_prompt(flags.model_dir, args.prompt, image=args.image, video=args.video)
     response_ids = processor.tokenize(args.response)

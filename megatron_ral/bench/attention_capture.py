@@ -21,6 +21,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from megatron_ral.cli.arguments import ToolParser
+from megatron_ral.cli.entry import prog_name, run_main
+
 GIB = 2**30
 MIB = 2**20
 
@@ -141,7 +144,7 @@ def measure_case_subprocess(spec: CaseSpec, timeout: float = 3600.0) -> dict:
     )
     code = (
         "import json, sys\n"
-        "from megatron_ral.attention.benchmark import CaseSpec, measure_case\n"
+        "from megatron_ral.bench.attention_capture import CaseSpec, measure_case\n"
         "spec = CaseSpec(**json.loads(sys.argv[1]))\n"
         "print('RESULT ' + json.dumps(measure_case(spec)))\n"
     )
@@ -159,7 +162,12 @@ def old_policy_storage(lengths: list[int], rows: list[int], heads: int = 28, kv_
     """Bytes per sample per rank held by each old-policy store, measured on real stores (bf16 Q/K,
     bf16 and fp16 rows) at the model's full width."""
     from megatron_ral.attention.layout import response_row_layout
-    from megatron_ral.attention.old_policy import CapturedQK, OldPolicyConfig, RowStore, make_old_policy_store
+    from megatron_ral.attention.old_policy import (
+        CapturedQK,
+        OldPolicyConfig,
+        RowStore,
+        make_old_policy_store,
+    )
 
     out = []
     for t in lengths:
@@ -190,7 +198,11 @@ def old_policy_exactness(num_keys: int = 2048, num_rows: int = 256, heads: int =
     after the queries moved by 1% (the signal RAL acts on), plus the time of one store ``get``."""
     from megatron_ral.attention.divergence import jsd
     from megatron_ral.attention.layout import gather_rows, response_row_layout
-    from megatron_ral.attention.old_policy import CapturedQK, OldPolicyConfig, make_old_policy_store
+    from megatron_ral.attention.old_policy import (
+        CapturedQK,
+        OldPolicyConfig,
+        make_old_policy_store,
+    )
     from megatron_ral.attention.policy import attention_policy
 
     g = torch.Generator().manual_seed(seed)
@@ -328,3 +340,40 @@ def run_benchmark(lengths: list[int], rows: list[int], heads: int = 28, kv_heads
 
 __all__ = ["CaseSpec", "eager_peak_estimate_bytes", "measure_case", "measure_case_subprocess",
            "old_policy_exactness", "old_policy_storage", "run_benchmark"]
+
+
+# --- the command (tools/bench/attention_capture.py) -----------------------
+
+def main(argv: list[str] | None = None) -> int:
+    ap = ToolParser(prog=prog_name("attention_capture.py"), description=__doc__.splitlines()[0])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 16384], help="sequence lengths T")
+    ap.add_argument("--rows", type=int, nargs="+", default=[256, 1024], help="response rows R")
+    ap.add_argument("--heads", type=int, default=28, help="query heads")
+    ap.add_argument("--kv-heads", type=int, default=4, help="key/value heads (GQA groups)")
+    ap.add_argument("--head-dim", type=int, default=128, help="scale down for CPU time (reported in the JSON)")
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs per case (the best is reported)")
+    ap.add_argument("--eager-cap-gib", type=float, default=8.0, help="skip eager cases estimated above this")
+    ap.add_argument("--workspace-mib", type=int, default=256, help="capture chunk workspace budget")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--out", help="also write the JSON here")
+    ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    args = ap.parse_args(argv)
+
+    log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    result = run_benchmark(args.lengths, args.rows, args.heads, args.kv_heads, args.head_dim, args.repeats,
+                           args.eager_cap_gib, args.workspace_mib, args.threads, log=log)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+def cli() -> None:
+    """``python tools/bench/attention_capture.py`` and ``python -m megatron_ral.bench.attention_capture``."""
+    run_main(prog_name("attention_capture.py"), main)
+
+
+if __name__ == "__main__":
+    cli()

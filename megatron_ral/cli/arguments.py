@@ -1,7 +1,7 @@
 """The command-line convention every tool follows.
 
 * :class:`ToolParser`: help text shows each option's default; a bad flag is a
-  :class:`~megatron_ral.errors.UsageError` (one line through :func:`megatron_ral.entry.run_main`, printed
+  :class:`~megatron_ral.errors.UsageError` (one line through :func:`megatron_ral.cli.entry.run_main`, printed
   once in a multi-rank job) instead of argparse's usage text on every rank.
 * The same flags for the same things: ``--hf DIR`` (a Hugging Face directory), ``--ckpt DIR`` (a
   Megatron-Core distributed checkpoint), ``--out``, ``--overwrite``, ``--json`` (one JSON object on rank 0's

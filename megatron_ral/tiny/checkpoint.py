@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from megatron_ral.checkpoint.tiny_config import PRESETS, TinyConfigError, resolve_spec  # noqa: F401 - PRESETS re-exported
-from megatron_ral.checkpoint.tiny_tokenizer import (
+from megatron_ral.tiny.config import PRESETS, TinyConfigError, resolve_spec  # noqa: F401 - PRESETS re-exported
+from megatron_ral.tiny.tokenizer import (
     CHAT_TEMPLATE,
     build_tokenizer,
     special_token_ids,

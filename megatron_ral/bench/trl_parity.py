@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_ral.rl.trl_peer import LOSS_TYPES, GRPOSettings, our_config
+from megatron_ral.bench.trl_peer import LOSS_TYPES, GRPOSettings, our_config
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,11 @@ class _Ours:
 
     def loss_and_grads(self, given: GivenBatch, aggregation: str) -> tuple[float, dict[str, torch.Tensor], dict]:
         from megatron_ral.rl.schedule import run_pass
-        from megatron_ral.rl.update import LossSettings, minibatch_loss, minibatch_normalisers
+        from megatron_ral.rl.update import (
+            LossSettings,
+            minibatch_loss,
+            minibatch_normalisers,
+        )
 
         s = self.s
         batch = self.rollout_batch(given)
@@ -161,7 +165,7 @@ class _TRL:
         self.responses: list[list[int]] = []
 
     def _trainer(self, loss_type: str):
-        from megatron_ral.rl import trl_peer
+        from megatron_ral.bench import trl_peer
 
         s = dataclasses.replace(self.s, loss_aggregation=_aggregation_of(loss_type), updates_per_rollout=1,
                                 epochs_per_rollout=1)
@@ -277,7 +281,7 @@ def compare_losses(case: LossCase, s: GRPOSettings, loss_types: tuple[str, ...] 
     """Our loss and gradients against TRL's on one batch, for each matching (aggregation, loss_type).
 
     Needs megatron's parallel state (``platform.initialize`` at world size 1) and TRL."""
-    from megatron_ral.rl import trl_peer
+    from megatron_ral.bench import trl_peer
 
     trl_peer.require_trl()
     loss_types = loss_types or tuple(t for types in LOSS_TYPES.values() for t in types)

@@ -7,7 +7,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_ral.checkpoint.errors import UnsupportedCheckpointError
+from megatron_ral.errors import UserError
+
+class UnsupportedCheckpointError(UserError, ValueError):
+    """The checkpoint is not a Qwen2.5-VL model this code understands."""
+
 
 SUPPORTED_MODEL_TYPES = ("qwen2_5_vl",)
 SUPPORTED_ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration",)

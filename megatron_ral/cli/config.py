@@ -13,8 +13,8 @@ import json
 import sys
 from typing import NoReturn, Sequence
 
-from megatron_ral.arguments import ToolParser, add_json
-from megatron_ral.entry import prog_name, run_main
+from megatron_ral.cli.arguments import ToolParser, add_json
+from megatron_ral.cli.entry import prog_name, run_main
 
 PROG = "python -m megatron_ral.config"
 

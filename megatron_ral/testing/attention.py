@@ -159,8 +159,8 @@ def parallel_capture_worker(tp: int, pp: int, mc_dir: str, prompts: list[PromptI
 def check_parallel_capture(root, tp: int, pp: int, atol: float = 1e-5, grad_rtol: float = 1e-5) -> list[dict]:
     """Run :func:`parallel_capture_worker` on ``tp * pp`` gloo ranks and assert it against HF eager
     attention (rows, rank-0 dump) and the materialised reference (gradients); returns the rank outputs."""
-    from megatron_ral.inference.testing import converted_checkpoint, load_hf_model, standard_prompts
-    from megatron_ral.platform.spawn import run_distributed
+    from megatron_ral.testing.inference import converted_checkpoint, load_hf_model, standard_prompts
+    from megatron_ral.testing.spawn import run_distributed
 
     hf_dir, mc_dir = converted_checkpoint(root, "tiny", seed=9)
     std = standard_prompts()

@@ -21,7 +21,10 @@ one level (``frac_gt1``):
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import tempfile
 from dataclasses import replace
 
 import numpy as np
@@ -110,7 +113,12 @@ def _ffmpeg(path: str, indices: list[int], matrix: str | None = None, full_range
 def rgb_cube_outside_bt601(steps: int = 64) -> dict:
     """Share of the RGB cube whose BT.709 limited-range Y'CbCr leaves [0, 255] under a BT.601 decode, and
     the error left after undoing the BT.601 matrix (computed)."""
-    from megatron_ral.data.video.colour import ColourSpec, _coefficients, rematrix, ycbcr_to_rgb
+    from megatron_ral.data.video.colour import (
+        ColourSpec,
+        _coefficients,
+        rematrix,
+        ycbcr_to_rgb,
+    )
 
     v = torch.linspace(0, 1, steps, dtype=torch.float64)
     rgb = torch.stack(torch.meshgrid(v, v, v, indexing="ij")).reshape(3, -1)
@@ -187,3 +195,26 @@ def run_colour_benchmark(out_dir: str, frames: int = 4, size: tuple[int, int] = 
         "rgb_cube_outside_bt601": rgb_cube_outside_bt601(),
         "gpu_chroma_siting_h264": _stats(torch.cat(centre), torch.cat(left)),
     }
+
+
+# --- the command (tools/bench/colour.py) ----------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=None, help="directory for the generated clips (default: a temp dir)")
+    p.add_argument("--frames", type=int, default=4, help="frames per clip")
+    p.add_argument("--size", default="640x360", help="WIDTHxHEIGHT of the tagged clips (the untagged HD clip is 1280x720)")
+    args = p.parse_args(argv)
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    out = args.out or os.path.join(tempfile.gettempdir(), "megatron_ral_colour_bench")
+    print(json.dumps(run_colour_benchmark(out, frames=args.frames, size=(height, width))))
+    return 0
+
+
+def cli() -> None:
+    """``python tools/bench/colour.py`` and ``python -m megatron_ral.bench.colour``."""
+    raise SystemExit(main())
+
+
+if __name__ == "__main__":
+    cli()

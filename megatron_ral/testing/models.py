@@ -1,7 +1,7 @@
 """Tiny Qwen2.5-VL references for tests and benchmarks: HF model, weights and synthetic prompts.
 
 Everything is generated locally and seeded: an HF config from the tiny-checkpoint presets, the
-seeded weights of megatron_ral.checkpoint.tiny (released key naming), the matching eager fp32
+seeded weights of megatron_ral.tiny.checkpoint (released key naming), the matching eager fp32
 ``Qwen2_5_VLForConditionalGeneration``, and prompts mixing text with image / video placeholder
 runs plus random pixel patches of the right shape.
 """
@@ -30,14 +30,14 @@ PATCH_DIM = 3 * 2 * 14 * 14
 def tiny_hf_config(preset: str = "tiny", config_overrides: dict | None = None, vocab_size: int = VOCAB_SIZE):
     """Qwen2_5_VLConfig of a tiny-checkpoint preset ('tiny': GQA 2:1, 3 layers, untied;
     'small': GQA 4:1, 4 layers, tied)."""
-    from megatron_ral.checkpoint.tiny import build_config
+    from megatron_ral.tiny.checkpoint import build_config
 
     return build_config(preset, config_overrides, vocab_size=vocab_size, token_ids=TOKEN_IDS)
 
 
 def hf_state_dict(hf_config, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Seeded weights in released naming (the same bytes make_tiny_checkpoint writes)."""
-    from megatron_ral.checkpoint.tiny import random_state_dict
+    from megatron_ral.tiny.checkpoint import random_state_dict
 
     return random_state_dict(hf_config, seed=seed, dtype=dtype)
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_ral.checkpoint.qwen25vl_arch import Qwen25VLArch
+from megatron_ral.models.qwen25vl.arch import Qwen25VLArch
 
 LM_PREFIX = "language_model."
 VISION_PREFIX = "vision_model."

@@ -17,9 +17,9 @@ import json
 import sys
 from typing import NoReturn, Sequence
 
-from megatron_ral import input_checks as check
-from megatron_ral.arguments import ToolParser, add_ckpt, add_dtype, add_json, add_layout
-from megatron_ral.entry import prog_name, run_main
+from megatron_ral.cli import input_checks as check
+from megatron_ral.cli.arguments import ToolParser, add_ckpt, add_dtype, add_json, add_layout
+from megatron_ral.cli.entry import prog_name, run_main
 from megatron_ral.errors import UsageError
 
 
@@ -68,7 +68,7 @@ def _config(args, model_dir):
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from megatron_ral.checkpoint.locate import find_hf_config_dir, megatron_checkpoint, processor_dir
-    from megatron_ral.checkpoint.qwen25vl_arch import arch_from_config, load_hf_config
+    from megatron_ral.models.qwen25vl.arch import arch_from_config, load_hf_config
     from megatron_ral.platform.launch_env import rank_and_world
 
     world = rank_and_world()[1]
@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cfg.data.media_root:
         check.input_dir(cfg.data.media_root, "--media-root")
 
-    from megatron_ral.inference.cli import run_on_platform, torch_dtype
+    from megatron_ral.cli.model_flags import run_on_platform, torch_dtype
 
     def work(info):
         result = evaluate_checkpoint(cfg, str(model_dir), torch_dtype(args.dtype), keep_samples=args.show)

@@ -12,11 +12,16 @@ other in the same process.
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import time
 
 import torch
 
+from megatron_ral.cli import input_checks as check
+from megatron_ral.cli.arguments import ToolParser
+from megatron_ral.cli.entry import prog_name, run_main
 from megatron_ral.inference.prompts import PromptInput
 
 
@@ -104,8 +109,13 @@ def run_generation_benchmark(
     from megatron_ral.config.schema import ParallelConfig
     from megatron_ral.models.qwen25vl.hf_weights import load_hf_weights
     from megatron_ral.models.qwen25vl.provider import build_model
-    from megatron_ral.models.qwen25vl.testing import TOKEN_IDS, hf_reference_model, hf_state_dict, tiny_hf_config
     from megatron_ral.platform import destroy, initialize
+    from megatron_ral.testing.models import (
+        TOKEN_IDS,
+        hf_reference_model,
+        hf_state_dict,
+        tiny_hf_config,
+    )
 
     if max_new_tokens <= max(probe_steps) + window // 2:
         raise ValueError(f"max_new_tokens {max_new_tokens} must exceed the last probe step + window/2")
@@ -153,3 +163,35 @@ def run_generation_benchmark(
         }
         result[f"ratios_{clock}"] = ratios
     return result
+
+
+# --- the command (tools/bench/generation.py) ------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    p = ToolParser(prog=prog_name("generation.py"), description=__doc__)
+    p.add_argument("--preset", default="small", choices=["tiny", "small"], help="tiny checkpoint preset")
+    p.add_argument("--config-json", default=None,
+                   help="JSON text with Hugging Face config keys merged into the preset (as make_tiny_checkpoint.py "
+                        "--config-json)")
+    p.add_argument("--batch", type=int, default=16, help="prompts generated together")
+    p.add_argument("--min-prompt", type=int, default=32, help="shortest prompt in tokens")
+    p.add_argument("--max-prompt", type=int, default=96, help="longest prompt in tokens")
+    p.add_argument("--max-new-tokens", type=int, default=528, help="tokens generated per prompt")
+    p.add_argument("--seed", type=int, default=0, help="prompt and weight seed")
+    args = p.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    overrides = check.json_text(args.config_json, "--config-json") if args.config_json else None
+    result = run_generation_benchmark(
+        preset=args.preset, config_overrides=overrides, batch=args.batch,
+        prompt_lengths=(args.min_prompt, args.max_prompt), max_new_tokens=args.max_new_tokens, seed=args.seed)
+    print(json.dumps(result))
+    return 0
+
+
+def cli() -> None:
+    """``python tools/bench/generation.py`` and ``python -m megatron_ral.bench.generation``."""
+    run_main(prog_name("generation.py"), main)
+
+
+if __name__ == "__main__":
+    cli()

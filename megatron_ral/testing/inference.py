@@ -20,7 +20,7 @@ def converted_checkpoint(root: str | os.PathLike, preset: str = "tiny", seed: in
                          config_overrides: dict | None = None) -> tuple[Path, Path]:
     """(hf_dir, megatron_dir) under ``root``; reused when already there."""
     from megatron_ral.checkpoint.convert import hf_to_megatron
-    from megatron_ral.checkpoint.tiny import make_tiny_checkpoint
+    from megatron_ral.tiny.checkpoint import make_tiny_checkpoint
 
     root = Path(root)
     hf_dir, mc_dir = root / "hf", root / "mcore"
@@ -33,7 +33,7 @@ def converted_checkpoint(root: str | os.PathLike, preset: str = "tiny", seed: in
 
 def prompt_from_segments(segments: list, seed: int = 0, second_per_grid_ts: list[float] | None = None) -> PromptInput:
     """One prompt from testing segments: n random text tokens, ("image", (t,h,w)), ("video", (t,h,w))."""
-    from megatron_ral.models.qwen25vl.testing import make_prompt
+    from megatron_ral.testing.models import make_prompt
 
     p = make_prompt([segments], seed=seed, second_per_grid_ts=second_per_grid_ts)
     return PromptInput.from_inputs(p.model_inputs())
@@ -126,7 +126,7 @@ def greedy_tool_and_hf(repo_root: str | os.PathLike, hf_dir, mc_dir, text: str, 
                        video: str | None = None):
     """Run tools/generate.py greedily on ``mc_dir`` and HF generate() on ``hf_dir`` for the same chat
     prompt; returns (tool JSON, HF token ids, the prompt, the processor)."""
-    from megatron_ral.inference.cli import build_prompt
+    from megatron_ral.inference.prompts import build_prompt
     from megatron_ral.inference.loading import stop_token_ids
 
     media = (["--image", image] if image else []) + (["--video", video] if video else [])

@@ -1,6 +1,6 @@
 """What an SFT -> RL run achieved, from the runs' metrics.jsonl files (the quickstart's summary.json).
 
-    python -m megatron_ral.rl.summary --sft RUN_DIR --rl RUN_DIR --train DATA/train.json --heldout DATA/test.json \
+    python -m megatron_ral.cli.summary --sft RUN_DIR --rl RUN_DIR --train DATA/train.json --heldout DATA/test.json \
         --checkpoint CKPT --hf-export DIR --out summary.json [--started EPOCH_SECONDS]
 
 Held-out accuracies are the trainers' own ``eval/accuracy`` (greedy, the reward parser): the base model
@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from megatron_ral.arguments import ToolParser
-from megatron_ral.entry import run_main
+from megatron_ral.cli.arguments import ToolParser
+from megatron_ral.cli.entry import run_main
 from megatron_ral.errors import UsageError
 
 
@@ -65,7 +65,7 @@ def summarize(sft_dir, rl_dir, train_records: list, heldout_records: list, **pat
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = ToolParser(prog="python -m megatron_ral.rl.summary", description=__doc__.split("\n\n")[0])
+    p = ToolParser(prog="python -m megatron_ral.cli.summary", description=__doc__.split("\n\n")[0])
     p.add_argument("--sft", required=True, help="the SFT run directory")
     p.add_argument("--rl", required=True, help="the RL run directory")
     p.add_argument("--train", required=True, help="the training records (for the chance accuracy)")
@@ -90,4 +90,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_main("python -m megatron_ral.rl.summary", main)
+    run_main("python -m megatron_ral.cli.summary", main)

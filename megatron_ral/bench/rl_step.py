@@ -16,17 +16,25 @@ backward in every update.
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import tempfile
 from pathlib import Path
+
+import torch
+
+from megatron_ral.cli import input_checks as check
+from megatron_ral.cli.arguments import ToolParser
+from megatron_ral.cli.entry import prog_name, run_main
 
 PHASES = ("perf/gen_s", "perf/old_pass_s", "perf/ref_pass_s", "perf/update_s", "perf/step_s")
 
 
 def _assets(root: Path, preset: str, config_overrides: dict | None, records: int, seed: int) -> dict:
     from megatron_ral.checkpoint.convert import hf_to_megatron
-    from megatron_ral.checkpoint.tiny import make_tiny_checkpoint
     from megatron_ral.data.synthetic import make_synthetic_dataset
+    from megatron_ral.tiny.checkpoint import make_tiny_checkpoint
 
     make_tiny_checkpoint(root / "hf", preset=preset, seed=seed, config_overrides=config_overrides)
     hf_to_megatron(root / "hf", root / "mcore", progress=False)
@@ -36,7 +44,7 @@ def _assets(root: Path, preset: str, config_overrides: dict | None, records: int
 
 def _config(assets: dict, run_dir: Path, algorithm: str, args) -> "object":
     from megatron_ral.config import load_config, validate
-    from megatron_ral.data.config import DataConfig
+    from megatron_ral.config.data import DataConfig
 
     data = Path(assets["data"])
     overrides = [
@@ -47,7 +55,7 @@ def _config(assets: dict, run_dir: Path, algorithm: str, args) -> "object":
         f"data.image_min_pixels={args.pixels}", f"data.image_max_pixels={args.pixels}",
         f"algorithm.name={algorithm}", f"algorithm.rollouts_per_prompt={args.group_size}",
         f"algorithm.updates_per_rollout={args.updates}", "algorithm.kl_beta=0.04",
-        "algorithm.reward_function=megatron_ral.rl.benchmark:length_reward",
+        "algorithm.reward_function=megatron_ral.bench.rl_step:length_reward",
         f"generation.max_new_tokens={args.max_new_tokens}", "generation.temperature=1.0",
         f"training.prompts_per_step={args.prompts}", f"training.micro_batch_size={args.micro_batch_size}",
         f"training.train_steps={args.warmup + args.steps}", f"training.run_dir={run_dir}",
@@ -113,3 +121,44 @@ def run_rl_step_benchmark(args) -> dict:
         "ral_extra_update_s": results["ral"]["update_s"] - results["grpo"]["update_s"],
         "goal_ral_le_1.25x_grpo": ratio <= 1.25,
     }
+
+
+# --- the command (tools/bench/rl_step.py) ---------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    p = ToolParser(prog=prog_name("rl_step.py"), description=__doc__)
+    p.add_argument("--preset", default="small", choices=["tiny", "small"], help="tiny-checkpoint preset")
+    p.add_argument("--config-json", default=None,
+                   help="HF config overrides merged into the preset, e.g. 7B proportions")
+    p.add_argument("--prompts", type=int, default=8, help="prompts per step")
+    p.add_argument("--group-size", type=int, default=8, help="responses per prompt (G)")
+    p.add_argument("--updates", type=int, default=2, help="optimizer steps per rollout batch")
+    p.add_argument("--micro-batch-size", type=int, default=8, help="sequences per micro-batch")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="response length cap")
+    p.add_argument("--max-frames", type=int, default=8, help="frames per video")
+    p.add_argument("--pixels", type=int, default=12544, help="pixels per frame / image")
+    p.add_argument("--records", type=int, default=40, help="synthetic records written")
+    p.add_argument("--steps", type=int, default=3, help="measured steps per algorithm")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured steps per algorithm")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs of the GRPO/RAL pair, in alternating order; medians over all of them")
+    p.add_argument("--seed", type=int, default=0, help="weights, data and sampling seed")
+    args = p.parse_args(argv)
+    args.config_json = check.json_text(args.config_json, "--config-json") if args.config_json else None
+    for flag in ("prompts", "group_size", "updates", "micro_batch_size", "max_new_tokens", "records", "steps",
+                 "repeats"):
+        check.at_least(getattr(args, flag), 1, f"--{flag.replace('_', '-')}")
+    check.at_least(args.max_frames, 2, "--max-frames")  # a video is at least one temporal patch of 2 frames
+    check.at_least(args.warmup, 0, "--warmup")
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    print(json.dumps(run_rl_step_benchmark(args)))
+    return 0
+
+
+def cli() -> None:
+    """``python tools/bench/rl_step.py`` and ``python -m megatron_ral.bench.rl_step``."""
+    run_main(prog_name("rl_step.py"), main)
+
+
+if __name__ == "__main__":
+    cli()

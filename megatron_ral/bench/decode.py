@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import resource
+import tempfile
 import time
 
 import numpy as np
+
+from megatron_ral.cli.arguments import ToolParser
+from megatron_ral.cli.entry import prog_name, run_main
 
 
 def make_clips(out_dir: str, n: int = 3, seconds: float = 20.0, fps: int = 30, width: int = 640, height: int = 360,
@@ -109,3 +114,34 @@ def run_decode_benchmark(paths: list[str], backends=("dali", "pyav"), fps_values
             proc.join()
             results.append(result)
     return results
+
+
+# --- the command (tools/bench/decode.py) ----------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    p = ToolParser(prog=prog_name("decode.py"), description=__doc__)
+    p.add_argument("--clips", default=None, help="directory for the generated clips (default: a temp dir)")
+    p.add_argument("--n", type=int, default=3, help="number of clips")
+    p.add_argument("--seconds", type=float, default=20.0, help="length of each clip")
+    p.add_argument("--size", default="640x360", help="WIDTHxHEIGHT")
+    p.add_argument("--video-fps", type=int, default=30, help="frame rate of the clips")
+    p.add_argument("--fps", type=float, nargs="+", default=[1.0, 2.0], help="sampling rates to measure")
+    p.add_argument("--backends", nargs="+", default=["dali", "pyav"], choices=["dali", "pyav"], help="decoders to measure")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per case")
+    args = p.parse_args(argv)
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    clips = args.clips or os.path.join(tempfile.gettempdir(), f"megatron_ral_decode_bench_{width}x{height}_{args.video_fps}_{args.seconds:g}s")
+    paths = make_clips(clips, n=args.n, seconds=args.seconds, fps=args.video_fps, width=width, height=height)
+    results = run_decode_benchmark(paths, backends=args.backends, fps_values=args.fps, repeats=args.repeats)
+    print(json.dumps({"clips": {"n": args.n, "seconds": args.seconds, "size": f"{width}x{height}",
+                                "video_fps": args.video_fps, "codec": "vp9"}, "results": results}))
+    return 0
+
+
+def cli() -> None:
+    """``python tools/bench/decode.py`` and ``python -m megatron_ral.bench.decode``."""
+    run_main(prog_name("decode.py"), main)
+
+
+if __name__ == "__main__":
+    cli()
