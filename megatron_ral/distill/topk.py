@@ -13,18 +13,19 @@ value is a true divergence: >= 0, zero iff P = Q, and the student cannot lower i
 top-k mass (which a KL over renormalised top-k distributions would allow). Since KL and JSD_beta are
 f-divergences, coarse-graining can only lower them: 0 <= D_k <= D_k' <= D_exact for k <= k' (the
 top-k sets are nested), with D_V = D_exact at k = V. The error against the exact value is measured by
-``bench/gkd_topk.py`` (README, "Distillation").
+``megatron_ral/bench/gkd_topk.py`` (README, "Distillation").
 
 Tail masses are computed as log-sum-exps over the non-top-k entries of the full logits, with the tail's
 own maximum (not as 1 - sum, which cancels when the top-k mass is close to 1, nor relative to the global
 maximum, which underflows for a peaked distribution): accurate log-masses down to any size, and exactly
 0 (log-mass -inf) when k = V.
 
-Under tensor parallelism (vocab-parallel logits ``[..., V/tp]``, see ``distill.vocab_parallel``):
-the teacher's top-k is each rank's local top-k, an all-gather of those k values and ids, and a global
-top-k; its normaliser and tail come from one SUM all-reduce (the global maximum and the tail's maximum
-are the best and the (k+1)-th best of the gathered values, so each rank gathers k + 1). The student's bucket log-probs come from one MAX and one SUM all-reduce of
-``[..., k + 2]`` numbers; their backward is local to each shard.
+Under tensor parallelism (vocab-parallel logits ``[..., V/tp]``, see ``distill.vocab_parallel``): the
+teacher's top-k is each rank's local top-k, an all-gather of those values and ids, and a global top-k; its
+normaliser and tail come from one SUM all-reduce (the global maximum and the tail's maximum are the best and
+the (k+1)-th best of the gathered values, so each rank gathers k + 1). The student's bucket log-probs come
+from one MAX all-reduce (2 numbers per token: the maximum and the tail's maximum) and one SUM all-reduce
+(k + 2 numbers per token: the k logits, the normaliser and the tail); their backward is local to each shard.
 """
 
 from __future__ import annotations
