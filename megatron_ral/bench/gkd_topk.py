@@ -41,9 +41,9 @@ def teacher_logits(family: str, tokens: int, vocab: int, gen: torch.Generator) -
     raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
 
 
-def _value_and_grad(fn, student: torch.Tensor) -> tuple[float, torch.Tensor]:
+def _value_and_grad(fn, student: torch.Tensor, *args) -> tuple[float, torch.Tensor]:
     x = student.clone().requires_grad_()
-    v = fn(x)
+    v = fn(x, *args)
     (g,) = torch.autograd.grad(v.mean(), x)
     return float(v.detach().mean()), g
 
@@ -57,10 +57,10 @@ def topk_error_table(vocab: int = 4096, tokens: int = 32, ks=(1, 8, 64, 512), no
         t = teacher_logits(family, tokens, vocab, gen)
         s = t + noise * torch.randn(t.shape, generator=gen, dtype=torch.float64)
         for name in GKD_DIVERGENCES:
-            exact, g_exact = _value_and_grad(lambda x: gkd_divergence(x, t, name, beta, temperature), s)
+            exact, g_exact = _value_and_grad(gkd_divergence, s, t, name, beta, temperature)
             for k in ks:
                 top = teacher_topk(t, k, temperature)
-                approx, g_top = _value_and_grad(lambda x: gkd_topk_divergence(x, top, name, beta, temperature), s)
+                approx, g_top = _value_and_grad(gkd_topk_divergence, s, top, name, beta, temperature)
                 cos = torch.nn.functional.cosine_similarity(g_top.flatten(), g_exact.flatten(), dim=0)
                 rows.append({
                     "family": family, "divergence": name, "k": k, "exact": exact, "topk": approx,

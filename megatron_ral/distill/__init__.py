@@ -26,10 +26,19 @@ All are pure functions of tensors; the caller weights and normalises them (``rl.
 ``distill`` never imports ``rl``.
 """
 
-from megatron_ral.distill.attention import attention_distill_loss, attn_jsd_teacher, attn_jsd_teacher_sums
+from megatron_ral.distill.attention import (
+    attention_distill_loss,
+    attn_jsd_teacher,
+    attn_jsd_teacher_sums,
+)
 from megatron_ral.distill.gkd import GKD_DIVERGENCES, GKDConfig, gkd_divergence
 from megatron_ral.distill.losses import gkd_per_token, gkd_teacher_targets
-from megatron_ral.distill.topk import TeacherTopK, gkd_topk_divergence, student_bucket_logprobs, teacher_topk
+from megatron_ral.distill.topk import (
+    TeacherTopK,
+    gkd_topk_divergence,
+    student_bucket_logprobs,
+    teacher_topk,
+)
 
 __all__ = [
     "GKD_DIVERGENCES",

@@ -46,7 +46,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from megatron_ral.distill.vocab_parallel import all_reduce_, log_softmax_pair, scaled_logits
+from megatron_ral.distill.vocab_parallel import (
+    all_reduce_,
+    log_softmax_pair,
+    scaled_logits,
+)
 
 GKD_DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
 
@@ -79,7 +83,7 @@ class GKDConfig:
             raise ValueError(f"GKDConfig.temperature must be > 0; got {self.temperature}")
 
     @classmethod
-    def from_config(cls, cfg) -> "GKDConfig":
+    def from_config(cls, cfg) -> GKDConfig:
         """From a validated ``config.Config``: ``algorithm.gkd_divergence / gkd_jsd_beta / gkd_top_k`` and
         ``generation.temperature`` (0, greedy, scores at T = 1 like the trainer's log-probs)."""
         a = cfg.algorithm

@@ -70,12 +70,12 @@ class TeacherTopK:
         """[..., k + 1]: the k log-probs, then the tail's log-mass."""
         return torch.cat([self.logprobs, self.tail_logmass[..., None].to(self.logprobs.dtype)], dim=-1)
 
-    def to(self, device=None, dtype: torch.dtype | None = None) -> "TeacherTopK":
+    def to(self, device=None, dtype: torch.dtype | None = None) -> TeacherTopK:
         """Moved to ``device``; the float fields cast to ``dtype`` (ids stay int64)."""
         return replace(self, ids=self.ids.to(device), logprobs=self.logprobs.to(device, dtype),
                        tail_logmass=self.tail_logmass.to(device, dtype))
 
-    def __getitem__(self, index) -> "TeacherTopK":
+    def __getitem__(self, index) -> TeacherTopK:
         """The same index applied to the token dimensions (e.g. a micro-batch's sequences)."""
         return replace(self, ids=self.ids[index], logprobs=self.logprobs[index],
                        tail_logmass=self.tail_logmass[index])

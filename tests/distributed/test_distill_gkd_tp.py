@@ -25,9 +25,9 @@ def _inputs():
     return student, teacher, weights
 
 
-def _value_grad(fn, x0, w):
+def _value_grad(fn, x0, w, *args):
     x = x0.clone().requires_grad_()
-    v = fn(x)
+    v = fn(x, *args)
     (g,) = torch.autograd.grad((v * w).sum(), x)
     return v.detach(), g
 
@@ -48,16 +48,16 @@ def _rank_fn() -> dict:
     s_local, t_local = student[..., shard].contiguous(), teacher[..., shard].contiguous()
     out = {}
     for name, beta in CASES:
-        v1, g1 = _value_grad(lambda x: gkd_divergence(x, teacher, name, beta, TEMPERATURE), student, w)
-        v2, g2 = _value_grad(lambda x: gkd_divergence(x, t_local, name, beta, TEMPERATURE, group), s_local, w)
+        v1, g1 = _value_grad(gkd_divergence, student, w, teacher, name, beta, TEMPERATURE)
+        v2, g2 = _value_grad(gkd_divergence, s_local, w, t_local, name, beta, TEMPERATURE, group)
         out[f"exact/{name}/{beta}"] = {"value": v2, "dv": float((v2 - v1).abs().max()),
                                        "dg": float((g2 - g1[..., shard]).abs().max()),
                                        "grad_scale": float(g1[..., shard].abs().max())}
         for k in TOPKS:
             top1 = teacher_topk(teacher, k, TEMPERATURE)
             top2 = teacher_topk(t_local, k, TEMPERATURE, group)
-            v1, g1 = _value_grad(lambda x: gkd_topk_divergence(x, top1, name, beta, TEMPERATURE), student, w)
-            v2, g2 = _value_grad(lambda x: gkd_topk_divergence(x, top2, name, beta, TEMPERATURE, group), s_local, w)
+            v1, g1 = _value_grad(gkd_topk_divergence, student, w, top1, name, beta, TEMPERATURE)
+            v2, g2 = _value_grad(gkd_topk_divergence, s_local, w, top2, name, beta, TEMPERATURE, group)
             out[f"topk{k}/{name}/{beta}"] = {
                 "value": v2, "dv": float((v2 - v1).abs().max()),
                 "dg": float((g2 - g1[..., shard]).abs().max()),
