@@ -138,6 +138,9 @@ def validate(cfg: Config, world_size: int | None = None, dims: ModelDims | None 
     _check(a.lambda_attn >= 0, "algorithm.lambda_attn", f"must be >= 0, got {a.lambda_attn}")
     _one_of(a.attn_divergence, ("jsd", "kl", "reverse_kl"), "algorithm.attn_divergence")
     _one_of(a.attn_aggregation, ("token_mean", "sum"), "algorithm.attn_aggregation")
+    _one_of(a.gkd_divergence, ("reverse_kl", "forward_kl", "jsd"), "algorithm.gkd_divergence")
+    _check(0 < a.gkd_jsd_beta < 1, "algorithm.gkd_jsd_beta", f"must be in (0, 1), got {a.gkd_jsd_beta}")
+    _check(a.gkd_top_k >= 0, "algorithm.gkd_top_k", f"must be >= 0 (0 = exact over the vocabulary), got {a.gkd_top_k}")
     if a.name == "ral_distill":
         _check(bool(a.teacher_hf_path or a.teacher_load), "algorithm.teacher_hf_path",
                "ral_distill needs a teacher (teacher_hf_path or teacher_load)")
