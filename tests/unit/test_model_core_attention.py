@@ -137,6 +137,28 @@ def test_a_response_does_not_see_another_response():
     assert not torch.allclose(base[3:7], other[3:7])
 
 
+def test_masked_path_keeps_no_mask_or_scores_for_backward():
+    """Between forward and backward only Q, K and V are held (each block is recomputed in backward)."""
+    from megatron_ral.models.qwen25vl.core_attention import LayoutParams
+
+    layout = AttentionLayout.shared_prompt_groups([(40, [9, 7, 8])], pad_to_multiple=8)
+    s = layout.length
+    q = torch.randn(s, 1, HEADS, DIM, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(s, 1, GROUPS, DIM, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(s, 1, GROUPS, DIM, dtype=torch.float64, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = _module(_config(), query_block=16)(q, k, v, None, packed_seq_params=LayoutParams(layout=layout))
+    assert sorted(saved) == sorted([q.numel(), k.numel(), v.numel()])
+    out.sum().backward()
+    assert q.grad is not None and k.grad is not None
+
+
 @pytest.mark.parametrize("case", ["causal", "padding_mask"])
 def test_plain_input_is_megatrons_dot_product_attention(case):
     """No layout: the same function and gradients as megatron-core's module (the SDPA path)."""
