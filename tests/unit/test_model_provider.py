@@ -97,8 +97,8 @@ def test_backend_selection_and_capture_on_last_layer_only():
     cfg = transformer_config_from_hf(tiny_hf_config("tiny"))
     specs = decoder_layer_specs(cfg, "local")
     cores = [s.submodules.self_attention.submodules.core_attention for s in specs]
-    assert [c.__name__ for c in cores] == ["SDPADotProductAttention", "SDPADotProductAttention",
-                                           "CaptureSDPADotProductAttention"]
+    assert [c.__name__ for c in cores] == ["LocalCoreAttention", "LocalCoreAttention",
+                                           "CaptureLocalCoreAttention"]
     assert issubclass(cores[-1], cores[0])
     plain = decoder_layer_specs(cfg, "local", last_layer_core_attention=None)
     assert plain[-1].submodules.self_attention.submodules.core_attention is cores[0]
