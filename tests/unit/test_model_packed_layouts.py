@@ -12,7 +12,7 @@ import torch
 
 from megatron_ral.config.schema import ParallelConfig
 from megatron_ral.models.qwen25vl.attention_layout import AttentionLayout
-from megatron_ral.models.qwen25vl.testing import TOKEN_IDS, make_prompt, seeded_megatron_model
+from megatron_ral.testing.models import TOKEN_IDS, make_prompt, seeded_megatron_model
 from megatron_ral.platform import destroy, initialize
 
 PAD = TOKEN_IDS["<|endoftext|>"]
