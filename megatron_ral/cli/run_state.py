@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 from typing import NoReturn, Sequence
 
-from megatron_ral.arguments import ToolParser, add_json
-from megatron_ral.entry import run_main
+from megatron_ral.cli.arguments import ToolParser, add_json
+from megatron_ral.cli.entry import run_main
 from megatron_ral.errors import UsageError
 
 PROG = "python -m megatron_ral.cli.run_state"
