@@ -84,6 +84,10 @@ class AlgorithmConfig:
         always the global one (all micro-batches, pipeline stages and data-parallel ranks).
     clip_eps / clip_eps_high: PPO ratio clip range [1 - clip_eps, 1 + clip_eps_high] (high defaults to low).
     kl_beta: weight of the k3 KL to the reference policy (paper: 0.04); 0 skips the reference pass.
+    kl_clamp: bound c on the log-ratio d = ref_logp - logp of each token before the k3 term e^d - d - 1 is
+        formed (d clipped to [-c, c], so k3 <= e^c - c - 1; tokens beyond the bound get no KL gradient). The
+        k3 value itself is not clipped (verl bounds d at 20 and k3 at 10). null or 0: no bound (k3 can
+        overflow to inf when the policy drifts far from the reference, and the step is then skipped).
     reference_placement: where the reference weights live between reference passes: "device" (a resident copy)
         or "host" (host memory, copied in for each reference pass; saves device memory).
     adv_eps: A = (r - mean) / (std + adv_eps) per prompt group (unbiased std).
@@ -111,6 +115,7 @@ class AlgorithmConfig:
     clip_eps: float = 0.2
     clip_eps_high: Optional[float] = None
     kl_beta: float = 0.04
+    kl_clamp: Optional[float] = None
     reference_placement: str = "device"
     adv_eps: float = 1e-6
     drop_zero_std_groups: bool = False

@@ -135,6 +135,8 @@ def validate(cfg: Config, world_size: int | None = None, dims: ModelDims | None 
     if a.clip_eps_high is not None:
         _check(a.clip_eps_high > 0, "algorithm.clip_eps_high", f"must be > 0, got {a.clip_eps_high}")
     _check(a.kl_beta >= 0, "algorithm.kl_beta", f"must be >= 0, got {a.kl_beta}")
+    _check(a.kl_clamp is None or a.kl_clamp >= 0, "algorithm.kl_clamp",
+           f"must be > 0 (a bound on the log-ratio), or 0 / null for none; got {a.kl_clamp}")
     _check(a.lambda_attn >= 0, "algorithm.lambda_attn", f"must be >= 0, got {a.lambda_attn}")
     _one_of(a.attn_divergence, ("jsd", "kl", "reverse_kl"), "algorithm.attn_divergence")
     _one_of(a.attn_aggregation, ("token_mean", "sum"), "algorithm.attn_aggregation")
