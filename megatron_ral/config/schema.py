@@ -98,7 +98,11 @@ class AlgorithmConfig:
     attn_aggregation: "token_mean" (Eq. 3: mean over the response tokens of the global mini-batch) or "sum"
         (Sec. 3.4: sum over each response's tokens, mean over the global mini-batch's responses).
     old_policy_store: how p_old is kept between the old pass and the updates: "qk" (last-layer Q rows + K,
-        recomputed exactly) or "rows" (the rows, bf16); old_policy_offload keeps it in host memory.
+        recomputed) or "rows" (the rows themselves); old_policy_offload keeps it in host memory.
+    old_policy_dtype: the store's dtype: "auto" (Q/K in the model's dtype, rows in the dtype they are
+        computed in, fp32: p_old is exact and the first update's attention gradient is exactly 0), or
+        "bf16" / "fp16" / "fp32" (rounded rows give a spurious first-update gradient: measured at 23% (bf16)
+        and 3% (fp16) of the gradient after a 1% change of the queries; see attention/old_policy.py).
     gkd_mu, gamma_attn: distillation weights (logit GKD and attention JSD to the teacher).
     teacher_hf_path / teacher_load: the teacher model for "ral_distill".
     reward_accuracy_weight / reward_format_weight: r = w_acc * r_acc + w_fmt * r_fmt (paper: 0.9 / 0.1).
@@ -123,6 +127,7 @@ class AlgorithmConfig:
     attn_divergence: str = "jsd"
     attn_aggregation: str = "token_mean"
     old_policy_store: str = "qk"
+    old_policy_dtype: str = "auto"
     old_policy_offload: bool = False
     gkd_mu: float = 1.0
     gamma_attn: float = 0.5

@@ -126,6 +126,7 @@ def validate(cfg: Config, world_size: int | None = None, dims: ModelDims | None 
     _one_of(a.loss_aggregation, LOSS_AGGREGATIONS, "algorithm.loss_aggregation")
     _one_of(a.reference_placement, ("device", "host"), "algorithm.reference_placement")
     _one_of(a.old_policy_store, ("qk", "rows"), "algorithm.old_policy_store")
+    _one_of(a.old_policy_dtype, ("auto", "bf16", "fp16", "fp32"), "algorithm.old_policy_dtype")
     _check(a.adv_eps > 0, "algorithm.adv_eps", f"must be > 0, got {a.adv_eps}")
     if a.name in ("ral", "ral_distill") and a.lambda_attn > 0:
         _check(a.updates_per_rollout >= 2, "algorithm.updates_per_rollout",

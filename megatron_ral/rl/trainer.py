@@ -61,12 +61,19 @@ def _owners(info) -> tuple[bool, bool]:
     return tp0 and ps.is_pipeline_first_stage(ignore_virtual=True), tp0 and ps.is_pipeline_last_stage(ignore_virtual=True)
 
 
+def old_policy_config(algorithm):
+    """The p_old store of the RAL term: algorithm.old_policy_store, old_policy_dtype, old_policy_offload."""
+    from megatron_ral.attention.old_policy import OldPolicyConfig
+
+    return OldPolicyConfig(mode=algorithm.old_policy_store, dtype=algorithm.old_policy_dtype,
+                           offload=algorithm.old_policy_offload)
+
+
 def build(cfg, info) -> Run:
     """Model (DDP), reference weights, optimizer + LR schedule, processor and loaders of this rank."""
     from megatron.core import parallel_state as ps
 
     from megatron_ral.attention.capture import AttentionCapture
-    from megatron_ral.attention.old_policy import OldPolicyConfig
     from megatron_ral.inference.loading import hf_files_dir, stop_token_ids
     from megatron_ral.rl import build as B
     from megatron_ral.rl.reference import ReferenceWeights
@@ -112,7 +119,7 @@ def build(cfg, info) -> Run:
         updates_per_rollout=a.updates_per_rollout, epochs_per_rollout=a.epochs_per_rollout,
         micro_batch_size=cfg.training.micro_batch_size, drop_zero_std_groups=a.drop_zero_std_groups,
         reference=(ReferenceWeights(chunks, a.reference_placement, source=str(weights)) if a.kl_beta > 0 else None),
-        old_policy=(OldPolicyConfig(mode=a.old_policy_store, offload=a.old_policy_offload) if use_attention else None),
+        old_policy=old_policy_config(a) if use_attention else None,
         dp_rank=dp_rank, dp_size=dp_size, dp_group=dp_group, tp_group=ps.get_tensor_model_parallel_group(),
         rollout_owner=rollout_owner, loss_owner=loss_owner,
     )
