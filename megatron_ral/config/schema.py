@@ -156,7 +156,17 @@ class GenerationConfig:
 
 @dataclass
 class OptimizerConfig:
-    """Adam(W) through megatron-core's optimizer (distributed when parallel.use_distributed_optimizer)."""
+    """Adam(W) through megatron-core's optimizer (distributed when parallel.use_distributed_optimizer).
+
+    initial_loss_scale: model.dtype fp16 only: the starting value of megatron's dynamic loss scale (the
+        loss is multiplied by it before backward and the gradients divided by it before the update). A
+        step whose gradients overflow is skipped, counted in train/loss_scale_skips (not in
+        train/skipped_updates nor by training.max_consecutive_skips); the scale halves at every overflow
+        but the first since it last grew (megatron's hysteresis of 2) and doubles after 1000 updates without
+        one; it never goes below 1.
+        train/loss_scale logs the scale at the end of each step. Default 2^16 (torch's GradScaler's);
+        megatron's own default, 2^32, would cost about 17 skipped updates before the first one that counts.
+    """
 
     lr: float = 1e-5
     min_lr: float = 0.0
@@ -167,6 +177,7 @@ class OptimizerConfig:
     clip_grad: float = 1.0
     warmup_steps: int = 0
     lr_schedule: str = "constant"
+    initial_loss_scale: float = 65536.0
 
 
 @dataclass

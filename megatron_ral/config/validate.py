@@ -168,6 +168,8 @@ def validate(cfg: Config, world_size: int | None = None, dims: ModelDims | None 
     _check(o.clip_grad >= 0, "optimizer.clip_grad", "must be >= 0 (0 disables clipping)")
     _check(o.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
     _one_of(o.lr_schedule, ("constant", "linear", "cosine"), "optimizer.lr_schedule")
+    _check(o.initial_loss_scale >= 1, "optimizer.initial_loss_scale",
+           f"must be >= 1 (megatron's smallest dynamic loss scale), got {o.initial_loss_scale}")
 
     t = cfg.training
     _check(t.prompts_per_step >= 1, "training.prompts_per_step", "must be >= 1")

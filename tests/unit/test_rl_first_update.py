@@ -15,11 +15,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_ral.attention.testing import random_response
+from rollout_fixture import tiny_rollouts
+
 from megatron_ral.config import load_config
-from megatron_ral.inference.testing import converted_checkpoint, standard_prompts
+from megatron_ral.inference.testing import converted_checkpoint
 from megatron_ral.platform import destroy, initialize
-from megatron_ral.rl.batch import RolloutBatch, plan_micro_batches
 
 
 @pytest.fixture(scope="module")
@@ -31,17 +31,9 @@ def ckpt(tmp_path_factory):
     destroy()
 
 
-def _rollouts(pad: int) -> RolloutBatch:
-    prompts = [standard_prompts()["image"], standard_prompts()["text"]]
-    responses = [[torch.tensor(random_response(n, seed=10 * p + g)) for g, n in enumerate((5, 3))]
-                 for p in range(2)]
-    z = torch.zeros(2, 2)
-    batch = RolloutBatch(prompts=prompts, records=[None, None], prompt_keys=[0, 1], responses=responses,
-                         texts=[["", ""], ["", ""]], finish_reasons=[["stop"] * 2] * 2, rewards=z, accuracy=z,
-                         format=z, advantages=torch.tensor([[1.0, -1.0], [-0.7, 0.7]]), zero_std=torch.zeros(2, dtype=torch.bool))
-    # two mini-batches of two sequences (one micro-batch each): updates 0 and 1
-    batch.micro_batches = plan_micro_batches(batch, 2, 2, pad)
-    return batch
+def rollouts():
+    """Two prompts x two responses; two mini-batches of two sequences (one micro-batch each): updates 0, 1."""
+    return tiny_rollouts(("image", "text"), (5, 3), [[1.0, -1.0], [-0.7, 0.7]], minibatches=2, micro_batch_size=2)
 
 
 def _two_updates(ckpt, overrides: list[str]) -> list[dict[str, torch.Tensor]]:
@@ -61,7 +53,7 @@ def _two_updates(ckpt, overrides: list[str]) -> list[dict[str, torch.Tensor]]:
     chunks, model = B.build_policy(cfg, cfg.parallel, str(mc))
     optimizer, scheduler = B.build_optimizer(cfg.optimizer, chunks, torch.float32, True, 4)
     a = cfg.algorithm
-    batch = _rollouts(pad=0)
+    batch = rollouts()
     ctx = PassContext(model=chunks, vision=encode_prompts_vision(model, batch.prompts),
                       capture=AttentionCapture(chunks[0]), temperature=1.0)
     store = make_old_policy_store(old_policy_config(a))

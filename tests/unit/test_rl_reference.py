@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from rollout_fixture import tiny_rollouts
 
 from megatron_ral.rl.reference import ReferenceWeights, Transfers
 
@@ -80,18 +81,7 @@ def ckpt(tmp_path_factory):
 
 
 def _batch():
-    from megatron_ral.attention.testing import random_response
-    from megatron_ral.inference.testing import standard_prompts
-    from megatron_ral.rl.batch import RolloutBatch, plan_micro_batches
-
-    prompts = [standard_prompts()["image"], standard_prompts()["video"]]
-    responses = [[torch.tensor(random_response(n, seed=p * 7 + n)) for n in (4, 6)] for p in range(2)]
-    z = torch.zeros(2, 2)
-    b = RolloutBatch(prompts=prompts, records=[None, None], prompt_keys=[0, 1], responses=responses,
-                     texts=[["", ""]] * 2, finish_reasons=[["stop"] * 2] * 2, rewards=z, accuracy=z, format=z,
-                     advantages=z, zero_std=torch.zeros(2, dtype=torch.bool))
-    b.micro_batches = plan_micro_batches(b, 1, 2, pad_token_id=0)
-    return b
+    return tiny_rollouts(("image", "video"), (4, 6), [[0.0, 0.0], [0.0, 0.0]], minibatches=1, micro_batch_size=2)
 
 
 def _weights(model) -> dict:
