@@ -44,7 +44,8 @@ class LossSettings:
     def from_config(cls, algorithm, generation, use_attention: bool) -> "LossSettings":
         return cls(
             clip_eps=algorithm.clip_eps, clip_eps_high=algorithm.clip_eps_high, kl_beta=algorithm.kl_beta,
-            kl_clamp=algorithm.kl_clamp, loss_aggregation=algorithm.loss_aggregation, max_new_tokens=generation.max_new_tokens,
+            kl_clamp=algorithm.kl_clamp,
+            loss_aggregation=algorithm.loss_aggregation, max_new_tokens=generation.max_new_tokens,
             lambda_attn=algorithm.lambda_attn if use_attention else 0.0,
             attn_divergence=algorithm.attn_divergence, attn_aggregation=algorithm.attn_aggregation,
         )

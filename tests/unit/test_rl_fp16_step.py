@@ -36,8 +36,9 @@ def _one_update(ckpt, dtype: str, overrides=()):
     from megatron_ral.rl.vision import encode_prompts_vision
 
     hf, mc = ckpt
-    cfg = load_config(None, [f"model.load={mc}", f"model.hf_path={hf}", f"model.dtype={dtype}", "model.layer_spec=local",
-                             "algorithm.name=grpo", "algorithm.kl_beta=0", "algorithm.updates_per_rollout=1",
+    cfg = load_config(None, [f"model.load={mc}", f"model.hf_path={hf}", f"model.dtype={dtype}",
+                             "model.layer_spec=local", "algorithm.name=grpo", "algorithm.kl_beta=0",
+                             "algorithm.updates_per_rollout=1",
                              f"optimizer.lr={LR}", "optimizer.clip_grad=0", *overrides])
     chunks, model = B.build_policy(cfg, cfg.parallel, str(mc))
     optimizer, scheduler = B.build_optimizer(cfg.optimizer, chunks, B.resolve_dtype(dtype), True, 4)
