@@ -45,6 +45,7 @@ class DecodeSession:
         self.cache: KVCache | None = None
         self.positions: torch.Tensor | None = None  # (3, B, capacity)
         self.padding: torch.Tensor | None = None    # (B, capacity) True = padding column
+        self.starts: list[int] = []                 # per row, its first real column (host copy of ``padding``)
         self.next_position: torch.Tensor | None = None  # (B,) position of the next token
         self.rotary = NewTokenRotary(model.language_model) if rotated_cache_supported(model) else None
 
@@ -58,9 +59,10 @@ class DecodeSession:
         return self.cache.length
 
     def _mask(self, upto: int, queries: int) -> torch.Tensor | None:
-        pad = self.padding[:, :upto]
-        if not bool(pad.any()):
+        # decided from the host copy: reading ``padding`` would synchronise with the device every step
+        if not any(self.starts):
             return None
+        pad = self.padding[:, :upto]
         if queries == 1:
             return pad[:, None, None, :]
         causal = torch.ones(queries, upto, dtype=torch.bool, device=pad.device).triu(upto - queries + 1)
@@ -110,13 +112,15 @@ class DecodeSession:
         self.positions = torch.zeros(3, batch, capacity, dtype=torch.long, device=dev)
         self.padding = torch.zeros(batch, capacity, dtype=torch.bool, device=dev)
         self.next_position = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.starts = [seq - n for n in lengths]
         for b, p in enumerate(prompts):
             start = seq - lengths[b]
-            row = p.input_ids.to(dev)
-            ids[b, start:] = row
+            ids[b, start:] = p.input_ids.to(dev)
             self.padding[b, :start] = True
+            # M-RoPE positions from the prompt where it lives (the host, from the loader): the rope index
+            # walks the tokens in Python, which on device tensors would synchronise at every read
             pos, delta = model.compute_position_ids(
-                row[None], p.image_grid_thw, p.video_grid_thw, p.second_per_grid_ts)
+                p.input_ids[None], p.image_grid_thw, p.video_grid_thw, p.second_per_grid_ts)
             self.positions[:, b, start:seq] = pos[:, 0].to(dev)
             self.next_position[b] = lengths[b] + int(delta.reshape(-1)[0])
         if self.comm.is_first and vision_embeddings is None:
@@ -143,14 +147,16 @@ class DecodeSession:
     def select_rows(self, index: torch.Tensor | list[int]) -> None:
         """New row i = old row index[i] (repeat a prompt's row G times, drop finished rows); then drop
         the leading columns that are padding for every remaining row."""
-        index = torch.as_tensor(index, dtype=torch.long, device=self.device)
+        rows = index.tolist() if isinstance(index, torch.Tensor) else [int(i) for i in index]
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.device)
         self.cache.select_rows(index)
         self.positions = self.positions.index_select(1, index)
         self.padding = self.padding.index_select(0, index)
         self.next_position = self.next_position.index_select(0, index)
-        real = ~self.padding[:, : self.length]
-        lead = int(real.any(dim=0).to(torch.int8).argmax()) if real.numel() else 0
+        self.starts = [self.starts[i] for i in rows]
+        lead = min(self.starts, default=0)
         if lead > 0:
             self.cache.drop_leading(lead)
             self.positions = self.positions[:, :, lead:].contiguous()
             self.padding = self.padding[:, lead:].contiguous()
+            self.starts = [s - lead for s in self.starts]
