@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 class MetricSums:
     def __init__(self) -> None:
-        self.sums: dict[str, float] = defaultdict(float)
+        self.sums: dict[str, float | torch.Tensor] = defaultdict(float)
         self.counts: dict[str, float] = defaultdict(float)
 
     def add(self, key: str, value: "float | torch.Tensor", count: float = 1.0) -> None:
