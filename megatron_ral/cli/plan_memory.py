@@ -135,10 +135,13 @@ ROWS = [
     ("phases", "vision", "vision tower + features"),
     ("phases", "old_ref_pass", "old / reference pass"),
     ("phases", "teacher_pass", "teacher pass"),
+    ("activations", "micro_batch", "activations per micro-batch"),
+    ("activations", "micro_batch_recompute", "  with full recompute"),
+    ("in_flight", None, "micro-batches in flight (1F1B)"),
     ("activations", "update", "update activations"),
-    ("activations", "update_recompute", "update activations, full recompute"),
+    ("activations", "update_recompute", "  with full recompute"),
     ("phases", "update", "update total (+ capture, logits)"),
-    ("phases", "update_recompute", "update total, full recompute"),
+    ("phases", "update_recompute", "  with full recompute"),
 ]
 
 
@@ -155,8 +158,8 @@ def render(plan: MemoryPlan) -> str:
     lines.append(
         f"sequence: {w.frames} frames x {w.pixels_per_frame} px -> {seq.video_tokens} video tokens, prompt "
         f"{seq.prompt_len}, T = {seq.length} (per CP rank {seq.local_tokens} tokens, {seq.local_rows} response rows); "
-        f"{plan.samples_per_rank} samples and {plan.micro_batches} micro-batches per mini-batch per rank; generation "
-        f"{plan.gen_rows} rows per chunk")
+        f"{plan.samples_per_rank} samples per rank, {plan.micro_batches} micro-batches per mini-batch; generation: "
+        f"{plan.gen_rows} response rows per KV-cache chunk")
     names = [f"stage {st.stage} ({st.layers}" + (f"+{st.teacher_layers}" if plan.teacher else "") + " layers)"
              for st in plan.stages]
     width = max(12, *(len(n) for n in names))
@@ -167,6 +170,9 @@ def render(plan: MemoryPlan) -> str:
         lines.append(f"{label:<{label_w}}" + "".join(f"{v:>{width + 2}}" for v in values))
 
     for group, key, label in ROWS:
+        if key is None:
+            row(label, [str(getattr(st, group)) for st in plan.stages])
+            continue
         values = [getattr(st, group).get(key) for st in plan.stages]
         if all(v is None for v in values):
             continue
@@ -191,7 +197,8 @@ def render(plan: MemoryPlan) -> str:
 def search(student, teacher, gpus: int, per_node: int, work: Workload, settings: Settings, gpu_gib: float,
            split: tuple[int, ...] | None, tsplit: tuple[int, ...] | None) -> list[MemoryPlan]:
     """Every TP x PP x CP x DP = ``gpus`` layout that runs (TP within a node), best first: fits without
-    recompute, then with it; more data parallelism, fewer pipeline stages, less CP, less TP."""
+    recompute, then with it, each by more data parallelism, fewer pipeline stages, less CP, less TP; then
+    the layouts that do not fit, the smallest peak (with recompute) first."""
     plans = []
     for tp in (d for d in range(1, min(gpus, per_node) + 1) if gpus % d == 0):
         for pp in (d for d in range(1, gpus // tp + 1) if (gpus // tp) % d == 0):
@@ -207,7 +214,9 @@ def search(student, teacher, gpus: int, per_node: int, work: Workload, settings:
 
     def key(p: MemoryPlan):
         lay = p.layout
-        return (not p.fits(False), not p.fits(True), -lay.dp, lay.pp, lay.cp, lay.tp)
+        if p.fits(False) or p.fits(True):
+            return (0 if p.fits(False) else 1, -lay.dp, lay.pp, lay.cp, lay.tp)
+        return (2, p.peak(True), 0, 0, 0)  # none fits: the closest first
 
     return sorted(plans, key=key)
 

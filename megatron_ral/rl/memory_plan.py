@@ -341,8 +341,9 @@ def generation_bytes(shape: ModelShape, tp: int, layers: int, seq: Sequence, wor
     kv = rows * per_row * kv_cache_bytes_per_token(shape, tp, layers, b)
     copy = rows * per_row * kv_cache_bytes_per_token(shape, tp, 1, b) if layers else 0
     prefill = chunk_prompts * seq.prompt_len * layer_transient_bytes(shape, tp, b) if layers else 0
-    if first:
-        prefill = max(prefill, vision_encode_bytes(shape, chunk_prompts * seq.patches, b))
+    if first:  # the tower runs first; its features stay until the prompt is embedded
+        features = vision_feature_bytes(shape, chunk_prompts * seq.video_tokens, b)
+        prefill = max(prefill + features, vision_encode_bytes(shape, chunk_prompts * seq.patches, b) + features)
     logits = rows * (shape.padded_vocab(tp) // tp) * (b + FP32) if last else 0
     return kv + max(prefill, copy) + logits, rows, None
 
@@ -355,6 +356,7 @@ class StagePlan:
     stage: int
     layers: int
     teacher_layers: int
+    in_flight: int = 1
     resident: dict[str, int] = field(default_factory=dict)
     phases: dict[str, int] = field(default_factory=dict)
     host: dict[str, int] = field(default_factory=dict)
@@ -399,7 +401,7 @@ class MemoryPlan:
 
     def to_dict(self) -> dict:
         def stage(s: StagePlan) -> dict:
-            return {"stage": s.stage, "layers": s.layers, "teacher_layers": s.teacher_layers,
+            return {"stage": s.stage, "layers": s.layers, "teacher_layers": s.teacher_layers, "in_flight": s.in_flight,
                     "resident": dict(s.resident), "phases": dict(s.phases), "activations": dict(s.activations),
                     "host": dict(s.host), "peak": s.peak(False)[0], "peak_phase": s.peak(False)[1],
                     "peak_recompute": s.peak(True)[0], "peak_recompute_phase": s.peak(True)[1]}
@@ -535,13 +537,16 @@ def plan_memory(student: ModelShape, teacher: ModelShape | None, layout: Layout,
                 extra += mb * rows * keys * FP32  # the teacher's rows
                 if settings.gkd:
                     extra += mb * rows * (teacher.padded_vocab(tp) // tp) * b
+        st.in_flight = in_flight
         for name, recompute in (("update", False), ("update_recompute", True)):
-            act = update_activation_bytes(student, tp, counts[s], seq.local_tokens, rows, first=first, last=last,
-                                          in_flight=in_flight, micro_batch=mb, settings=settings,
-                                          recompute=recompute, keep_last_layer=use_capture,
-                                          cp_gathered_keys=cp_keys)
-            st.activations[name] = act
-            st.phases[name] = act + extra
+            def act(n: int) -> int:
+                return update_activation_bytes(student, tp, counts[s], seq.local_tokens, rows, first=first,
+                                               last=last, in_flight=n, micro_batch=mb, settings=settings,
+                                               recompute=recompute, keep_last_layer=use_capture,
+                                               cp_gathered_keys=cp_keys)
+            st.activations[name.replace("update", "micro_batch")] = act(1)
+            st.activations[name] = act(in_flight)
+            st.phases[name] = act(in_flight) + extra
         plan.stages.append(st)
     if store_mode != "none" or teacher is not None:
         plan.notes.append("'with recompute' keeps the last layer whole (the attention capture needs its graph); the "

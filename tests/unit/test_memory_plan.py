@@ -202,3 +202,25 @@ def test_cp_split_gives_the_response_rows_of_the_load_balanced_chunks():
     assert P.response_rows_per_cp_rank(16, 16, 5, 1) == [5]
     seq = P.sequence(M.PRESETS["7b"], P.Workload(frames=512, response_len=1024), 2)
     assert seq.padded_length % 4 == 0 and seq.local_tokens == seq.padded_length // 2
+
+
+def test_plan_composition_by_hand():
+    """7B at TP = PP = DP = 1 in bf16 with the plain optimizer: weights 2 bytes per parameter, fp32 gradients
+    of the LM, Adam's two moments and the fp32 main copy (12 bytes), a bf16 reference copy; the peak is the
+    resident sum plus the largest phase, and fits means peak <= GPU - reserve."""
+    shape = M.PRESETS["7b"]
+    lm = shape.num_parameters() - shape.vision.num_parameters()
+    assert lm == 7_615_616_512  # 8.29B - the 675.4M vision tower (its count is checked against transformers above)
+    plan = P.plan_memory(shape, None, P.Layout(), P.Workload(frames=128, response_len=1024),
+                         P.Settings(distributed_optimizer=False), gpu_gib=80)
+    res = plan.stages[0].resident
+    assert res == {"weights": 2 * shape.num_parameters(), "gradients": 4 * lm, "optimizer": 12 * lm,
+                   "reference": 2 * lm, "p_old_store": res["p_old_store"]}
+    # qk store: 64 samples x (R H + T H_kv) d bytes in bf16
+    assert res["p_old_store"] == 64 * (1024 * 28 + (8450 + 1024) * 4) * 128 * 2
+    phases = plan.stages[0].phases
+    assert plan.peak(False) == sum(res.values()) + max(v for k, v in phases.items() if k != "update_recompute")
+    for gib, fits in ((plan.peak(False) / P.GIB + 4, True), ((plan.peak(False) - 1) / P.GIB + 4, False)):
+        again = P.plan_memory(shape, None, P.Layout(), P.Workload(frames=128, response_len=1024),
+                              P.Settings(distributed_optimizer=False), gpu_gib=gib)
+        assert again.fits(False) is fits
