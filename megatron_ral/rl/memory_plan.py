@@ -241,6 +241,9 @@ def trainable_memory(params: list[ParamEntry], settings: Settings, dp_cp: int) -
 # --------------------------------------------------------------------------------- sequence facts
 @dataclass(frozen=True)
 class Sequence:
+    """Token counts of one rollout sequence: video tokens, prompt P, T = P + R, T padded for CP, the tokens
+    and the most response rows one CP rank holds, and the vision patches of its video."""
+
     video_tokens: int
     prompt_len: int
     length: int

@@ -19,7 +19,7 @@ the tensors it saves (h hidden, a = H d / TP query width, kv = H_kv d / TP, f = 
     MLP:        fc1 output (2f), silu output, product and fc2 input (3f)
     fp32 norm statistics: one per norm
 
-    per token per layer = b (N_norm h + 4a + 3kv + 5f + 4d) + 4 (H / TP + 2)
+    per token per layer = b (n h + 4a + 3kv + 5f + 4d) + 4 (H / TP + 2),   n = 4 (TE) or 6 (local)
 
 with b the activation dtype size; attention saves no score matrix (flash / SDPA kernels). With full
 recompute (megatron's ``recompute_granularity="full"``, one layer per checkpoint) a layer keeps only its
