@@ -12,11 +12,13 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 from megatron_ral.attention.old_policy import OldPolicyConfig, make_old_policy_store
 from megatron_ral.data.collate import Batch
 from megatron_ral.data.records import PROBLEM_TYPES
 from megatron_ral.rl.batch import plan_micro_batches
+from megatron_ral.rl.consistency import LogprobDiffWarning, consistency_sums
 from megatron_ral.rl.metrics import MetricSums, Timer
 from megatron_ral.rl.passes import old_pass, reference_pass
 from megatron_ral.rl.rollout import RolloutSettings, generate_rollouts, global_prompt_keys, prompts_of
@@ -45,6 +47,7 @@ class RLContext:
     drop_zero_std_groups: bool = False
     reference: object = None            # ReferenceWeights when kl_beta > 0
     old_policy: OldPolicyConfig | None = None   # p_old store when the attention term is on
+    logprob_warning: LogprobDiffWarning | None = None   # warns once when generation and training disagree
     dp_rank: int = 0
     dp_size: int = 1
     dp_group: object = None
@@ -140,6 +143,7 @@ def rl_step(ctx: RLContext, loader_batch: Batch, step: int) -> StepResult:
         _rollout_metrics(batch, sums)
     if ctx.loss_owner:
         sums.merge(loss_sums)
+        sums.merge(consistency_sums(batch))    # generator vs old pass (or the first update's forward)
     total = sums.all_reduce()
     n_updates = ctx.updates_per_rollout
     tokens = max(total.total("loss/tokens"), 1.0)
@@ -159,6 +163,8 @@ def rl_step(ctx: RLContext, loader_batch: Batch, step: int) -> StepResult:
         "attn/jsd_old": total.total("attn/jsd_old") / max(total.total("attn/jsd_tokens"), 1.0),
         "attn/entropy": total.total("attn/entropy") / max(total.total("attn/tokens"), 1.0),
         "attn/vision_mass": total.total("attn/vision_mass") / max(total.total("attn/tokens"), 1.0),
+        "rollout/logprob_diff_max": total.peak("rollout/logprob_diff_max"),
+        "rollout/logprob_diff_mean": total.mean("rollout/logprob_diff"),
         "train/grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
         "train/lr": lrs[-1] if lrs else 0.0,
         "train/skipped_updates": float(skipped),
@@ -169,5 +175,8 @@ def rl_step(ctx: RLContext, loader_batch: Batch, step: int) -> StepResult:
         "perf/gen_tokens_per_s": total.total("perf/gen_tokens") / max(timer.seconds["gen"], 1e-9),
         "perf/step_s": time.perf_counter() - t_step,
     })
+    if ctx.logprob_warning is not None:
+        ctx.logprob_warning.check(metrics["rollout/logprob_diff_max"], metrics["rollout/logprob_diff_mean"], step,
+                                  emit=not dist.is_initialized() or dist.get_rank() == 0)
     samples = [(r.problem_id, batch.texts[p][0], float(batch.rewards[p, 0])) for p, r in enumerate(batch.records[:2])]
     return StepResult(metrics=metrics, updates=n_updates, skipped_updates=skipped, samples=samples)
