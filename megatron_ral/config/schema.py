@@ -98,10 +98,12 @@ class AlgorithmConfig:
         data-parallel ranks as the loader spreads prompts, so the update does not depend on the DP size.
         adv/groups_drawn counts the groups sampled in the step, adv/groups_dropped those left out of the
         update; the reward/* and response/* metrics cover every drawn group.
-    logprob_diff_warn: warn (once) when rollout/logprob_diff_max, the largest |generation log-prob - trainer
-        log-prob| of a step's response tokens, exceeds it. None: 1e-3 when the model trains in fp32 (the two
-        forwards then agree to ~1e-6; more is a bug), 0.5 in bf16 and 0.1 in fp16 (rounding of the
-        activations alone moves single log-probs by ~1e-2 to 1e-1 there).
+    logprob_diff_warn: warn (once per process) when rollout/logprob_diff_max, the largest |generation log-prob
+        - trainer log-prob| over a step's response tokens (same weights, same quantity log softmax(logits / T)),
+        exceeds it. None: by the training dtype, 1e-3 in fp32 (the KV-cache decode and the training forward
+        then agree to a few 1e-6; more is a bug), 1.0 in bf16 and 0.25 in fp16 (rounding alone moves single
+        log-probs by 0.04-0.08 on the tiny model in bf16, more on large models and long responses; a bug,
+        e.g. wrong positions or stale weights, moves them by whole nats).
     lambda_attn: weight of the attention loss A * D(p_theta || p_old) (paper searched 0.5, 1, 5).
     attn_divergence: "jsd" (paper), "kl" (KL(p_theta || p_old)) or "reverse_kl" (KL(p_old || p_theta)).
     attn_aggregation: "token_mean" (Eq. 3: mean over the response tokens of the global mini-batch) or "sum"

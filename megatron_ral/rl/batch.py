@@ -98,7 +98,8 @@ class RolloutBatch:
 
     rewards / accuracy / format / advantages: [P, G]; zero_std: [P]; responses[p][g] token ids (the stop
     token included when one ended the response) and texts[p][g] decoded; prompt_keys: the prompts'
-    indices in the global batch of the step (layout-independent sampling seeds); rollout_logprobs[p][g]:
+    indices in the global batch of the step (as drawn: the layout-independent sampling seeds; as trained on:
+    the positions among the kept groups, see ``rl.dynamic_sampling``); rollout_logprobs[p][g]:
     the generator's log-prob of each response token under softmax(logits / T).
     """
 

@@ -74,6 +74,7 @@ def build(cfg, info) -> Run:
     from megatron_ral.rl import build as B
     from megatron_ral.rl.reference import ReferenceWeights
     from megatron_ral.rl.consistency import LogprobDiffWarning
+    from megatron_ral.rl.dynamic_sampling import GroupFilter
     from megatron_ral.rl.rollout import RolloutSettings, load_reward_function
     from megatron_ral.rl.schedule import PassContext
     from megatron_ral.rl.step import RLContext
@@ -114,7 +115,7 @@ def build(cfg, info) -> Run:
         tokenizer=tokenizer, stop_token_ids=stop_token_ids(hf_dir, tokenizer),
         suppress_token_ids=[model.image_token_id, model.video_token_id], pad_token_id=data.processor.pad_token_id,
         updates_per_rollout=a.updates_per_rollout, epochs_per_rollout=a.epochs_per_rollout,
-        micro_batch_size=cfg.training.micro_batch_size, drop_zero_std_groups=a.drop_zero_std_groups,
+        micro_batch_size=cfg.training.micro_batch_size, group_filter=GroupFilter.from_config(a),
         reference=(ReferenceWeights(chunks, a.reference_placement, source=str(weights)) if a.kl_beta > 0 else None),
         old_policy=(OldPolicyConfig(mode=a.old_policy_store, offload=a.old_policy_offload) if use_attention else None),
         logprob_warning=LogprobDiffWarning.for_dtype(a.logprob_diff_warn, DTYPE_NAMES[dtype]),
@@ -250,7 +251,7 @@ def train_step(run: Run, cfg, step: int) -> dict:
     if cfg.algorithm.name == "sft":
         metrics, stepped = _sft_step(run, batch)
     else:
-        result = rl_step(run.rl, batch, step)
+        result = rl_step(run.rl, batch, step, next_batch=lambda: _next_batch(run))
         metrics, stepped = result.metrics, result.skipped_updates < result.updates
         run.extra["samples"] = result.samples
     metrics.update(_data_metrics(run))
