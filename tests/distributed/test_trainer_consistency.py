@@ -43,7 +43,6 @@ def test_old_pass_matches_generation_and_the_warning_fires_once(assets):
     _assert_consistent(rows, 3)
     assert any(r["rollout/logprob_diff_max"] > 1e-12 for r in rows)
     assert err.count(WARNING) == 1, err[-3000:]
-    print({r["step"]: (r["rollout/logprob_diff_max"], r["rollout/logprob_diff_mean"]) for r in rows})
 
 
 def test_single_update_compares_its_first_forward(assets):
@@ -51,4 +50,3 @@ def test_single_update_compares_its_first_forward(assets):
                        training={"train_steps": 2})
     _assert_consistent(rows, 2)
     assert WARNING not in err                     # the fp32 default threshold (1e-3) is far above the figure
-    print({r["step"]: (r["rollout/logprob_diff_max"], r["rollout/logprob_diff_mean"]) for r in rows})
