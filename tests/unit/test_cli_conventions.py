@@ -25,6 +25,10 @@ PARSERS = {
     "generate": ("megatron_ral.inference.cli", "parser"),
     "dump_attention": ("megatron_ral.inference.dump_cli", "parser"),
     "config": ("megatron_ral.config.cli", "parser"),
+    "eval_data/convert_mvbench": ("megatron_ral.cli.eval_data", "mvbench_parser"),
+    "eval_data/convert_videomme": ("megatron_ral.cli.eval_data", "videomme_parser"),
+    "eval_data/convert_tempcompass": ("megatron_ral.cli.eval_data", "tempcompass_parser"),
+    "run_state": ("megatron_ral.cli.run_state", "parser"),
 }
 
 
