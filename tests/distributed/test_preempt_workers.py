@@ -36,8 +36,8 @@ def _config(assets, name: str):
 
 
 def _srun(assets, cfg: str, name: str) -> SrunTasks:
-    return SrunTasks.start(tf.train_command(cfg), ntasks=2, env=tf.subprocess_env(), log_dir=assets["root"] / "logs",
-                           name=name)
+    return SrunTasks.start_rendezvoused(tf.train_command(cfg), ntasks=2, env=tf.subprocess_env(),
+                                        log_dir=assets["root"] / "logs", name=name)
 
 
 def _finish(tasks: SrunTasks, timeout: float = 600) -> None:
@@ -64,8 +64,8 @@ def test_group_sigterm_with_workers_saves_exits_0_and_resumes_equal(assets):
     tasks = _srun(assets, cfg, "stopped")
     deadline = time.monotonic() + 600
     while not any(r["step"] >= 2 for r in tf.read_metrics(run_dir)):
-        assert tasks.running(), tasks.log(0)[-3000:] + tasks.log(1)[-3000:]
-        assert time.monotonic() < deadline
+        assert all(p.poll() is None for p in tasks.procs), tasks.log(0)[-3000:] + tasks.log(1)[-3000:]
+        assert time.monotonic() < deadline, "no step 2 within 600 s"
         time.sleep(0.1)
     tasks.signal(signal.SIGTERM)                       # trainers and their data-loader workers
     _finish(tasks)
