@@ -186,7 +186,7 @@ def rl_job(s: Settings, arm: str, spec: dict, seed: int) -> dict:
           f"training.train_steps={s.steps}", f"training.seed={seed}", f"training.eval_interval={every}",
           "training.eval_at_end=true", f"training.prompts_per_step={s.prompts_per_step}",
           f"training.micro_batch_size={s.prompts_per_step}", f"algorithm.rollouts_per_prompt={s.group_size}",
-          f"optimizer.lr={s.rl_lr}", "checkpoint.save_interval=0"]
+          f"optimizer.lr={s.rl_lr}", "checkpoint.save_interval=0", "checkpoint.save_final=false"]
     ov += [f"{k}={v}" for k, v in spec["ov"].items()] + _data_overrides(s, spec["template"])
     return _once(s, arm, seed, _train_cmd(s, "quickstart_ral.yaml", ov))
 
@@ -252,6 +252,8 @@ def collect(s: Settings, meta: dict) -> dict:
                       and len({tuple(v) for v in equal["rollout_steps"].values()}) <= 1)
     comparisons = [c for c in (report.separation(summary, a, "grpo") for a in rl if a != "grpo") if c]
     comparisons += [c for c in (report.separation(summary, a, "sft") for a in rl) if c]
+    walls = [json.loads(p.read_text())["wall_seconds"] for p in (Path(s.out) / "runs").glob("*/seed*/done.json")]
+    meta = {**meta, "runs_wall_seconds_total": round(sum(walls), 1)}
     return {"settings": asdict(s), **meta, "runs": {a: {str(k): v for k, v in r.items()} for a, r in runs.items()},
             "summary": summary, "equal_compute": equal, "comparisons": comparisons}
 
@@ -272,7 +274,8 @@ def write_outputs(s: Settings, results: dict) -> None:
              f"per rollout batch, lr {s.rl_lr:g}, {s.steps} steps; think max_new_tokens "
              f"{results['prepare']['think_max_new_tokens']}, answer-only {results['prepare']['answer_max_new_tokens']}. "
              f"Equal compute (same optimizer and rollout steps per RL arm): {results['equal_compute']['equal']}. "
-             f"Experiment wall time {results['experiment_seconds'] / 60:.1f} min (this invocation).\n",
+             f"Wall time: {results['experiment_seconds'] / 60:.1f} min for this invocation; the runs' own wall "
+             f"times add up to {results['runs_wall_seconds_total'] / 60:.1f} min ({s.jobs} at once).\n",
              "\n## Differences against the seed spread (|diff| > std_a + std_b)\n"]
     for c in results["comparisons"]:
         verdict = "exceeds" if c["exceeds_spread"] else "within"
@@ -306,6 +309,8 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     p.add_argument("--eval-points", type=int, default=Settings.eval_points, help="held-out evaluations per RL run")
     p.add_argument("--lambda-attn", default="", help="extra RAL rows, one per value (e.g. 0.5,1,5)")
     p.add_argument("--ral-epochs2", action="store_true", help="extra row: RAL with 2 epochs over one mini-batch")
+    p.add_argument("--think-tokens", type=int, default=None,
+                   help="max_new_tokens of the think template (default: measured from the think traces)")
     p.add_argument("--nproc", type=int, default=1, choices=(1, 2), help="processes per run (2: torchrun, gloo)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once")
     a = p.parse_args(argv)
@@ -319,7 +324,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     return Settings(out=str(Path(a.out).resolve()), seeds=list(range(a.seeds)), arms=arms, steps=a.steps,
                     records=a.records, sft_epochs=a.sft_epochs, prompts_per_step=a.prompts_per_step,
                     group_size=a.group_size, rl_lr=a.lr, eval_points=a.eval_points, lambda_sweep=sweep,
-                    ral_epochs2=a.ral_epochs2, nproc=a.nproc, jobs=a.jobs)
+                    ral_epochs2=a.ral_epochs2, nproc=a.nproc, jobs=a.jobs, think_tokens=a.think_tokens)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

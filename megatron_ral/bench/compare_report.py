@@ -126,7 +126,7 @@ def markdown_table(summary: dict[str, dict], arms: list[str]) -> str:
     """The results table: one row per arm, mean ± std over seeds."""
     tasks = sorted({t for a in arms for t in summary[a].get("per_task", {})})
     head = (["arm", "seeds", "held-out acc"] + [f"acc {t}" for t in tasks]
-            + ["format", "vision mass", "|g_attn|/|g_pol|", "jsd_old", "gen tokens", "opt steps", "wall s"])
+            + ["format", "vision mass", "grad attn/policy", "jsd_old", "gen tokens", "opt steps", "wall s"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for a in arms:
         r = summary[a]
