@@ -21,11 +21,14 @@ per value, ``ral_lam<v>``). ``kd`` / ``distill`` need the trainer's teacher dist
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -74,12 +77,29 @@ def distill_unavailable() -> str | None:
     return None
 
 
+_RUNNING: set = set()
+
+
+def _stop_children(signum, frame) -> None:
+    """SIGTERM / SIGINT: end the runs this process started (each in its own session, so their data-loader
+    workers go with them), then exit; their unfinished run directories are started over next time."""
+    for proc in list(_RUNNING):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    raise SystemExit(128 + signum)
+
+
 def _run(cmd: list[str], log: Path) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), WANDB_MODE="offline",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        _RUNNING.add(proc)
+        try:
+            proc.wait()
+        finally:
+            _RUNNING.discard(proc)
     if proc.returncode != 0:
         tail = "".join(open(log).readlines()[-15:])
         raise RuntimeError(f"{' '.join(cmd[:6])} ... exited {proc.returncode} (log {log}):\n{tail}")
@@ -330,6 +350,9 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
 def main(argv: Sequence[str] | None = None) -> int:
     s = parse_args(argv)
     Path(s.out).mkdir(parents=True, exist_ok=True)
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _stop_children)
     meta = run_all(s)
     results = collect(s, meta)
     write_outputs(s, results)
