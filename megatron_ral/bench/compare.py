@@ -52,9 +52,9 @@ class Settings:
     out: str
     seeds: list[int]
     arms: list[str]
-    steps: int = 30
+    steps: int = 20
     records: int = 300
-    sft_epochs: int = 2
+    sft_epochs: int = 8
     prompts_per_step: int = 8
     group_size: int = 4
     updates_per_rollout: int = 2
@@ -252,6 +252,7 @@ def collect(s: Settings, meta: dict) -> dict:
                 runs.setdefault("sft", {})[seed] = {**figs["sft"], "wall_seconds": wall}
             else:
                 runs.setdefault("sft_zero", {})[seed] = {**figs["sft"], "wall_seconds": wall}
+    lambdas = {a: float(v["ov"].get("algorithm.lambda_attn", 0.0)) for a, v in rl_arms(s).items()}
     for arm, template in meta["rl_arms"].items():
         sarm = "sft" if template == "think" else "sft_zero"
         upr = s.updates_per_rollout
@@ -259,7 +260,8 @@ def collect(s: Settings, meta: dict) -> dict:
             rd = run_dir(s, arm, seed)
             figs = report.rl_run_figures(report.read_metrics(rd), prompts_per_step=s.prompts_per_step,
                                          group_size=s.group_size, updates_per_rollout=upr,
-                                         start_accuracy=sft_acc.get((sarm, seed)))
+                                         start_accuracy=sft_acc.get((sarm, seed)),
+                                         lambda_attn=lambdas.get(arm, 0.0))
             figs["wall_seconds"] = json.loads((rd / "done.json").read_text())["wall_seconds"]
             runs.setdefault(arm, {})[seed] = figs
     summary = report.aggregate(runs)

@@ -55,9 +55,11 @@ def sft_run_figures(rows: list[dict]) -> dict[str, dict]:
 
 
 def rl_run_figures(rows: list[dict], *, prompts_per_step: int, group_size: int, updates_per_rollout: int,
-                   start_accuracy: float | None = None) -> dict:
+                   start_accuracy: float | None = None, lambda_attn: float = 0.0) -> dict:
     """An RL run's figures (see the module docstring); ``start_accuracy`` is the held-out accuracy of its
-    initial checkpoint (step 0 of its held-out curve)."""
+    initial checkpoint (step 0 of its held-out curve). ``loss_ratio`` = lambda_attn * mean |loss/attn| /
+    mean |loss/policy| over the steps: the size of the attention term's loss against the policy term's
+    (a loss ratio, not a gradient-norm ratio)."""
     steps = [r for r in rows if "reward/total" in r]
     evals = _evals(rows)
     if not steps or not evals:
@@ -65,6 +67,8 @@ def rl_run_figures(rows: list[dict], *, prompts_per_step: int, group_size: int, 
     vision = [r["attn/vision_mass"] for r in steps if "attn/vision_mass" in r]
     curve = [(0, start_accuracy)] if start_accuracy is not None else []
     curve += [(r["step"], r["eval/accuracy"]) for r in evals]
+    la = _mean([abs(r["loss/attn"]) for r in steps if "loss/attn" in r])
+    lp = _mean([abs(r["loss/policy"]) for r in steps if "loss/policy" in r])
     skipped = sum(r.get("train/skipped_updates", 0.0) for r in steps)
     return {
         "accuracy": evals[-1]["eval/accuracy"],
@@ -75,8 +79,9 @@ def rl_run_figures(rows: list[dict], *, prompts_per_step: int, group_size: int, 
         "reward_mean_last_quarter": _mean([r["reward/total"] for r in steps[-max(1, len(steps) // 4):]]),
         "vision_mass": (sum(vision) / len(vision)) if vision else None,
         "attn_jsd_old": _mean([r.get("attn/jsd_old") for r in steps]),
-        "loss_attn_abs": _mean([abs(r["loss/attn"]) for r in steps if "loss/attn" in r]),
-        "loss_policy_abs": _mean([abs(r["loss/policy"]) for r in steps if "loss/policy" in r]),
+        "loss_attn_abs": la,
+        "loss_policy_abs": lp,
+        "loss_ratio": (lambda_attn * la / lp) if (lambda_attn > 0 and la is not None and lp) else None,
         "rollout_steps": len(steps),
         "optimizer_steps": len(steps) * updates_per_rollout,
         "skipped_updates": skipped,
@@ -90,7 +95,7 @@ def _mean(values) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-SUMMARY_KEYS = ("accuracy", "format", "vision_mass", "grad_ratio", "attn_jsd_old", "generated_tokens",
+SUMMARY_KEYS = ("accuracy", "format", "vision_mass", "loss_ratio", "attn_jsd_old", "generated_tokens",
                 "optimizer_steps", "rollout_steps", "wall_seconds", "reward_mean_last_quarter")
 
 
@@ -126,13 +131,13 @@ def markdown_table(summary: dict[str, dict], arms: list[str]) -> str:
     """The results table: one row per arm, mean ± std over seeds."""
     tasks = sorted({t for a in arms for t in summary[a].get("per_task", {})})
     head = (["arm", "seeds", "held-out acc"] + [f"acc {t}" for t in tasks]
-            + ["format", "vision mass", "grad attn/policy", "jsd_old", "gen tokens", "opt steps", "wall s"])
+            + ["format", "vision mass", "attn/policy loss", "jsd_old", "gen tokens", "opt steps", "wall s"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for a in arms:
         r = summary[a]
         cells = [a, str(r["seeds"]), _cell(r.get("accuracy"))]
         cells += [_cell(r["per_task"].get(t)) for t in tasks]
-        cells += [_cell(r.get(k)) for k in ("format", "vision_mass", "grad_ratio", "attn_jsd_old",
+        cells += [_cell(r.get(k)) for k in ("format", "vision_mass", "loss_ratio", "attn_jsd_old",
                                              "generated_tokens", "optimizer_steps", "wall_seconds")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

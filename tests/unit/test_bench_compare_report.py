@@ -25,6 +25,9 @@ def test_rl_run_figures_by_hand():
     assert f["rollout_steps"] == 2 and f["optimizer_steps"] == 4 and f["skipped_updates"] == 1.0
     assert f["vision_mass"] == pytest.approx(0.4)
     assert f["loss_attn_abs"] == pytest.approx(2e-4) and f["loss_policy_abs"] == pytest.approx(0.03)
+    assert f["loss_ratio"] is None  # lambda_attn 0 (GRPO)
+    g = R.rl_run_figures(_rows(), prompts_per_step=8, group_size=4, updates_per_rollout=2, lambda_attn=5.0)
+    assert g["loss_ratio"] == pytest.approx(5.0 * 2e-4 / 0.03)
     assert f["heldout_curve"] == [(0, 0.1), (2, 0.5)]
     assert f["per_task"] == {"task_a": 0.25} and f["accuracy"] == 0.5
     assert f["reward_mean_last_quarter"] == pytest.approx(0.4)
