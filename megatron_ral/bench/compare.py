@@ -273,7 +273,8 @@ def collect(s: Settings, meta: dict) -> dict:
     equal["equal"] = (len({tuple(v) for v in equal["optimizer_steps"].values()}) <= 1
                       and len({tuple(v) for v in equal["rollout_steps"].values()}) <= 1)
     comparisons = [c for c in (report.separation(summary, a, "grpo") for a in rl if a != "grpo") if c]
-    comparisons += [c for c in (report.separation(summary, a, "sft") for a in rl) if c]
+    own_sft = {a: ("sft" if t == "think" else "sft_zero") for a, t in meta["rl_arms"].items()}
+    comparisons += [c for c in (report.separation(summary, a, own_sft[a]) for a in rl) if c]
     walls = [json.loads(p.read_text())["wall_seconds"] for p in (Path(s.out) / "runs").glob("*/seed*/done.json")]
     meta = {**meta, "runs_wall_seconds_total": round(sum(walls), 1)}
     return {"settings": asdict(s), **meta, "runs": {a: {str(k): v for k, v in r.items()} for a, r in runs.items()},

@@ -104,18 +104,20 @@ def _pil_lines(path: str, panels) -> None:
         def xy(x, y):
             return (ox + M + (W - 16 - M) * x / xmax, H - M - (H - 2 * M) * (y - lo) / (hi - lo))
 
-        for i, (label, pts) in enumerate(series.items()):
+        for i, (label, pts) in enumerate(series.items()):  # every band first, then every line over them
             col = PALETTE[i % len(PALETTE)]
             light = tuple(int(c + (255 - c) * 0.75) for c in col)
             if len(pts) > 1:
                 poly = [xy(x, m + s) for x, m, s in pts] + [xy(x, m - s) for x, m, s in reversed(pts)]
                 draw.polygon(poly, fill=light)
+        for i, (label, pts) in enumerate(series.items()):
+            col = PALETTE[i % len(PALETTE)]
             for a, b in zip(pts, pts[1:]):
                 draw.line([xy(a[0], a[1]), xy(b[0], b[1])], fill=col, width=2)
             for x, m, _ in pts:
                 cx, cy = xy(x, m)
                 draw.ellipse([cx - 2, cy - 2, cx + 2, cy + 2], fill=col)
-            draw.text((ox + M + 120 * (i % 3), H + 4 + 18 * (i // 3)), f"— {label}", fill=col)
+            draw.text((ox + M + 120 * (i % 3), H + 4 + 18 * (i // 3)), f"-- {label}", fill=col)
     img.save(path)
 
 
