@@ -19,7 +19,8 @@ from megatron_ral.rl.rollout import decode_response, prompts_of
 
 @dataclass
 class EvalResult:
-    """accuracy / format: means over the evaluated records; by_type: accuracy per problem type;
+    """accuracy / format: means over the evaluated records; by_type: accuracy per problem type; by_source:
+    accuracy per record ``data_source`` (the synthetic task name);
     samples: (problem_id, response text, accuracy) of this rank's records (for inspection)."""
 
     accuracy: float
@@ -28,6 +29,7 @@ class EvalResult:
     count: int
     skipped: int
     by_type: dict[str, float] = field(default_factory=dict)
+    by_source: dict[str, float] = field(default_factory=dict)
     samples: list = field(default_factory=list)
 
     def metrics(self, prefix: str = "eval") -> dict[str, float]:
@@ -35,6 +37,7 @@ class EvalResult:
                f"{prefix}/reward": self.reward, f"{prefix}/count": float(self.count),
                f"{prefix}/skipped": float(self.skipped)}
         out.update({f"{prefix}/accuracy_by_type/{t}": v for t, v in self.by_type.items()})
+        out.update({f"{prefix}/accuracy_by_source/{t}": v for t, v in self.by_source.items()})
         return out
 
 
@@ -60,6 +63,8 @@ def evaluate(model, loader, tokenizer, generation, *, template: str, stop_token_
                 sums.add("format", s.format)
                 sums.add("reward", s.total)
                 sums.add(f"type/{record.problem_type}", s.accuracy)
+                if record.data_source:
+                    sums.add(f"source/{record.data_source}", s.accuracy)
             if len(samples) < keep_samples:
                 samples.append((record.problem_id, text, s.accuracy))
     skipped = loader.metrics().get("data/skipped_total", 0.0)
@@ -68,7 +73,8 @@ def evaluate(model, loader, tokenizer, generation, *, template: str, stop_token_
     by_type = {t: total.mean(f"type/{t}") for t in PROBLEM_TYPES if total.counts.get(f"type/{t}", 0) > 0}
     return EvalResult(accuracy=total.mean("accuracy"), format=total.mean("format"), reward=total.mean("reward"),
                       count=int(total.counts.get("accuracy", 0)), skipped=int(total.total("skipped")),
-                      by_type=by_type, samples=samples)
+                      by_type=by_type, by_source={k[len("source/"):]: total.mean(k) for k in sorted(total.counts)
+                                                  if k.startswith("source/")}, samples=samples)
 
 
 def chance_accuracy(records: list, reference: list) -> float:
