@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from megatron_ral.errors import UserError
 
@@ -36,26 +35,12 @@ def resolve_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def initial_weights(model_cfg, run_dir: str | os.PathLike) -> str:
-    """The dist checkpoint the run starts from: ``model.load``, else ``model.hf_path`` converted once
-    (by rank 0, into RUN_DIR/initial_mcore) with the streaming converter."""
-    if model_cfg.load:
-        return model_cfg.load
-    from megatron_ral.checkpoint.convert import hf_to_megatron
-    from megatron_ral.checkpoint.run_dir import is_dist_checkpoint
+    """The dist checkpoint the run starts from: ``model.load``, else ``model.hf_path`` converted once (by
+    rank 0, into RUN_DIR/initial_mcore; reused by a later run in the same directory). Collective."""
+    from megatron_ral.checkpoint.initial_weights import initial_weights_dir
 
-    out = Path(run_dir) / "initial_mcore"
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    if rank == 0 and not is_dist_checkpoint(out):
-        log.info("converting %s to a Megatron checkpoint at %s (model.load is empty)", model_cfg.hf_path, out)
-        hf_to_megatron(model_cfg.hf_path, out, overwrite=True, progress=False)
-    _barrier()
-    return str(out)
+    return str(initial_weights_dir(model_cfg.load, model_cfg.hf_path, Path(run_dir) / "initial_mcore"))
 
 
 def apply_freezing(model, model_cfg) -> list[str]:
