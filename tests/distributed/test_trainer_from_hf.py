@@ -10,7 +10,7 @@ import math
 import pytest
 
 import trainer_fixture as tf
-from megatron_ral.platform.spawn import run_distributed
+from megatron_ral.testing.spawn import run_distributed
 
 pytestmark = pytest.mark.distributed
 
