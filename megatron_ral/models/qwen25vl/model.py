@@ -239,7 +239,8 @@ class Qwen25VLModel(MegatronModule):
         extra_block_kwargs: dict | None = None,
         temperature: float = 1.0,
         loss_index: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        return_logits: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, S, V) — vocab-sharded over TP unless gathered — or per-token loss (B, S)
         when ``labels`` are given; on non-last pipeline stages the hidden states (S, B, H).
 
@@ -255,6 +256,11 @@ class Qwen25VLModel(MegatronModule):
         ``labels``): compute the output layer and the loss only at these positions and return the loss
         (B, R) of ``labels.gather(1, loss_index)`` (the output layer over a 152k vocabulary is most of a
         small model's cost; a trainer needs the response positions only). Without sequence parallelism.
+        ``return_logits`` (with ``labels``, last stage): return ``(token_loss, logits)``, the logits being the
+        vocab-parallel (B, R, V/TP) logits the loss was computed from (at ``loss_index`` when given), padded
+        vocabulary entries masked, *not* divided by ``temperature`` (a consumer scales them itself, as the
+        distillation losses do with the same temperature); they keep the graph, so a loss on them
+        back-propagates like the per-token loss.
         """
         padding_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
         if position_ids is None:
@@ -309,7 +315,10 @@ class Qwen25VLModel(MegatronModule):
         logits = self.mask_padded_vocab(output)
         if labels is None:
             return logits
-        logits = logits.float()
+        scaled = logits.float()
         if temperature != 1.0:
-            logits = logits / temperature
-        return tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
+            scaled = scaled / temperature
+        elif return_logits and scaled is logits:
+            scaled = scaled.clone()  # megatron's cross-entropy shifts its input in place
+        token_loss = tensor_parallel.vocab_parallel_cross_entropy(scaled, labels)
+        return (token_loss, logits) if return_logits else token_loss
