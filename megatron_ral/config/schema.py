@@ -96,7 +96,23 @@ class AlgorithmConfig:
     old_policy_store: how p_old is kept between the old pass and the updates: "qk" (last-layer Q rows + K,
         recomputed exactly) or "rows" (the rows, bf16); old_policy_offload keeps it in host memory.
     gkd_mu, gamma_attn: distillation weights (logit GKD and attention JSD to the teacher).
-    teacher_hf_path / teacher_load: the teacher model for "ral_distill".
+    gkd_divergence: the GKD divergence between the student's p_theta and the teacher's p_phi output
+        distributions (softmax(logits / generation.temperature)), per response token:
+        "reverse_kl" = KL(p_theta || p_phi) = sum_v p_theta(v) ln(p_theta(v) / p_phi(v)) (default: the paper's "typically"),
+        "forward_kl" = KL(p_phi || p_theta), "jsd" = beta KL(p_theta || m) + (1 - beta) KL(p_phi || m) with
+        m = beta p_theta + (1 - beta) p_phi, beta = gkd_jsd_beta (0.5: the symmetric JSD, <= ln 2).
+        Beside attn_divergence, on attention rows: "kl" = KL(p_theta || p_old), "reverse_kl" = KL(p_old || p_theta).
+    gkd_jsd_beta: beta of gkd_divergence "jsd", in (0, 1).
+    gkd_top_k: 0 = GKD exact over the whole vocabulary; k > 0 = over the teacher's top-k ids plus one bucket
+        for the rest of each side's mass (a lower bound of the exact value, equal at k = vocabulary size).
+    teacher_hf_path / teacher_load: the teacher model for "ral_distill": an HF directory (converted once into
+        RUN_DIR/teacher_mcore) or a Megatron checkpoint carrying its HF files (teacher_load wins when both are
+        given). It must share the student's vocabulary, tokenizer, special tokens, chat template and vision
+        patching (checked at start-up). It runs forward only on the student's ranks, at the student's TP size.
+    teacher_pipeline_layer_split: the teacher's LM layers per pipeline stage (its own split over the student's
+        stages); null = as even as possible (extra layers on the first stages).
+    teacher_placement: where the teacher's weights live between teacher passes: "device" (resident) or "host"
+        (host memory, moved in for each teacher pass; with exact GKD that is once per mini-batch).
     reward_accuracy_weight / reward_format_weight: r = w_acc * r_acc + w_fmt * r_fmt (paper: 0.9 / 0.1).
     reward_function: "package.module:function" replacing the Video-R1 reward: called as
         f(response_text, record, template) and returning a float (the total) or an object with float
@@ -121,8 +137,13 @@ class AlgorithmConfig:
     old_policy_offload: bool = False
     gkd_mu: float = 1.0
     gamma_attn: float = 0.5
+    gkd_divergence: str = "reverse_kl"
+    gkd_jsd_beta: float = 0.5
+    gkd_top_k: int = 0
     teacher_hf_path: str = ""
     teacher_load: str = ""
+    teacher_pipeline_layer_split: Optional[list[int]] = None
+    teacher_placement: str = "device"
     reward_accuracy_weight: float = 0.9
     reward_format_weight: float = 0.1
     reward_function: str = ""
