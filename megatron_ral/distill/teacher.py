@@ -78,7 +78,8 @@ def teacher_layer_split(num_layers: int, pp: int, split: tuple[int, ...] | list[
         return balanced_layer_split(num_layers, pp)
     split = [int(n) for n in split]
     if len(split) != pp or sum(split) != num_layers or min(split) < 1:
-        raise ValueError(f"teacher pipeline split {split} must have {pp} entries >= 1 summing to its {num_layers} layers")
+        raise ValueError(f"teacher pipeline split {split} must have {pp} entries >= 1 summing to its "
+                         f"{num_layers} layers")
     return split
 
 

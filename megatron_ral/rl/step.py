@@ -1,4 +1,5 @@
-"""One RL step (GRPO / RAL): rollout -> score -> old / reference passes -> updates -> metrics.
+"""One RL step (GRPO / RAL / RAL + distillation): rollout -> score -> old / reference [/ teacher] passes ->
+updates -> metrics.
 
     result = rl_step(ctx, loader_batch, step)
 
@@ -17,10 +18,11 @@ from megatron_ral.attention.old_policy import OldPolicyConfig, make_old_policy_s
 from megatron_ral.data.collate import Batch
 from megatron_ral.data.records import PROBLEM_TYPES
 from megatron_ral.rl.batch import plan_micro_batches
-from megatron_ral.rl.metrics import MetricSums, Timer
+from megatron_ral.rl.metrics import MetricSums, PeakMemory, Timer
 from megatron_ral.rl.passes import old_pass, reference_pass
 from megatron_ral.rl.rollout import RolloutSettings, generate_rollouts, global_prompt_keys, prompts_of
 from megatron_ral.rl.schedule import PassContext
+from megatron_ral.rl.teacher_phase import TeacherPhase, TeacherSetup
 from megatron_ral.rl.update import LossSettings, minibatch_normalisers, policy_update
 from megatron_ral.rl.vision import encode_prompts_vision
 
@@ -45,6 +47,7 @@ class RLContext:
     drop_zero_std_groups: bool = False
     reference: object = None            # ReferenceWeights when kl_beta > 0
     old_policy: OldPolicyConfig | None = None   # p_old store when the attention term is on
+    teacher: TeacherSetup | None = None         # the distillation teacher (ral_distill)
     dp_rank: int = 0
     dp_size: int = 1
     dp_group: object = None
@@ -79,8 +82,28 @@ def _rollout_metrics(batch, sums: MetricSums) -> None:
                  batch.accuracy.shape[1])
 
 
+def _distill_metrics(total: MetricSums, n_updates: int, timer: Timer, meter: PeakMemory) -> dict:
+    """The distillation metrics of a step: the terms as in the loss (mean over the updates) and the mean
+    divergences to the teacher per response token over every update; the teacher's time and memory (the
+    largest over the ranks)."""
+    peak = torch.tensor([meter.gib["teacher"]], dtype=torch.float64)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_backend() == "nccl":
+            peak = peak.cuda()
+        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+    return {
+        "loss/gkd": total.total("loss/gkd") / n_updates,
+        "loss/distill_attn": total.total("loss/distill_attn") / n_updates,
+        "distill/gkd": total.total("distill/gkd") / max(total.total("distill/gkd_tokens"), 1.0),
+        "distill/attn_jsd_teacher": (total.total("distill/attn_jsd_teacher")
+                                     / max(total.total("distill/attn_tokens"), 1.0)),
+        "perf/teacher_s": timer.seconds["teacher"],
+        "perf/teacher_peak_mem_gib": float(peak.item()),
+    }
+
+
 def rl_step(ctx: RLContext, loader_batch: Batch, step: int) -> StepResult:
-    timer = Timer()
+    timer, meter = Timer(), PeakMemory()
     t_step = time.perf_counter()
     model = ctx.model
     prompts = prompts_of(loader_batch, model.image_token_id, model.video_token_id)
@@ -110,9 +133,12 @@ def rl_step(ctx: RLContext, loader_batch: Batch, step: int) -> StepResult:
     with timer("ref_pass"):
         if ctx.reference is not None:
             reference_pass(passes, batch, ctx.reference)
+    # ... and the teacher (rows and top-k kept for the batch; exact GKD logits come per mini-batch below)
+    teacher = TeacherPhase(ctx.teacher, prompts, batch, timer, meter) if ctx.teacher is not None else None
 
     # 4. updates: epochs x mini-batches optimizer steps
     skipped, grad_norms, lrs = 0, [], []
+    teacher_before_updates = timer.seconds["teacher"]
     with timer("update"):
         update = 0
         for _epoch in range(ctx.epochs_per_rollout):
@@ -120,7 +146,8 @@ def rl_step(ctx: RLContext, loader_batch: Batch, step: int) -> StepResult:
                 outcome, sums = policy_update(
                     passes, batch, mbs, ctx.optimizer, ctx.scheduler, ctx.loss, norms[mbs[0].minibatch], store,
                     use_old_logprobs=need_old,
-                    diagnostics=None if need_old else (model.image_token_id, model.video_token_id))
+                    diagnostics=None if need_old else (model.image_token_id, model.video_token_id),
+                    teacher=teacher.targets(mbs) if teacher is not None else None)
                 if update == 0:  # zero by construction on the first update (theta = theta_old)
                     for key in ("attn/jsd_old", "attn/jsd_tokens"):
                         sums.sums.pop(key, None)
@@ -133,6 +160,8 @@ def rl_step(ctx: RLContext, loader_batch: Batch, step: int) -> StepResult:
                 update += 1
     if store is not None:
         store.clear()
+    if teacher is not None:
+        teacher.close()
 
     # 5. metrics, summed over the ranks that own them
     sums = MetricSums()
@@ -165,9 +194,11 @@ def rl_step(ctx: RLContext, loader_batch: Batch, step: int) -> StepResult:
         "perf/gen_s": timer.seconds["gen"],
         "perf/old_pass_s": timer.seconds["old_pass"],
         "perf/ref_pass_s": timer.seconds["ref_pass"],
-        "perf/update_s": timer.seconds["update"],
+        "perf/update_s": timer.seconds["update"] - (timer.seconds["teacher"] - teacher_before_updates),
         "perf/gen_tokens_per_s": total.total("perf/gen_tokens") / max(timer.seconds["gen"], 1e-9),
         "perf/step_s": time.perf_counter() - t_step,
     })
+    if ctx.teacher is not None:
+        metrics.update(_distill_metrics(total, n_updates, timer, meter))
     samples = [(r.problem_id, batch.texts[p][0], float(batch.rewards[p, 0])) for p, r in enumerate(batch.records[:2])]
     return StepResult(metrics=metrics, updates=n_updates, skipped_updates=skipped, samples=samples)

@@ -60,7 +60,8 @@ def test_return_logits_gives_the_loss_and_the_unscaled_logits_it_came_from(prese
     is -log_softmax(logits / T) at the labels (float64 reference)."""
     model = seeded_megatron_model(preset, seed=6)
     prompts = standard_prompts()
-    seqs = [with_response(prompts[k], random_response(n, seed=10 + i)) for i, (k, n) in enumerate([("image", 4), ("text", 6)])]
+    seqs = [with_response(prompts[k], random_response(n, seed=10 + i))
+            for i, (k, n) in enumerate([("image", 4), ("text", 6)])]
     batch = padded_batch(seqs, "right", pad_id=0)
     ids = batch["input_ids"]
     labels = torch.zeros_like(ids)
@@ -75,7 +76,8 @@ def test_return_logits_gives_the_loss_and_the_unscaled_logits_it_came_from(prese
     torch.testing.assert_close(loss.detach(), plain, rtol=0, atol=0)
     torch.testing.assert_close(logits.detach(), full.gather(1, index[..., None].expand(-1, -1, full.shape[-1])),
                                rtol=1e-6, atol=1e-6)
-    ref = -torch.log_softmax(logits.detach().double() / temperature, dim=-1).gather(-1, labels.gather(1, index)[..., None])[..., 0]
+    log_probs = torch.log_softmax(logits.detach().double() / temperature, dim=-1)
+    ref = -log_probs.gather(-1, labels.gather(1, index)[..., None])[..., 0]
     torch.testing.assert_close(loss.detach().double(), ref, rtol=1e-5, atol=1e-5)
     model.zero_grad()
     logits.logsumexp(-1).sum().backward()
