@@ -9,8 +9,9 @@ present it does nothing at all, so the GPU path is untouched:
 
 1. Every ``megatron.core.*`` module (already imported, or imported later) sees, under its global name
    ``torch``, a thin proxy of the torch module that differs in two ways: tensor factories given a CUDA
-   ``device=`` create CPU tensors, and ``torch.cuda`` is a namespace whose ``current_device()`` is the CPU
-   device, whose RNG calls (``get_rng_state``/``set_rng_state``/``manual_seed``) act on the CPU generator
+   ``device=`` create CPU tensors, and none pins memory (that needs a CUDA driver; megatron's per-CP-rank
+   slicing of the M-RoPE table asks for a pinned CPU tensor); and ``torch.cuda`` is a namespace whose
+   ``current_device()`` is the CPU device, whose RNG calls (``get_rng_state``/``set_rng_state``/``manual_seed``) act on the CPU generator
    (so megatron's RNG tracker really forks streams per TP rank) and whose ``synchronize()`` is a no-op.
    Everything else is torch itself. No module outside megatron.core sees the proxy.
 2. megatron-core's tracker helpers ``_get_cuda_rng_state``/``_set_cuda_rng_state`` use the CPU generator.
@@ -81,7 +82,8 @@ def _cpu_factory(fn: Any) -> Any:
     def factory(*args: Any, **kwargs: Any) -> Any:
         if _is_cuda(kwargs.get("device")):
             kwargs["device"] = "cpu"
-            kwargs.pop("pin_memory", None)
+        # pinned host memory needs a CUDA driver (megatron's M-RoPE CP slicing asks for it on a CPU tensor)
+        kwargs.pop("pin_memory", None)
         return fn(*args, **kwargs)
 
     factory.__name__ = getattr(fn, "__name__", "factory")

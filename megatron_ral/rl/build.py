@@ -108,19 +108,31 @@ def total_optimizer_steps(algorithm, train_steps: int) -> int:
 
 def build_optimizer(opt_cfg, model_chunks: list, dtype: torch.dtype, use_distributed_optimizer: bool,
                     total_steps: int):
-    """megatron-core Adam(W) (distributed over data-parallel ranks when asked) and its LR schedule."""
+    """megatron-core Adam(W) (distributed over data-parallel ranks when asked) and its LR schedule.
+
+    fp16: megatron's dynamic loss scaler starts at ``optimizer.initial_loss_scale`` and divides the
+    gradients by the scale before the update, so the schedule must multiply the loss by it: the model
+    config's ``grad_scale_func`` is set to the optimizer's ``scale_loss`` (the schedule calls it on the
+    last stage's loss before backward). bf16 and fp32 need no scaling and get none.
+    """
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.utils import get_model_config
 
+    fp16 = dtype == torch.float16
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
             optimizer="adam", lr=opt_cfg.lr, min_lr=opt_cfg.min_lr, weight_decay=opt_cfg.weight_decay,
             adam_beta1=opt_cfg.adam_beta1, adam_beta2=opt_cfg.adam_beta2, adam_eps=opt_cfg.adam_eps,
-            clip_grad=opt_cfg.clip_grad, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+            clip_grad=opt_cfg.clip_grad, bf16=dtype == torch.bfloat16, fp16=fp16,
+            initial_loss_scale=opt_cfg.initial_loss_scale,
             params_dtype=dtype, use_distributed_optimizer=use_distributed_optimizer,
         ),
         model_chunks,
     )
+    if fp16:
+        for chunk in model_chunks:
+            get_model_config(chunk).grad_scale_func = optimizer.scale_loss
     steps = max(total_steps, 1)
     warmup = min(opt_cfg.warmup_steps, steps - 1)
     scheduler = OptimizerParamScheduler(

@@ -59,3 +59,20 @@ def test_rng_tracker_forks_a_real_stream(clean):
     g = torch.Generator().manual_seed(1234)
     ref = torch.rand(8, generator=g)
     assert torch.equal(torch.cat([a, b]), ref)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
+def test_pinned_factories_work_without_a_driver(clean):
+    """megatron's per-CP-rank slicing of a rotary table builds a pin_memory=True CPU tensor."""
+    import types
+
+    import megatron.core.models.common.embeddings.rope_utils as rope_utils
+
+    cpu_compat.install()
+    group = types.SimpleNamespace(size=lambda: 2, rank=lambda: 1)
+    emb = torch.arange(8.0).view(8, 1, 1, 1)
+    # chunks 1 and 2C-1-1 = 2 of four
+    assert rope_utils.get_pos_emb_on_this_cp_rank(emb, 0, group).flatten().tolist() == [2.0, 3.0, 4.0, 5.0]
+    cpu_compat.uninstall()
+    with pytest.raises(RuntimeError):  # the test means something: torch itself refuses without a driver
+        rope_utils.get_pos_emb_on_this_cp_rank(emb, 0, group)

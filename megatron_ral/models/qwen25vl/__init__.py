@@ -3,6 +3,8 @@
     rope_index   M-RoPE position ids and decode deltas (pure torch)
     vision       frozen HF vision tower + merger, encode once / reuse, merge into embeddings
     layer_specs  local (torch) and Transformer-Engine layer specs; last-layer core attention slot
+    attention_layout  training layouts as data (plain, packed sequences, shared-prompt groups; CP split)
+    core_attention    the local spec's core attention for plain, packed and context-parallel input
     capture      core attention with a capture hook (post-RoPE Q/K of the last layer)
     provider     HF config.json -> TransformerConfig -> Qwen25VLModel of this pipeline stage
     model        Qwen25VLModel (vision_model + language_model GPTModel)
@@ -27,6 +29,9 @@ _EXPORTS = {
     "transformer_config_from_hf": "provider",
     "padded_vocab_size": "provider",
     "Qwen25VLModel": "model",
+    "AttentionLayout": "attention_layout",
+    "LayoutParams": "core_attention",
+    "LocalCoreAttention": "core_attention",
     "load_hf_weights": "hf_weights",
 }
 

@@ -65,9 +65,10 @@ def qwen2_layer_spec(backend: Literal["local", "te"], local_attention: str = "sd
 
     The biases, GLU and norm type come from the TransformerConfig (add_qkv_bias=True,
     add_bias_linear=False, gated_linear_unit=True, normalization='RMSNorm'). ``local_attention`` picks the
-    local spec's core attention: "sdpa" (torch's fused kernel, see sdpa_attention.py; the default) or
-    "megatron" (megatron-core's DotProductAttention, which materialises the scores); both have the same
-    parameters and state.
+    local spec's core attention: "sdpa" (the default: core_attention.LocalCoreAttention, torch's fused kernel
+    for plain input and the one local module for packed layouts and context parallelism) or "megatron"
+    (megatron-core's DotProductAttention, which materialises the scores; plain input only); both have the
+    same parameters and state.
     """
     if backend == "te":
         from megatron.core.models.gpt.gpt_layer_specs import (
@@ -79,9 +80,9 @@ def qwen2_layer_spec(backend: Literal["local", "te"], local_attention: str = "sd
     if local_attention not in LOCAL_ATTENTION:
         raise ValueError(f"local_attention must be one of {LOCAL_ATTENTION}, got {local_attention!r}")
     if local_attention == "sdpa":
-        from megatron_ral.models.qwen25vl.sdpa_attention import SDPADotProductAttention
+        from megatron_ral.models.qwen25vl.core_attention import LocalCoreAttention
 
-        spec = with_core_attention(spec, SDPADotProductAttention)
+        spec = with_core_attention(spec, LocalCoreAttention)
     return spec
 
 

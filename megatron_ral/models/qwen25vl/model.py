@@ -221,6 +221,26 @@ class Qwen25VLModel(MegatronModule):
         return logits.masked_fill(cols >= self.vocab_size, torch.finfo(logits.dtype).min)
 
     # ------------------------------------------------------------------ forward
+    def _layout_inputs(self, layout, input_ids, position_ids, attention_mask, packed_seq_params):
+        """(position_ids, packed_seq_params) of a forward over an attention layout's stream."""
+        from megatron_ral.models.qwen25vl.core_attention import LayoutParams
+
+        if attention_mask is not None:
+            raise ValueError("an attention layout defines which keys each token sees: pass attention_mask=None with it")
+        if packed_seq_params is not None:
+            raise ValueError("pass either an attention layout or packed_seq_params, not both")
+        if input_ids is not None and tuple(input_ids.shape) != (layout.batch_size, layout.length):
+            raise ValueError(f"input_ids of shape {tuple(input_ids.shape)} do not hold the layout's stream "
+                             f"(b={layout.batch_size}, L={layout.length})")
+        if position_ids is None:
+            position_ids = layout.position_ids
+        if layout.kind == "none" and self.config.context_parallel_size == 1:
+            return position_ids, None
+        if self.backend == "te":
+            raise ValueError(f"a {layout.kind!r} attention layout needs the local layer spec (model.layer_spec: "
+                             "local); the Transformer Engine spec does not read it")
+        return position_ids, LayoutParams(layout=layout)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -239,6 +259,7 @@ class Qwen25VLModel(MegatronModule):
         extra_block_kwargs: dict | None = None,
         temperature: float = 1.0,
         loss_index: torch.Tensor | None = None,
+        layout=None,
         return_logits: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, S, V) — vocab-sharded over TP unless gathered — or per-token loss (B, S)
@@ -256,12 +277,18 @@ class Qwen25VLModel(MegatronModule):
         ``labels``): compute the output layer and the loss only at these positions and return the loss
         (B, R) of ``labels.gather(1, loss_index)`` (the output layer over a 152k vocabulary is most of a
         small model's cost; a trainer needs the response positions only). Without sequence parallelism.
+        ``layout`` (an ``AttentionLayout``, local layer spec): the batch is that layout's stream (input_ids
+        (b, L); one row for packed ``sequences`` / ``groups``); its position ids are used unless
+        ``position_ids`` are given, its visibility rule replaces ``attention_mask`` (which must be None).
         ``return_logits`` (with ``labels``, last stage): return ``(token_loss, logits)``, the logits being the
         vocab-parallel (B, R, V/TP) logits the loss was computed from (at ``loss_index`` when given), padded
         vocabulary entries masked, *not* divided by ``temperature`` (a consumer scales them itself, as the
         distillation losses do with the same temperature); they keep the graph, so a loss on them
         back-propagates like the per-token loss.
         """
+        if layout is not None:
+            position_ids, packed_seq_params = self._layout_inputs(
+                layout, input_ids, position_ids, attention_mask, packed_seq_params)
         padding_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
         if position_ids is None:
             if input_ids is None:

@@ -1,0 +1,298 @@
+"""The local spec's core attention: one module for plain, packed (``sequences``, ``groups``) and
+context-parallel input.
+
+It keeps the constructor, parameters and state of megatron-core's ``DotProductAttention`` (checkpoints do
+not change) and computes, for queries q, keys k and values v of one layer (GQA: a query head reads the
+K/V head of its group):
+
+    out_t = sum_j softmax_j(q_t . k_j * scale  over the keys j visible to t) v_j
+
+Which keys are visible:
+
+- **plain** (no layout, CP = 1): megatron's semantics, through torch's fused SDPA exactly as
+  ``SDPADotProductAttention`` (causal without a mask, or the given bool mask); KV-cache steps too.
+- **a layout** (:class:`~megatron_ral.models.qwen25vl.attention_layout.AttentionLayout`, carried to this
+  module by :class:`LayoutParams`, megatron's ``packed_seq_params`` slot with ``qkv_format='sbhd'``, so none
+  of megatron's THD paths runs and the rotary embedding uses the per-token M-RoPE positions it was given):
+  the layout's visibility rule (block-diagonal causal for ``sequences``; prompt + own response for
+  ``groups``; causal for ``none``).
+- **context parallelism** (CP = C > 1; megatron's load-balanced split, this rank holding chunks i and
+  2C-1-i of the stream): K and V are all-gathered over the CP group (small under GQA; the backward
+  reduce-scatters their gradients to the ranks that own them) and the rule is applied with each local
+  query's *global* token index. Without a layout the stream is plain causal.
+
+The masked cases run in query blocks: a block of consecutive queries reads only the key ranges its queries
+can see (its causal run, plus the prompts of its responses), with an additive 0/-inf mask of that block
+alone; nothing of size [local queries, global keys] is ever built. The backward recomputes each block's
+forward (so no block's mask or scores are kept between forward and backward); this costs one extra
+attention forward on these paths, not on the plain one.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.packed_seq_params import PackedSeqParams
+
+from megatron_ral.models.qwen25vl.attention_layout import AttentionLayout
+from megatron_ral.models.qwen25vl.sdpa_attention import SDPADotProductAttention
+
+DEFAULT_QUERY_BLOCK = 512
+
+
+@dataclass
+class LayoutParams(PackedSeqParams):
+    """megatron's ``packed_seq_params`` slot carrying an :class:`AttentionLayout` to the core attention.
+
+    ``qkv_format`` stays 'sbhd': megatron-core's attention then keeps [s, b, h, d] tensors and applies the
+    rotary embedding per token (no ``cu_seqlens`` path, which would reuse the first sequence's positions),
+    and its M-RoPE falls back to megatron's CP group (``cp_group`` None)."""
+
+    qkv_format: str = "sbhd"
+    layout: AttentionLayout | None = None
+
+
+# ---------------------------------------------------------------------------- CP all-gather of K/V
+def _load_balanced_order(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Global order of the per-rank shares [chunk i, chunk 2C-1-i] (concatenated along dim 0)."""
+    halves = [p.chunk(2, dim=0) for p in parts]
+    return torch.cat([h[0] for h in halves] + [h[1] for h in reversed(halves)], dim=0)
+
+
+class _GatherSequence(torch.autograd.Function):
+    """All-gather a CP-split tensor (sequence on dim 0) into global token order; backward reduce-scatter."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        size = dist.get_world_size(group)
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(size)]
+        dist.all_gather(parts, x, group=group)
+        ctx.group, ctx.size, ctx.rank = group, size, dist.get_rank(group)
+        return _load_balanced_order(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        chunks = grad.contiguous().chunk(2 * ctx.size, dim=0)
+        shares = [torch.cat([chunks[r], chunks[2 * ctx.size - 1 - r]], dim=0).contiguous() for r in range(ctx.size)]
+        out = torch.empty_like(shares[ctx.rank])
+        dist.reduce_scatter(out, shares, group=ctx.group)
+        return out, None
+
+
+def gather_sequence_cp(x: torch.Tensor, group) -> torch.Tensor:
+    """The whole stream of a tensor split over ``group`` by the load-balanced scheme (dim 0 = sequence),
+    differentiable: the gradient of every token goes back, summed over the group, to the rank holding it."""
+    return _GatherSequence.apply(x, group)
+
+
+# ---------------------------------------------------------------------------- query blocks
+@dataclass(frozen=True)
+class _Block:
+    q: slice                       # local query positions
+    t: torch.Tensor                # [qb] their global indices
+    causal_start: torch.Tensor     # [qb]
+    prefix_start: torch.Tensor     # [qb]
+    prefix_end: torch.Tensor       # [qb]
+    keys: tuple[int, int] | torch.Tensor  # one key range [lo, hi) or the global key indices read
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[list[int]] = []
+    for lo, hi in sorted(r for r in ranges if r[1] > r[0]):
+        if out and lo <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], hi)
+        else:
+            out.append([lo, hi])
+    return [(lo, hi) for lo, hi in out]
+
+
+def query_blocks(layout: AttentionLayout, cp_size: int, cp_rank: int, block: int,
+                 device: torch.device | str) -> list[_Block]:
+    """The blocks of this rank's queries and the key ranges each reads (cached on the layout)."""
+    key = ("blocks", cp_size, cp_rank, block, str(device))
+    cached = layout._cache.get(key)
+    if cached is not None:
+        return cached
+    causal, p_start, p_end = layout.visibility("cpu")
+    causal_l, p_start_l, p_end_l = causal.tolist(), p_start.tolist(), p_end.tolist()
+    dev_vis = layout.visibility(device)
+    # runs of local queries that are contiguous in the stream: (local start, global start, length)
+    if cp_size == 1:
+        runs = [(0, 0, layout.length)]
+    else:
+        chunk = layout.length // (2 * cp_size)
+        runs = [(0, cp_rank * chunk, chunk), (chunk, (2 * cp_size - 1 - cp_rank) * chunk, chunk)]
+    blocks = []
+    for local0, global0, n in runs:
+        for off in range(0, n, block):
+            a, b = global0 + off, global0 + min(off + block, n)
+            ranges = [(min(causal_l[a:b]), b)]
+            ranges += {(p_start_l[t], p_end_l[t]) for t in range(a, b)}
+            merged = _merge(ranges)
+            keys = merged[0] if len(merged) == 1 else torch.cat(
+                [torch.arange(lo, hi) for lo, hi in merged]).to(device)
+            blocks.append(_Block(q=slice(local0 + off, local0 + off + (b - a)),
+                                 t=torch.arange(a, b, device=device),
+                                 causal_start=dev_vis[0][a:b], prefix_start=dev_vis[1][a:b],
+                                 prefix_end=dev_vis[2][a:b], keys=keys))
+    layout._cache[key] = blocks
+    return blocks
+
+
+def _block_keys(x: torch.Tensor, blk: _Block) -> torch.Tensor:
+    """The keys/values a block reads from x [b, g, L, d]."""
+    if isinstance(blk.keys, tuple):
+        lo, hi = blk.keys
+        return x[:, :, lo:hi]
+    return x.index_select(2, blk.keys)
+
+
+def _block_bias(blk: _Block, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [qb, keys] of a block: 0 where visible, -inf elsewhere (every row sees itself)."""
+    if isinstance(blk.keys, tuple):
+        j = torch.arange(blk.keys[0], blk.keys[1], device=blk.t.device)
+    else:
+        j = blk.keys
+    j = j[None, :]
+    visible = ((j >= blk.causal_start[:, None]) & (j <= blk.t[:, None])) | (
+        (j >= blk.prefix_start[:, None]) & (j < blk.prefix_end[:, None]))
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
+
+
+def _block_attention(q, k, v, blk: _Block, scale: float) -> torch.Tensor:
+    return F.scaled_dot_product_attention(
+        q, _block_keys(k, blk), _block_keys(v, blk), attn_mask=_block_bias(blk, q.dtype), scale=scale,
+        enable_gqa=k.shape[1] != q.shape[1])
+
+
+class _BlockedAttention(torch.autograd.Function):
+    """Masked attention over query blocks; backward recomputes each block (no masks or scores kept).
+
+    q [b, h, Lq, d] (local queries), k/v [b, g, Lk, d] (global keys) -> out [b, h, Lq, d]."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, blocks, scale):
+        out = torch.empty_like(q)
+        for blk in blocks:
+            out[:, :, blk.q] = _block_attention(q[:, :, blk.q], k, v, blk, scale)
+        ctx.save_for_backward(q, k, v)
+        ctx.blocks, ctx.scale = blocks, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v = ctx.saved_tensors
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for blk in ctx.blocks:
+            with torch.enable_grad():
+                qb = q[:, :, blk.q].detach().requires_grad_(True)
+                kb = _block_keys(k, blk).detach().requires_grad_(True)
+                vb = _block_keys(v, blk).detach().requires_grad_(True)
+                out = F.scaled_dot_product_attention(
+                    qb, kb, vb, attn_mask=_block_bias(blk, q.dtype), scale=ctx.scale,
+                    enable_gqa=k.shape[1] != q.shape[1])
+                gq, gk, gv = torch.autograd.grad(out, (qb, kb, vb), grad_out[:, :, blk.q])
+            dq[:, :, blk.q] = gq
+            if isinstance(blk.keys, tuple):
+                dk[:, :, blk.keys[0]:blk.keys[1]] += gk
+                dv[:, :, blk.keys[0]:blk.keys[1]] += gv
+            else:
+                dk.index_add_(2, blk.keys, gk)
+                dv.index_add_(2, blk.keys, gv)
+        return dq, dk, dv, None, None
+
+
+# ---------------------------------------------------------------------------- the module
+class LocalCoreAttention(SDPADotProductAttention):
+    """megatron's ``DotProductAttention`` (same constructor, parameters, state) for plain, packed and CP input.
+
+    ``query_block`` (a spec param): queries per block on the masked paths (memory of one block's mask and
+    scores is ``query_block`` x the keys it reads)."""
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
+                 softmax_scale=None, cp_comm_type=None, pg_collection=None,
+                 query_block: int = DEFAULT_QUERY_BLOCK) -> None:
+        cp_size = int(config.context_parallel_size)
+        base_config = config
+        if cp_size > 1:  # megatron's module asserts CP == 1; its state does not depend on CP
+            base_config = copy.copy(config)
+            base_config.context_parallel_size = 1
+        super().__init__(base_config, layer_number, attn_mask_type, attention_type,
+                         attention_dropout=attention_dropout, softmax_scale=softmax_scale,
+                         cp_comm_type=cp_comm_type, pg_collection=pg_collection)
+        self.config = config
+        if query_block < 1:
+            raise ValueError(f"query_block must be >= 1, got {query_block}")
+        self.query_block = int(query_block)
+        self.cp_size = cp_size
+        self.cp_group = None
+        if cp_size > 1:
+            group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
+            if group is None:
+                group = parallel_state.get_context_parallel_group(check_initialized=False)
+            if group is None or dist.get_world_size(group) != cp_size:
+                raise ValueError(f"context_parallel_size={cp_size} but no context-parallel group of that size exists "
+                                 "(initialise megatron's parallel state with it)")
+            self.cp_group = group
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        layout = None
+        if packed_seq_params is not None:
+            if not isinstance(packed_seq_params, LayoutParams):
+                raise NotImplementedError(
+                    "packed (THD) sequences need the Transformer Engine layer spec; the local spec takes an "
+                    "AttentionLayout (LayoutParams)")
+            layout = packed_seq_params.layout
+        if layout is None and self.cp_size == 1:
+            return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias)
+        if layout is not None and layout.kind == "none" and self.cp_size == 1:
+            if attention_mask is not None:
+                raise ValueError("an attention layout defines which keys each token sees: pass attention_mask=None")
+            return super().forward(query, key, value, None, attn_mask_type, attention_bias)
+        return self._masked_forward(query, key, value, attention_mask, attention_bias, layout)
+
+    def _plain_layout(self, batch: int, length: int) -> AttentionLayout:
+        """Causal layout of a plain CP input (kept while the shape repeats, so its blocks are planned once)."""
+        cached = getattr(self, "_plain", None)
+        if cached is None or (cached.batch_size, cached.length) != (batch, length):
+            cached = AttentionLayout.plain(batch, length)
+            self._plain = cached
+        return cached
+
+    def _masked_forward(self, query, key, value, attention_mask, attention_bias, layout):
+        if attention_mask is not None:
+            raise ValueError("an attention layout (or context parallelism) defines which keys each token sees: "
+                             "pass attention_mask=None")
+        if attention_bias is not None:
+            raise NotImplementedError("attention bias is not supported by the local core attention")
+        if self.training and self.attention_dropout.p > 0:
+            raise NotImplementedError("attention dropout is not implemented for packed or context-parallel input")
+        sq, b, heads, dim = query.shape
+        if key.shape[0] != sq:
+            raise ValueError(f"packed / context-parallel attention needs as many queries as keys, got {sq} and "
+                             f"{key.shape[0]} (KV-cache steps take plain input)")
+        cp_rank = 0
+        if self.cp_size > 1:
+            cp_rank = dist.get_rank(self.cp_group)
+            key = gather_sequence_cp(key, self.cp_group)
+            value = gather_sequence_cp(value, self.cp_group)
+        total = key.shape[0]
+        if layout is None:
+            layout = self._plain_layout(b, total)
+        if layout.length != total or layout.batch_size != b:
+            raise ValueError(
+                f"the layout describes b={layout.batch_size} rows of {layout.length} tokens, the attention input "
+                f"has b={b} rows of {total} tokens (CP={self.cp_size})")
+        blocks = query_blocks(layout, self.cp_size, cp_rank, self.query_block, query.device)
+        q = query.permute(1, 2, 0, 3)  # [b, np, sq, hn]
+        k = key.permute(1, 2, 0, 3)    # [b, ng, sk, hn]
+        v = value.permute(1, 2, 0, 3)
+        out = _BlockedAttention.apply(q, k, v, blocks, self.softmax_scale)
+        return out.permute(2, 0, 1, 3).reshape(sq, b, heads * dim)
