@@ -33,10 +33,15 @@ def diagnostic_sequences(batch: RolloutBatch, mb: MicroBatch, prompts: int = DIA
     return torch.tensor([batch.prompt_keys[r.prompt] < prompts for r in mb.refs], dtype=torch.bool)
 
 
+def has_diagnostic_sequences(batch: RolloutBatch, mb: MicroBatch, prompts: int = DIAGNOSTIC_PROMPTS) -> bool:
+    """Whether :func:`diagnostic_sequences` selects any sequence (decided on the host, no tensor read)."""
+    return any(batch.prompt_keys[r.prompt] < prompts for r in mb.refs)
+
+
 def attention_diagnostics(rows: torch.Tensor, mb: MicroBatch, image_token_id: int, video_token_id: int,
                           sequences: torch.Tensor | None = None) -> dict:
     """Sums over the counted response tokens (of ``sequences`` [B] when given): attention entropy and
-    vision / text / response mass."""
+    vision / text / response mass, as 0-d tensors on the rows' device (read once per step)."""
     valid = mb.response_mask & (mb.weight[:, None] > 0)
     if sequences is not None:
         valid = valid & sequences[:, None]
@@ -50,11 +55,11 @@ def attention_diagnostics(rows: torch.Tensor, mb: MicroBatch, image_token_id: in
     ent = attention_entropy(rows.float())
 
     def total(x):
-        return float(torch.where(valid, x, torch.zeros_like(x)).sum())
+        return torch.where(valid, x, torch.zeros_like(x)).sum()
 
     return {"attn/entropy": total(ent), "attn/vision_mass": total(shares["vision"]),
             "attn/text_mass": total(shares["text"]), "attn/response_mass": total(shares["response"]),
-            "attn/tokens": float(valid.sum())}
+            "attn/tokens": valid.sum()}
 
 
 def old_pass(ctx: PassContext, batch: RolloutBatch, store, image_token_id: int, video_token_id: int) -> list[dict]:
@@ -63,7 +68,7 @@ def old_pass(ctx: PassContext, batch: RolloutBatch, store, image_token_id: int, 
     (a sample: rows cost a capture each, which GRPO needs for nothing else)."""
 
     def capture_kwargs(mb):
-        rows = bool(diagnostic_sequences(batch, mb).any()) or (store is not None and store.config.mode == "rows")
+        rows = has_diagnostic_sequences(batch, mb) or (store is not None and store.config.mode == "rows")
         qk = store is not None and store.config.mode == "qk"
         if not (rows or qk):
             return None
@@ -78,9 +83,9 @@ def old_pass(ctx: PassContext, batch: RolloutBatch, store, image_token_id: int, 
                     store.put(mb.index, result.qk)
                 else:
                     store.put_rows(mb.index, result.rows)
-            chosen = diagnostic_sequences(batch, mb)
-            if result.rows is not None and bool(chosen.any()):
-                metrics = attention_diagnostics(result.rows, mb, image_token_id, video_token_id, chosen)
+            if result.rows is not None and has_diagnostic_sequences(batch, mb):
+                metrics = attention_diagnostics(result.rows, mb, image_token_id, video_token_id,
+                                                diagnostic_sequences(batch, mb))
         return None, metrics
 
     return run_pass(ctx, batch.micro_batches, consume, forward_only=True, capture_kwargs=capture_kwargs)

@@ -22,14 +22,14 @@ import torch
 import torch.distributed as dist
 
 from megatron_ral.attention.divergence import jsd
-from megatron_ral.distill.attention import attention_distill_loss, attn_jsd_teacher_sums
+from megatron_ral.distill.attention import attention_distill_loss
 from megatron_ral.distill.gkd import GKDConfig
 from megatron_ral.distill.losses import gkd_per_token
 from megatron_ral.rl import losses as L
 from megatron_ral.rl.batch import MicroBatch, RolloutBatch
 from megatron_ral.rl.metrics import MetricSums
 from megatron_ral.rl.optim_step import StepOutcome, optimizer_step, zero_grads
-from megatron_ral.rl.passes import attention_diagnostics, diagnostic_sequences
+from megatron_ral.rl.passes import attention_diagnostics, diagnostic_sequences, has_diagnostic_sequences
 from megatron_ral.rl.schedule import PassContext, run_pass
 
 
@@ -105,13 +105,15 @@ def minibatch_normalisers(micro_batches: list[MicroBatch], dp_group=None) -> dic
             counts = counts.cuda()
         dist.all_reduce(counts, group=dp_group)
         counts = counts.cpu()
-    return {m: {"tokens": float(counts[i, 0]), "sequences": float(counts[i, 1])} for m, i in pos.items()}
+    values = counts.tolist()  # one read
+    return {m: {"tokens": values[i][0], "sequences": values[i][1]} for m, i in pos.items()}
 
 
 def minibatch_loss(mb: MicroBatch, logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
                    rows: torch.Tensor | None, p_old: torch.Tensor | None, norms: dict[str, float],
-                   s: LossSettings, distill: DistillInputs | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """This micro-batch's share of the mini-batch loss, and its metric sums.
+                   s: LossSettings, distill: DistillInputs | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """This micro-batch's share of the mini-batch loss, and its metric sums (detached 0-d tensors on the
+    loss's device: reading them is left to the step, once, see ``MetricSums``).
 
     ``rows``: the student's attention rows p_theta (used by the RAL term with ``p_old`` and by the attention
     distillation term with ``distill.teacher_rows``). Each term is added only when its weight is > 0 and
@@ -123,40 +125,39 @@ def minibatch_loss(mb: MicroBatch, logp: torch.Tensor, old_logp: torch.Tensor, r
     w = L.token_weights(valid, s.loss_aggregation, s.max_new_tokens)
     d_pol = norms[L.normaliser_kind(s.loss_aggregation)]
     per_token = pg
-    metrics = {"loss/policy": float(L.aggregate(pg.detach(), w, d_pol)),
-               "loss/clip_tokens": float((clipped & valid).sum()), "loss/tokens": float(valid.sum())}
+    metrics = {"loss/policy": L.aggregate(pg.detach(), w, d_pol),
+               "loss/clip_tokens": (clipped & valid).sum(), "loss/tokens": valid.sum()}
     if ref_logp is not None and s.kl_beta > 0:
         kl = L.k3_kl(logp, ref_logp.to(dev), s.kl_clamp)
         per_token = pg + s.kl_beta * kl
-        metrics["loss/kl"] = float(L.aggregate(kl.detach(), w, d_pol))
+        metrics["loss/kl"] = L.aggregate(kl.detach(), w, d_pol)
     loss = L.aggregate(per_token, w, d_pol)
     if rows is not None and p_old is not None and s.lambda_attn > 0:
         attn = L.attention_loss(rows, p_old.to(rows.device, rows.dtype), adv, s.attn_divergence)
         wa = L.token_weights(valid, s.attn_aggregation)
         la = L.aggregate(attn, wa, norms[L.normaliser_kind(s.attn_aggregation)])
         loss = loss + s.lambda_attn * la
-        metrics["loss/attn"] = float(la.detach())
+        metrics["loss/attn"] = la.detach()
         with torch.no_grad():
             j = jsd(rows.detach(), p_old.to(rows.device, rows.dtype))
-            metrics["attn/jsd_old"] = float(torch.where(valid, j, torch.zeros_like(j)).sum())
-            metrics["attn/jsd_tokens"] = float(valid.sum())
+            metrics["attn/jsd_old"] = torch.where(valid, j, torch.zeros_like(j)).sum()
+            metrics["attn/jsd_tokens"] = valid.sum()
     if distill is not None and s.gkd_mu > 0 and distill.student_logits is not None and distill.teacher is not None:
         g = gkd_per_token(distill.student_logits, distill.teacher, s.gkd, distill.tp_group).to(logp.dtype)
         lg = L.aggregate(g, w, d_pol)
         loss = loss + s.gkd_mu * lg
-        metrics["loss/gkd"] = float(lg.detach())
-        metrics["distill/gkd"] = float(torch.where(valid, g.detach(), torch.zeros_like(g)).sum())
-        metrics["distill/gkd_tokens"] = float(valid.sum())
+        metrics["loss/gkd"] = lg.detach()
+        metrics["distill/gkd"] = torch.where(valid, g.detach(), torch.zeros_like(g)).sum()
+        metrics["distill/gkd_tokens"] = valid.sum()
     if distill is not None and s.gamma_attn > 0 and rows is not None and distill.teacher_rows is not None:
-        teacher_rows = distill.teacher_rows.to(rows.device, rows.dtype)
-        jt = attention_distill_loss(rows, teacher_rows)
+        jt = attention_distill_loss(rows, distill.teacher_rows.to(rows.device, rows.dtype))  # JSD per token
         wa = L.token_weights(valid, s.attn_aggregation)
         ld = L.aggregate(jt, wa, norms[L.normaliser_kind(s.attn_aggregation)])
         loss = loss + s.gamma_attn * ld
-        metrics["loss/distill_attn"] = float(ld.detach())
-        total, count = attn_jsd_teacher_sums(rows, teacher_rows, valid)
-        metrics["distill/attn_jsd_teacher"], metrics["distill/attn_tokens"] = total, count
-    metrics["loss/total"] = float(loss.detach())
+        metrics["loss/distill_attn"] = ld.detach()
+        metrics["distill/attn_jsd_teacher"] = torch.where(valid, jt.detach(), torch.zeros_like(jt)).sum()
+        metrics["distill/attn_tokens"] = valid.sum()
+    metrics["loss/total"] = loss.detach()
     return loss, metrics
 
 
@@ -177,12 +178,11 @@ def policy_update(ctx: PassContext, batch: RolloutBatch, micro_batches: list[Mic
     use_gkd = teacher is not None and settings.gkd_mu > 0
     use_distill_attn = teacher is not None and settings.gamma_attn > 0 and teacher.rows is not None
     sums = MetricSums()
-    nonfinite = [False]
 
     def capture_kwargs(mb):
         if use_attention or use_distill_attn:
             return {"grad": True}
-        return {"grad": False} if diagnostics is not None and diagnostic_sequences(batch, mb).any() else None
+        return {"grad": False} if diagnostics is not None and has_diagnostic_sequences(batch, mb) else None
 
     def consume(mb, token_loss, result, logits=None):
         logp = mb.token_logprobs(token_loss)
@@ -200,11 +200,8 @@ def policy_update(ctx: PassContext, batch: RolloutBatch, micro_batches: list[Mic
         loss, metrics = minibatch_loss(mb, logp, old, batch.ref_logprobs.get(mb.index),
                                        rows if (use_attention or use_distill_attn) else None, p_old, norms, settings,
                                        distill)
-        chosen = diagnostic_sequences(batch, mb) if diagnostics is not None else None
-        if chosen is not None and rows is not None and bool(chosen.any()):
-            metrics.update(attention_diagnostics(rows.detach(), mb, *diagnostics, chosen))
-        if not math.isfinite(metrics["loss/total"]):
-            nonfinite[0] = True
+        if diagnostics is not None and rows is not None and has_diagnostic_sequences(batch, mb):
+            metrics.update(attention_diagnostics(rows.detach(), mb, *diagnostics, diagnostic_sequences(batch, mb)))
         return loss, metrics
 
     zero_grads(ctx.model, optimizer)
@@ -215,5 +212,15 @@ def policy_update(ctx: PassContext, batch: RolloutBatch, micro_batches: list[Mic
     for m in outputs:
         for k, v in m.items():
             sums.add(k, v, 0.0)
-    outcome = optimizer_step(ctx.model, optimizer, scheduler, loss_finite=not nonfinite[0])
+    outcome = optimizer_step(ctx.model, optimizer, scheduler, loss_finite=losses_finite(outputs))
     return outcome, sums
+
+
+def losses_finite(outputs: list[dict]) -> bool:
+    """Whether every micro-batch's ``loss/total`` is finite: one host read for the whole pass."""
+    totals = [m["loss/total"] for m in outputs if "loss/total" in m]
+    if not totals:
+        return True
+    if not isinstance(totals[0], torch.Tensor):
+        return all(math.isfinite(t) for t in totals)
+    return bool(torch.isfinite(torch.stack([t.reshape(()) for t in totals])).all())
