@@ -4,12 +4,14 @@ The student is a tiny-checkpoint preset (``--preset``, ``--config-json``); the t
 and twice its width (hidden size, MLP width, attention and KV heads: the same head dimension), its vision
 tower and tokenizer. Both variants start from the same seeded weights and read the same records with the
 same sampling seeds, so they generate the same rollouts; each runs ``warmup`` unmeasured steps then
-``steps`` measured ones, in one process, one after the other (``repeats`` > 1: again, in alternating
-order; medians over every measured step).
+``steps`` measured ones, in a fresh process of its own (started from the same fork server, so that the
+memory one run leaves to the allocator does not count for the next), one after the other (``repeats`` > 1:
+again, in alternating order; medians over every measured step).
 
 Reported per variant: the median seconds of each phase (generate, old pass, reference pass, teacher,
-updates) and of the step, and the peak memory of the run (CUDA: the largest allocation; CPU: the largest
-resident set, sampled every 5 ms). For the distillation run also the teacher's share of the step and what
+updates) and of the step, and the peak memory of the run's process (CUDA: the largest allocation; CPU: the
+largest resident set, ``ru_maxrss``, which includes the ~0.5 GiB of torch and megatron-core every process
+starts with). For the distillation run also the teacher's share of the step and what
 its forward FLOPs predict for it. The prediction uses the student's old pass as the yardstick: it is one
 no-grad forward of the student over the same micro-batches, with the same capture, so
 
@@ -27,14 +29,10 @@ import json
 import os
 import statistics
 import tempfile
-import threading
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from megatron_ral.bench.rl_step import length_reward  # noqa: F401 - the reward function the runs name
 from megatron_ral.cli import input_checks as check
 from megatron_ral.cli.arguments import ToolParser
 from megatron_ral.cli.entry import prog_name, run_main
@@ -96,42 +94,13 @@ def _config(assets: dict, run_dir: Path, variant: str, args):
     return validate(load_config(None, overrides), world_size=1)
 
 
-def _rss() -> int:
-    from megatron_ral.rl.metrics import process_rss_bytes
-
-    return process_rss_bytes()
-
-
-@contextmanager
-def peak_memory(out: dict):
-    """``out["peak_gib"]``: the largest CUDA allocation inside the block, or on CPU the largest resident set
-    of the process sampled every 5 ms (``out["base_gib"]``: the resident set at entry)."""
+def _peak_gib() -> float:
+    """This process's peak memory: the largest CUDA allocation, or on CPU the largest resident set."""
     if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        out["base_gib"] = torch.cuda.memory_allocated() / 2**30
-        try:
-            yield
-        finally:
-            torch.cuda.synchronize()
-            out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        return
-    peak = [_rss()]
-    out["base_gib"] = peak[0] / 2**30
-    stop = threading.Event()
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
 
-    def sample():
-        while not stop.wait(0.005):
-            peak[0] = max(peak[0], _rss())
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-        out["peak_gib"] = max(peak[0], _rss()) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def forward_flops(shape, prompt_tokens: float, response_tokens: float) -> float:
@@ -166,53 +135,53 @@ def _step_tokens(cfg, assets: dict, steps: int) -> list[dict]:
     return out
 
 
-def _run(cfg, info, warmup: int) -> tuple[list[dict], dict]:
+def run_variant(cfg, seed: int, warmup: int) -> dict:
+    """One variant's run in this (fresh) process: its measured steps' metrics and the process's peak memory."""
+    from megatron_ral.config.schema import ParallelConfig
+    from megatron_ral.platform import destroy, initialize
     from megatron_ral.rl import trainer as T
 
-    memory: dict = {}
-    with peak_memory(memory):
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    info = initialize(ParallelConfig(), seed=seed)
+    try:
+        torch.manual_seed(seed)
         run = T.build(cfg, info)
-        rows = [T.train_step(run, cfg, step) for step in range(1, run.total_steps + 1)]
-        del run
-    for row, step in zip(rows, range(1, len(rows) + 1)):
-        row["step"] = step
-    return rows[warmup:], memory
+        rows = [dict(T.train_step(run, cfg, step), step=step) for step in range(1, run.total_steps + 1)]
+    finally:
+        destroy()
+    return {"rows": rows[warmup:], "peak_gib": _peak_gib()}
 
 
-def _summary(measured: list[dict], memories: list[dict]) -> dict:
+def _summary(measured: list[dict], peaks: list[float]) -> dict:
     out = {k.split("/")[1]: statistics.median(r.get(k, 0.0) for r in measured) for k in PHASES}
     out["response_length_mean"] = statistics.mean(r["response/length_mean"] for r in measured)
-    out["peak_mem_gib"] = max(m["peak_gib"] for m in memories)
+    out["peak_mem_gib"] = max(peaks)
     out["steps"] = len(measured)
     return out
 
 
 def run_distill_step_benchmark(args) -> dict:
     """RAL and RAL + distillation step times and memory side by side (see the module docstring)."""
-    from megatron_ral.config.schema import ParallelConfig
     from megatron_ral.models.qwen25vl.memory import load_shape
-    from megatron_ral.platform import destroy, initialize
+    from megatron_ral.testing.spawn import run_distributed
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         assets = _assets(root, args)
         student, teacher = load_shape(assets["hf"]), load_shape(assets["teacher_hf"])
-        info = initialize(ParallelConfig(), seed=args.seed)
-        try:
-            rows = {"ral": [], "ral_distill": []}
-            memories = {"ral": [], "ral_distill": []}
-            tokens = _step_tokens(_config(assets, root / "tokens", "ral", args), assets, args.warmup + args.steps)
-            for repeat in range(args.repeats):
-                order = ("ral", "ral_distill") if repeat % 2 == 0 else ("ral_distill", "ral")
-                for variant in order:
-                    torch.manual_seed(args.seed)
-                    measured, memory = _run(_config(assets, root / f"{variant}_{repeat}", variant, args), info,
-                                            args.warmup)
-                    rows[variant] += measured
-                    memories[variant].append(memory)
-        finally:
-            destroy()
-    results = {v: _summary(rows[v], memories[v]) for v in rows}
+        tokens = _step_tokens(_config(assets, root / "tokens", "ral", args), assets, args.warmup + args.steps)
+        rows = {"ral": [], "ral_distill": []}
+        peaks = {"ral": [], "ral_distill": []}
+        for repeat in range(args.repeats):
+            # alternate the order so that drift in the machine's load does not favour one variant
+            order = ("ral", "ral_distill") if repeat % 2 == 0 else ("ral_distill", "ral")
+            for variant in order:
+                cfg = _config(assets, root / f"{variant}_{repeat}", variant, args)
+                out = run_distributed(run_variant, 1, cfg, args.seed, args.warmup, timeout=3600,
+                                      env={"OMP_NUM_THREADS": str(torch.get_num_threads())})[0]
+                rows[variant] += out["rows"]
+                peaks[variant].append(out["peak_gib"])
+    results = {v: _summary(rows[v], peaks[v]) for v in rows}
 
     # the teacher's FLOPs against the student's old pass, step by step (same sequences)
     predicted, measured_teacher, shares = [], [], []

@@ -121,6 +121,8 @@ class AlgorithmConfig:
         stages); null = as even as possible (extra layers on the first stages).
     teacher_placement: where the teacher's weights live between teacher passes: "device" (resident) or "host"
         (host memory, moved in for each teacher pass; with exact GKD that is once per mini-batch).
+        The teacher's attention rows p_phi (gamma_attn > 0) are kept like p_old: old_policy_store,
+        old_policy_dtype, old_policy_offload.
     reward_accuracy_weight / reward_format_weight: r = w_acc * r_acc + w_fmt * r_fmt (paper: 0.9 / 0.1).
     reward_function: "package.module:function" replacing the Video-R1 reward: called as
         f(response_text, record, template) and returning a float (the total) or an object with float
