@@ -1,8 +1,8 @@
 """RAL + on-policy distillation in the trainer (algorithm.name: ral_distill), tiny student and a larger teacher
 (the ``small`` preset: 4 layers to 3, 4x the width, twice the heads, tied embeddings).
 
-* the same rollouts and the same distillation metrics at TP=2 (teacher weights on the host between passes)
-  and at PP=2 (student split 2+1, teacher split 3+1 on the same two stages) as at TP=1, three steps;
+* the same rollouts and the same distillation metrics at TP=2 (the teacher converted from its HF directory,
+  its weights on the host between passes) and at PP=2 (student split 2+1, teacher split 3+1 on the same two stages) as at TP=1, three steps;
 * over those three steps the attention JSD to the teacher falls;
 * a teacher of another vocabulary or another merge size is refused at start-up with one line (exit 2);
 * a run stopped by SIGTERM and resumed gives the uninterrupted run's metrics bit for bit.
@@ -68,8 +68,12 @@ def test_distillation_metrics_at_tp2_and_pp2_equal_tp1_and_the_jsd_to_the_teache
         assert row["distill/gkd"] > 0.1 and row["distill/attn_jsd_teacher"] > 1e-3   # a teacher unlike the student
     jsd = [r["distill/attn_jsd_teacher"] for r in ref]
     assert jsd[2] < 0.92 * jsd[0] and jsd[1] < jsd[0], f"the attention JSD to the teacher did not fall: {jsd}"
-    _assert_same(ref, _run(assets, "tp2", 2, ["parallel.tensor_model_parallel_size=2",
-                                              "algorithm.teacher_placement=host"]), "TP=2 (teacher on the host)")
+    # TP=2 with the teacher given as its HF directory (converted once into the run directory by rank 0) and
+    # kept in host memory between teacher passes
+    tp2 = _run(assets, "tp2", 2, ["parallel.tensor_model_parallel_size=2", "algorithm.teacher_placement=host",
+                                  "algorithm.teacher_load=", f"algorithm.teacher_hf_path={assets['teacher']['hf']}"])
+    _assert_same(ref, tp2, "TP=2 (teacher from HF, on the host)")
+    assert (assets["root"] / "tp2" / "teacher_mcore" / ".converted_from.json").is_file()
     _assert_same(ref, _run(assets, "pp2", 2, ["parallel.pipeline_model_parallel_size=2",
                                               "parallel.pipeline_layer_split=[2,1]",
                                               "algorithm.teacher_pipeline_layer_split=[3,1]"]), "PP=2")
