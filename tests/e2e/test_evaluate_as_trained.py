@@ -75,3 +75,40 @@ def test_flags_override_the_kept_settings(trained_run, tmp_path):
     assert settings["generation"]["max_new_tokens"] == 2 and settings["source"]["generation.max_new_tokens"] == "flag"
     assert settings["data"]["fps"] == 1.0 and settings["source"]["data.fps"] == "override"
     assert settings["data"]["template"] == "answer_only" and settings["source"]["data.template"].startswith("checkpoint")
+
+
+def test_generate_and_dump_attention_use_the_kept_settings(trained_run, tmp_path):
+    """generate.py / dump_attention.py on the run's checkpoint: the video is sampled with the run's budgets
+    (fewer, smaller frames than the checkpoint's preprocessor defaults) and generation stops at the run's
+    response cap; both state where the settings came from."""
+    from megatron_ral.data.processor import QwenVLProcessor
+    from megatron_ral.data.single import preprocess_single
+
+    run_dir, data = trained_run["run_dir"], trained_run["data"]
+    ckpt = run_dir / "checkpoints"
+    video = next(data / r["path"] for r in json.loads((data / "train.json").read_text()) if r["data_type"] == "video")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", MEGATRON_RAL_PROGRESS="0")
+
+    def tool(name, *args):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", name), "--ckpt", str(ckpt), "--prompt",
+                               "What happens?", "--video", str(video), "--json", *args], capture_output=True,
+                              text=True, env=env, timeout=600, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    gen = tool("generate.py", "--greedy")
+    assert gen["settings"]["source"]["generation.max_new_tokens"].startswith("checkpoint ")
+    assert len(gen["token_ids"]) <= TRAINED_SETTINGS["generation.max_new_tokens"]
+    dumped = tool("dump_attention.py", "--response", "<answer>A</answer>", "--out", str(tmp_path / "rows.pt"))
+    assert dumped["settings"]["source"]["data.max_frames"].startswith("checkpoint ")
+
+    # the prompt length is the one the run's budgets give, not the checkpoint's preprocessor defaults
+    model_dir = sorted(ckpt.glob("iter_*"))[-1]
+    processor = QwenVLProcessor.from_pretrained(str(model_dir))
+    budget = dict(fps=TRAINED_SETTINGS["data.fps"], max_frames=TRAINED_SETTINGS["data.max_frames"],
+                  min_pixels=TRAINED_SETTINGS["data.video_min_pixels"],
+                  max_pixels=TRAINED_SETTINGS["data.video_max_pixels"])
+    trained = preprocess_single(str(model_dir), video=str(video), prompt="What happens?", processor=processor, **budget)
+    default = preprocess_single(str(model_dir), video=str(video), prompt="What happens?", processor=processor)
+    assert trained["input_ids"].shape[-1] != default["input_ids"].shape[-1]
+    assert gen["prompt_length"] == dumped["prompt_length"] == trained["input_ids"].shape[-1]
