@@ -36,6 +36,7 @@ CONSOLE_SCRIPTS = [
     "megatron-ral-dump-attention = megatron_ral.cli.dump_attention:cli",
     "megatron-ral-evaluate = megatron_ral.cli.evaluate:cli",
     "megatron-ral-plan-memory = megatron_ral.cli.plan_memory:cli",
+    "megatron-ral-export-hf = megatron_ral.cli.export_hf:cli",
 ]
 
 setup(
