@@ -12,7 +12,7 @@
 # 1. set up .venv (torch first), 2. tiny HF checkpoint -> Megatron-Core checkpoint, 3. synthetic Video-R1
 # dataset with a held-out split, 4. SFT (examples/configs/quickstart_sft.yaml), 5. RAL from the SFT
 # checkpoint (examples/configs/quickstart_ral.yaml), 6. export to HF and load it with transformers,
-# 7. summary.json. Smaller runs for tests: RECORDS=N SFT_EPOCHS=E RL_STEPS=S.
+# 7. summary.json and curves.png. Smaller runs for tests: RECORDS=N SFT_EPOCHS=E RL_STEPS=S.
 # --distill: 2. also the teacher (TEACHER_PRESET, default small: more layers, width and heads, the same
 # tokenizer), 4. also SFT of the teacher (TEACHER_SFT_EPOCHS, default 4: it answers better than the
 # student), 5. RAL + GKD + attention distillation to the teacher (examples/configs/quickstart_distill.yaml,
@@ -106,7 +106,7 @@ PY
 step "6/6 summary"
 "$PY" -m megatron_ral.cli.summary --sft "$OUT/sft" --rl "$RL_DIR" --train "$DATA/train.json" \
   --heldout "$DATA/test.json" --checkpoint "$RL_DIR/checkpoints" --hf-export "$OUT/hf_final" \
-  --out "$OUT/summary.json" --started "$STARTED" ${SUMMARY_EXTRA[@]+"${SUMMARY_EXTRA[@]}"} > /dev/null
+  --out "$OUT/summary.json" --started "$STARTED" --curves "$OUT/curves.png" ${SUMMARY_EXTRA[@]+"${SUMMARY_EXTRA[@]}"} > /dev/null
 "$PY" - "$OUT/summary.json" <<'PY'
 import json, sys
 s = json.load(open(sys.argv[1]))
@@ -122,6 +122,7 @@ wall time: {s['wall_seconds'] / 60:.1f} min
 
 outputs:
   summary            {sys.argv[1]}
+  training curves    {s['curves']}
   RL run             {s['run_dir']}  (metrics.jsonl, checkpoints/)
   SFT run            {s['sft_run_dir']}
   final checkpoint   {s['checkpoint_dir']}  (Megatron-Core, loads at any TP/PP)

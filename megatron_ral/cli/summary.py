@@ -1,13 +1,14 @@
 """What an SFT -> RL run achieved, from the runs' metrics.jsonl files (the quickstart's summary.json).
 
     python -m megatron_ral.cli.summary --sft RUN_DIR --rl RUN_DIR --train DATA/train.json --heldout DATA/test.json \
-        --checkpoint CKPT --hf-export DIR --out summary.json [--started EPOCH_SECONDS] [--teacher RUN_DIR]
+        --checkpoint CKPT --hf-export DIR --out summary.json [--started EPOCH_SECONDS] [--teacher RUN_DIR] [--curves curves.png]
 
 Held-out accuracies are the trainers' own ``eval/accuracy`` (greedy, the reward parser): the base model
 before SFT (the SFT run's evaluation at step 0), after SFT and after RL (each run's last evaluation). The
 reward curve is the RL run's ``reward/total`` per step: the means of its first and last quarter of steps.
 With ``--teacher`` (a distillation run: the teacher's SFT run) also the teacher's held-out accuracy and the
 means of the first and last quarter of the RL run's ``distill/attn_jsd_teacher`` and ``distill/gkd``.
+``--curves``: both runs' training curves (reward, held-out accuracy, attention JSD, vision mass) as a PNG.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="summary JSON file to write")
     p.add_argument("--started", type=float, default=None, help="start time (seconds since the epoch)")
     p.add_argument("--teacher", default=None, help="the teacher's run directory (a distillation run's summary)")
+    p.add_argument("--curves", default=None, help="PNG of the runs' training curves to write")
     args = p.parse_args(argv)
     train = json.loads(Path(args.train).read_text())
     heldout = json.loads(Path(args.heldout).read_text())
@@ -105,6 +107,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.update(summarize_teacher(args.teacher, args.rl))
     if args.started is not None:
         out["wall_seconds"] = round(time.time() - args.started, 1)
+    if args.curves is not None:
+        from megatron_ral.logging.plots import plot_curves
+
+        out["curves"] = str(plot_curves(args.curves, {"SFT": read_metrics(args.sft), "RL": read_metrics(args.rl)})
+                            .resolve())
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out))
     return 0
