@@ -44,7 +44,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from megatron_ral.attention.layout import RowLayout, allowed_keys
+from megatron_ral.attention.layout import RowLayout, allowed_keys, sample_keys
 
 
 @dataclass(frozen=True)
@@ -267,7 +267,8 @@ def attention_policy(
 
     Args:
         q: [R, B, H_local, d] post-RoPE queries of the captured rows only (see ``layout.gather_rows``).
-        k: [T, B, H_kv_local, d] post-RoPE keys of the whole sequence (H_local divisible by H_kv_local).
+        k: [T, B, H_kv_local, d] post-RoPE keys of the whole sequence (H_local divisible by H_kv_local);
+            for a packed layout (``layout.stream_index``) the stream's keys [L, 1, H_kv_local, d].
         layout: row key indices and masks (:class:`RowLayout`).
         softmax_scale: logit scale; default 1/sqrt(d).
         tp_group: tensor-parallel group whose ranks hold the other heads; None for a single rank.
@@ -281,6 +282,9 @@ def attention_policy(
     """
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"q must be [R, B, H, d] and k [T, B, H_kv, d]; got {tuple(q.shape)}, {tuple(k.shape)}")
+    if layout.stream_index is not None:  # a packed stream: each sample's keys, in the padded coordinates
+        layout.validate(k.shape[0])
+        k, layout = sample_keys(k, layout)
     num_rows, batch, hq, d = q.shape
     num_keys, kb, hkv, kd = k.shape
     if kb != batch or kd != d:
