@@ -16,8 +16,8 @@ import torch
 from megatron_ral.attention.old_policy import OldPolicyConfig, make_old_policy_store
 from megatron_ral.data.collate import Batch
 from megatron_ral.data.records import PROBLEM_TYPES
-from megatron_ral.rl.batch import plan_micro_batches
 from megatron_ral.rl.metrics import MetricSums, Timer
+from megatron_ral.rl.packing import PackingSettings, plan_step_micro_batches
 from megatron_ral.rl.passes import old_pass, reference_pass
 from megatron_ral.rl.rollout import RolloutSettings, generate_rollouts, global_prompt_keys, prompts_of
 from megatron_ral.rl.schedule import PassContext
@@ -43,6 +43,7 @@ class RLContext:
     epochs_per_rollout: int
     micro_batch_size: int
     drop_zero_std_groups: bool = False
+    packing: PackingSettings | None = None   # packed streams (training.packing); None: padded micro-batches
     reference: object = None            # ReferenceWeights when kl_beta > 0
     old_policy: OldPolicyConfig | None = None   # p_old store when the attention term is on
     dp_rank: int = 0
@@ -91,10 +92,11 @@ def rl_step(ctx: RLContext, loader_batch: Batch, step: int) -> StepResult:
         batch = generate_rollouts(model, prompts, loader_batch.records, keys, ctx.tokenizer, ctx.rollout, step,
                                   ctx.stop_token_ids, ctx.suppress_token_ids)
 
-    # 2. the step's micro-batches: mini-batch m of the (prompt-major) sequences, micro_batch_size each
+    # 2. the step's micro-batches: mini-batch m of the (prompt-major) sequences, micro_batch_size each or
+    #    packed streams of at most the token budget
     minibatches = ctx.updates_per_rollout // ctx.epochs_per_rollout
-    batch.micro_batches = plan_micro_batches(batch, minibatches, ctx.micro_batch_size, ctx.pad_token_id,
-                                             ctx.drop_zero_std_groups)
+    batch.micro_batches = plan_step_micro_batches(batch, minibatches, ctx.micro_batch_size, ctx.pad_token_id,
+                                                  ctx.drop_zero_std_groups, ctx.packing)
     norms = minibatch_normalisers(batch.micro_batches, ctx.dp_group)
     passes = PassContext(model=ctx.passes.model, vision=encode_prompts_vision(model, prompts),
                          capture=ctx.passes.capture, temperature=ctx.passes.temperature)
@@ -138,6 +140,7 @@ def rl_step(ctx: RLContext, loader_batch: Batch, step: int) -> StepResult:
     sums = MetricSums()
     if ctx.rollout_owner:
         _rollout_metrics(batch, sums)
+        sums.add("perf/token_positions", float(sum(mb.token_positions for mb in batch.micro_batches)), 0.0)
     if ctx.loss_owner:
         sums.merge(loss_sums)
     total = sums.all_reduce()
@@ -167,6 +170,7 @@ def rl_step(ctx: RLContext, loader_batch: Batch, step: int) -> StepResult:
         "perf/ref_pass_s": timer.seconds["ref_pass"],
         "perf/update_s": timer.seconds["update"],
         "perf/gen_tokens_per_s": total.total("perf/gen_tokens") / max(timer.seconds["gen"], 1e-9),
+        "perf/token_positions": total.total("perf/token_positions"),  # of one pass over the batch (padding included)
         "perf/step_s": time.perf_counter() - t_step,
     })
     samples = [(r.problem_id, batch.texts[p][0], float(batch.rewards[p, 0])) for p, r in enumerate(batch.records[:2])]
