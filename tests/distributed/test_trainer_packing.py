@@ -63,3 +63,15 @@ def test_each_packing_gives_the_metrics_of_none(assets):
         assert positions["groups"][step] <= positions["groups_split"][step] <= positions["sequences"][step] \
             < ref[step]["perf/token_positions"]
     assert sum(positions["groups"]) < sum(positions["groups_split"]) < sum(positions["sequences"])
+
+
+def test_sft_packed_sequences_give_the_metrics_of_none(assets):
+    """SFT (target cross-entropy over the global batch's target tokens) in packed sequences = padded."""
+    sft = ["algorithm.name=sft", "training.train_steps=2", "training.prompts_per_step=4"]
+    ref = _run(assets, "sft_none", sft + ["training.packing=none", "training.micro_batch_size=1"])
+    got = _run(assets, "sft_sequences", sft + ["training.packing=sequences", "training.max_tokens_per_micro_batch=400"])
+    assert len(ref) == len(got) == 2
+    for a, b in zip(ref, got):
+        assert a["loss/sft"] > 0
+        for k in ("loss/sft", "train/grad_norm"):
+            assert math.isclose(a[k], b[k], rel_tol=1e-5), f"SFT step {a['step']} {k}: {a[k]} vs {b[k]}"
