@@ -33,6 +33,7 @@ class LossSettings:
     clip_eps: float = 0.2
     clip_eps_high: float | None = None
     kl_beta: float = 0.0
+    kl_clamp: float | None = None
     loss_aggregation: str = "token_mean"
     max_new_tokens: int = 512
     lambda_attn: float = 0.0
@@ -43,6 +44,7 @@ class LossSettings:
     def from_config(cls, algorithm, generation, use_attention: bool) -> "LossSettings":
         return cls(
             clip_eps=algorithm.clip_eps, clip_eps_high=algorithm.clip_eps_high, kl_beta=algorithm.kl_beta,
+            kl_clamp=algorithm.kl_clamp,
             loss_aggregation=algorithm.loss_aggregation, max_new_tokens=generation.max_new_tokens,
             lambda_attn=algorithm.lambda_attn if use_attention else 0.0,
             attn_divergence=algorithm.attn_divergence, attn_aggregation=algorithm.attn_aggregation,
@@ -80,7 +82,7 @@ def minibatch_loss(mb: MicroBatch, logp: torch.Tensor, old_logp: torch.Tensor, r
     metrics = {"loss/policy": float(L.aggregate(pg.detach(), w, d_pol)),
                "loss/clip_tokens": float((clipped & valid).sum()), "loss/tokens": float(valid.sum())}
     if ref_logp is not None and s.kl_beta > 0:
-        kl = L.k3_kl(logp, ref_logp.to(dev))
+        kl = L.k3_kl(logp, ref_logp.to(dev), s.kl_clamp)
         per_token = pg + s.kl_beta * kl
         metrics["loss/kl"] = float(L.aggregate(kl.detach(), w, d_pol))
     loss = L.aggregate(per_token, w, d_pol)

@@ -196,3 +196,12 @@ def test_default_dtype_is_bf16_with_cuda_and_fp32_without(monkeypatch):
     assert default_dtype() == torch.float32
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert default_dtype() == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_parameter_is_in_the_model_dtype(dtype):
+    # megatron's torch norms are created in fp32; a half-precision model with fp32 norms breaks megatron's
+    # distributed-optimizer checkpoints (it pairs parameters with the wrong optimizer state at save)
+    model = build_model(tiny_hf_config("tiny"), backend="local", dtype=dtype)
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    assert model.vision_model.rotary_pos_emb.inv_freq.dtype == torch.float32   # buffers stay as they are
