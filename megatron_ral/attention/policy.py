@@ -105,6 +105,9 @@ def _key_range(layout: RowLayout, b: int, r0: int, r1: int) -> tuple[int, int] |
 
 
 def _chunks(layout: RowLayout, b: int, num_rows: int, rows: int):
+    if layout.row_valid is not None:  # rows past sample b's last valid one (a shorter response's padding): none
+        valid = torch.nonzero(layout.row_valid[b]).flatten()
+        num_rows = int(valid[-1]) + 1 if valid.numel() else 0
     for r0 in range(0, num_rows, rows):
         r1 = min(num_rows, r0 + rows)
         rng = _key_range(layout, b, r0, r1)

@@ -87,14 +87,18 @@ def minibatch_loss(mb: MicroBatch, logp: torch.Tensor, old_logp: torch.Tensor, r
         metrics["loss/kl"] = float(L.aggregate(kl.detach(), w, d_pol))
     loss = L.aggregate(per_token, w, d_pol)
     if rows is not None and p_old is not None and s.lambda_attn > 0:
-        attn = L.attention_loss(rows, p_old.to(rows.device, rows.dtype), adv, s.attn_divergence)
+        # over the counted rows only ([N, T] of the [B, R, T] rows): padding rows carry no loss
+        v = valid.to(rows.device)
+        p_v, old_v = rows[v], p_old.to(rows.device, rows.dtype)[v]
+        adv_v = adv.to(rows.dtype)[:, None].expand(v.shape)[v]
+        attn_v = L.attention_loss(p_v[None], old_v[None], adv_v[None], s.attn_divergence)[0]
+        attn = torch.zeros(v.shape, dtype=attn_v.dtype, device=attn_v.device).masked_scatter(v, attn_v)
         wa = L.token_weights(valid, s.attn_aggregation)
         la = L.aggregate(attn, wa, norms[L.normaliser_kind(s.attn_aggregation)])
         loss = loss + s.lambda_attn * la
         metrics["loss/attn"] = float(la.detach())
         with torch.no_grad():
-            j = jsd(rows.detach(), p_old.to(rows.device, rows.dtype))
-            metrics["attn/jsd_old"] = float(torch.where(valid, j, torch.zeros_like(j)).sum())
+            metrics["attn/jsd_old"] = float(jsd(p_v.detach(), old_v).sum())
             metrics["attn/jsd_tokens"] = float(valid.sum())
     metrics["loss/total"] = float(loss.detach())
     return loss, metrics

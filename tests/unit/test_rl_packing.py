@@ -236,3 +236,40 @@ def test_p_old_stores_of_a_packed_stream_give_its_rows(model):
         assert tuple(seen[mb.index].shape) == (b, r, max(p + n for p, n in zip(mb.prompt_lengths, mb.response_lengths)))
         assert torch.equal(qk.get(mb.index), seen[mb.index])
         assert torch.equal(rows.get(mb.index), seen[mb.index])
+
+
+@pytest.mark.parametrize("divergence,aggregation", [("jsd", "token_mean"), ("kl", "sum"), ("reverse_kl", "token_mean")])
+def test_attention_term_over_the_counted_rows_is_the_full_rows_term(divergence, aggregation):
+    """minibatch_loss takes the attention divergence over the counted rows only; the value and the gradient
+    are those of the term over every row of [B, R, T] composed by hand (padding rows have weight 0)."""
+    from megatron_ral.rl import losses as L
+    from megatron_ral.rl.batch import plan_micro_batches
+    from megatron_ral.rl.update import LossSettings, minibatch_loss
+
+    batch = _text_batch(prompt_lengths=(3, 5), response_lengths=((2, 1), (3, 2)))
+    (mb,) = plan_micro_batches(batch, 1, 4, PAD)
+    mb.weight[1] = 0.0  # a zero-weight sequence counts nowhere
+    gen = torch.Generator().manual_seed(0)
+    b, r, t = len(mb.refs), max(mb.response_lengths), mb.seq_length
+    support = mb.layout.policy_key_mask(t)
+
+    def rows_like():
+        x = torch.rand(b, r, t, generator=gen, dtype=torch.float64) * support
+        return x / x.sum(-1, keepdim=True).clamp_min(1e-30)
+
+    rows, p_old = rows_like().requires_grad_(True), rows_like()
+    logp = -torch.rand(b, r, generator=gen, dtype=torch.float64)
+    norms = {"tokens": 7.0, "sequences": 3.0}
+    s = LossSettings(lambda_attn=2.0, attn_divergence=divergence, attn_aggregation=aggregation)
+    loss, metrics = minibatch_loss(mb, logp, logp, None, rows, p_old, norms, s)
+    (grad,) = torch.autograd.grad(loss, rows)
+    valid = mb.response_mask & (mb.weight[:, None] > 0)
+    rows2 = rows.detach().clone().requires_grad_(True)
+    pg, _ = L.clipped_surrogate(logp, logp, mb.advantages.double(), 0.2)
+    want = L.aggregate(pg, L.token_weights(valid, "token_mean"), 7.0) + 2.0 * L.aggregate(
+        L.attention_loss(rows2, p_old, mb.advantages.double(), divergence), L.token_weights(valid, aggregation),
+        norms[L.normaliser_kind(aggregation)])
+    (grad2,) = torch.autograd.grad(want, rows2)
+    assert abs(float(loss) - float(want)) <= 1e-12 * max(1.0, abs(float(want)))
+    assert float(grad.abs().max()) > 0 and torch.allclose(grad, grad2, rtol=0, atol=1e-12)
+    assert metrics["attn/jsd_tokens"] == float(valid.sum())
