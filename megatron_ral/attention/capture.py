@@ -312,6 +312,7 @@ class AttentionCapture:
                 f"{layout.batch_size} samples"
             raise ValueError(f"layout has {what}, the forward has {query.shape[1]}")
         layout.validate(key.shape[0])
+        host = layout  # as given (the trainer's is on the host): attention_policy plans its chunks from it
         layout = layout.to(query.device)
         if want_grad and keep_rows and not torch.is_grad_enabled():
             raise RuntimeError(
@@ -321,9 +322,9 @@ class AttentionCapture:
         with contextlib.nullcontext() if want_grad else torch.no_grad():
             q_rows = gather_rows(query, layout)
             if keep_qk:
-                result.qk = CapturedQK(q=q_rows.detach(), k=key.detach(), layout=layout, softmax_scale=softmax_scale)
+                result.qk = CapturedQK(q=q_rows.detach(), k=key.detach(), layout=host, softmax_scale=softmax_scale)
             if keep_rows:
-                result.rows = self._policy(q_rows, key, layout, softmax_scale, want_grad)
+                result.rows = self._policy(q_rows, key, host, softmax_scale, want_grad)
 
     def _policy(self, q_rows: Tensor, key: Tensor, layout: RowLayout, scale: float, want_grad: bool) -> Tensor:
         group = self.tp_group

@@ -91,8 +91,23 @@ class AlgorithmConfig:
     reference_placement: where the reference weights live between reference passes: "device" (a resident copy)
         or "host" (host memory, copied in for each reference pass; saves device memory).
     adv_eps: A = (r - mean) / (std + adv_eps) per prompt group (unbiased std).
-    drop_zero_std_groups: leave groups whose G rewards are all equal (A = 0) out of the update; they are
-        counted (adv/zero_std_groups) either way.
+    drop_zero_std_groups / dynamic_sampling / max_sampling_rounds: one mechanism for groups whose G rewards
+        are all equal (A = 0: no GRPO signal; counted as adv/zero_std_groups whatever the settings).
+        drop_zero_std_groups leaves them out of the update without replacing them (the batch shrinks);
+        dynamic_sampling (DAPO's) leaves them out and draws further rounds of training.prompts_per_step
+        prompts until the step holds prompts_per_step informative groups or max_sampling_rounds rounds (the
+        first included) were drawn; the first prompts_per_step informative groups in draw order are kept (a
+        step short of them after the last round trains on the ones it found). dynamic_sampling implies
+        dropping. Either way the kept groups are chosen over the global batch and spread over the
+        data-parallel ranks as the loader spreads prompts, so the update does not depend on the DP size.
+        adv/groups_drawn counts the groups sampled in the step, adv/groups_dropped those left out of the
+        update; the reward/* and response/* metrics cover every drawn group.
+    logprob_diff_warn: warn (once per process) when rollout/logprob_diff_max, the largest |generation log-prob
+        - trainer log-prob| over a step's response tokens (same weights, same quantity log softmax(logits / T)),
+        exceeds it. None: by the training dtype, 1e-3 in fp32 (the KV-cache decode and the training forward
+        then agree to a few 1e-6; more is a bug), 1.0 in bf16 and 0.25 in fp16 (rounding alone moves single
+        log-probs by 0.04-0.08 on the tiny model in bf16, more on large models and long responses; a bug,
+        e.g. wrong positions or stale weights, moves them by whole nats).
     lambda_attn: weight of the attention loss A * D(p_theta || p_old) (paper searched 0.5, 1, 5).
     attn_divergence: "jsd" (paper), "kl" (KL(p_theta || p_old)) or "reverse_kl" (KL(p_old || p_theta)).
     attn_aggregation: "token_mean" (Eq. 3: mean over the response tokens of the global mini-batch) or "sum"
@@ -113,7 +128,16 @@ class AlgorithmConfig:
     gkd_jsd_beta: beta of gkd_divergence "jsd", in (0, 1).
     gkd_top_k: 0 = GKD exact over the whole vocabulary; k > 0 = over the teacher's top-k ids plus one bucket
         for the rest of each side's mass (a lower bound of the exact value, equal at k = vocabulary size).
-    teacher_hf_path / teacher_load: the teacher model for "ral_distill".
+    teacher_hf_path / teacher_load: the teacher model for "ral_distill": an HF directory (converted once into
+        RUN_DIR/teacher_mcore) or a Megatron checkpoint carrying its HF files (teacher_load wins when both are
+        given). It must share the student's vocabulary, tokenizer, special tokens, chat template and vision
+        patching (checked at start-up). It runs forward only on the student's ranks, at the student's TP size.
+    teacher_pipeline_layer_split: the teacher's LM layers per pipeline stage (its own split over the student's
+        stages); null = as even as possible (extra layers on the first stages).
+    teacher_placement: where the teacher's weights live between teacher passes: "device" (resident) or "host"
+        (host memory, moved in for each teacher pass; with exact GKD that is once per mini-batch).
+        The teacher's attention rows p_phi (gamma_attn > 0) are kept like p_old: old_policy_store,
+        old_policy_dtype, old_policy_offload.
     reward_accuracy_weight / reward_format_weight: r = w_acc * r_acc + w_fmt * r_fmt (paper: 0.9 / 0.1).
     reward_function: "package.module:function" replacing the Video-R1 reward: called as
         f(response_text, record, template) and returning a float (the total) or an object with float
@@ -132,6 +156,9 @@ class AlgorithmConfig:
     reference_placement: str = "device"
     adv_eps: float = 1e-6
     drop_zero_std_groups: bool = False
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 4
+    logprob_diff_warn: Optional[float] = None
     lambda_attn: float = 1.0
     attn_divergence: str = "jsd"
     attn_aggregation: str = "token_mean"
@@ -145,6 +172,8 @@ class AlgorithmConfig:
     gkd_top_k: int = 0
     teacher_hf_path: str = ""
     teacher_load: str = ""
+    teacher_pipeline_layer_split: Optional[list[int]] = None
+    teacher_placement: str = "device"
     reward_accuracy_weight: float = 0.9
     reward_format_weight: float = 0.1
     reward_function: str = ""

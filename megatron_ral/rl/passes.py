@@ -1,17 +1,23 @@
-"""The no-grad passes over a rollout batch before the updates: old policy and reference.
+"""The no-grad passes over a rollout batch before the updates: old policy, reference and teacher.
 
-old pass   weights that generated the rollouts: old log-probs of the response tokens and, for RAL,
-           p_old (kept in an old-policy store, see ``attention.old_policy``); attention diagnostics
-           (entropy, vision mass) of the rollout policy come from the same capture.
-ref pass   the frozen initial weights (``rl.reference``): reference log-probs for the k3 KL term.
+old pass      weights that generated the rollouts: old log-probs of the response tokens and, for RAL,
+              p_old (kept in an old-policy store, see ``attention.old_policy``); attention diagnostics
+              (entropy, vision mass) of the rollout policy come from the same capture.
+ref pass      the frozen initial weights (``rl.reference``): reference log-probs for the k3 KL term.
+teacher pass  the distillation teacher (``distill.teacher``, a second model): on the same micro-batches
+              (same token ids, the teacher's own vision features), its last-layer attention rows p_phi
+              into a store like p_old, and what GKD keeps of its vocab-parallel logits at the response
+              positions (the top-k + tail, or the logits themselves for one mini-batch).
 
-Both write per-micro-batch tensors into the :class:`RolloutBatch` (last pipeline stage only) and return
-their metric sums.
+The old and reference passes write per-micro-batch tensors into the :class:`RolloutBatch`, the teacher
+pass into the store and dict it is given (last pipeline stage only); each returns its metric sums.
 """
 
 from __future__ import annotations
 
 import torch
+
+from typing import Callable
 
 from megatron_ral.attention.metrics import attention_entropy, attention_mass_shares
 from megatron_ral.rl.batch import MicroBatch, RolloutBatch
@@ -27,10 +33,15 @@ def diagnostic_sequences(batch: RolloutBatch, mb: MicroBatch, prompts: int = DIA
     return torch.tensor([batch.prompt_keys[r.prompt] < prompts for r in mb.refs], dtype=torch.bool)
 
 
+def has_diagnostic_sequences(batch: RolloutBatch, mb: MicroBatch, prompts: int = DIAGNOSTIC_PROMPTS) -> bool:
+    """Whether :func:`diagnostic_sequences` selects any sequence (decided on the host, no tensor read)."""
+    return any(batch.prompt_keys[r.prompt] < prompts for r in mb.refs)
+
+
 def attention_diagnostics(rows: torch.Tensor, mb: MicroBatch, image_token_id: int, video_token_id: int,
                           sequences: torch.Tensor | None = None) -> dict:
     """Sums over the counted response tokens (of ``sequences`` [B] when given): attention entropy and
-    vision / text / response mass."""
+    vision / text / response mass, as 0-d tensors on the rows' device (read once per step)."""
     valid = mb.response_mask & (mb.weight[:, None] > 0)
     if sequences is not None:
         valid = valid & sequences[:, None]
@@ -44,11 +55,11 @@ def attention_diagnostics(rows: torch.Tensor, mb: MicroBatch, image_token_id: in
     ent = attention_entropy(rows.float())
 
     def total(x):
-        return float(torch.where(valid, x, torch.zeros_like(x)).sum())
+        return torch.where(valid, x, torch.zeros_like(x)).sum()
 
     return {"attn/entropy": total(ent), "attn/vision_mass": total(shares["vision"]),
             "attn/text_mass": total(shares["text"]), "attn/response_mass": total(shares["response"]),
-            "attn/tokens": float(valid.sum())}
+            "attn/tokens": valid.sum()}
 
 
 def old_pass(ctx: PassContext, batch: RolloutBatch, store, image_token_id: int, video_token_id: int) -> list[dict]:
@@ -57,7 +68,7 @@ def old_pass(ctx: PassContext, batch: RolloutBatch, store, image_token_id: int, 
     (a sample: rows cost a capture each, which GRPO needs for nothing else)."""
 
     def capture_kwargs(mb):
-        rows = bool(diagnostic_sequences(batch, mb).any()) or (store is not None and store.config.mode == "rows")
+        rows = has_diagnostic_sequences(batch, mb) or (store is not None and store.config.mode == "rows")
         qk = store is not None and store.config.mode == "qk"
         if not (rows or qk):
             return None
@@ -72,9 +83,9 @@ def old_pass(ctx: PassContext, batch: RolloutBatch, store, image_token_id: int, 
                     store.put(mb.index, result.qk)
                 else:
                     store.put_rows(mb.index, result.rows)
-            chosen = diagnostic_sequences(batch, mb)
-            if result.rows is not None and bool(chosen.any()):
-                metrics = attention_diagnostics(result.rows, mb, image_token_id, video_token_id, chosen)
+            if result.rows is not None and has_diagnostic_sequences(batch, mb):
+                metrics = attention_diagnostics(result.rows, mb, image_token_id, video_token_id,
+                                                diagnostic_sequences(batch, mb))
         return None, metrics
 
     return run_pass(ctx, batch.micro_batches, consume, forward_only=True, capture_kwargs=capture_kwargs)
@@ -89,3 +100,35 @@ def reference_pass(ctx: PassContext, batch: RolloutBatch, reference) -> list[dic
 
     with reference.active():
         return run_pass(ctx, batch.micro_batches, consume, forward_only=True)
+
+
+def teacher_pass(ctx: PassContext, micro_batches: list[MicroBatch], rows_store=None, gkd_out: dict | None = None,
+                 gkd_targets: Callable | None = None) -> list[dict]:
+    """The teacher's no-grad forward over ``micro_batches`` (``ctx``: the teacher's chunks, vision features
+    and capture, the sampling temperature).
+
+    ``rows_store`` (an old-policy store, any mode): p_phi of every micro-batch not yet in it, from the
+    teacher's last-layer capture (its heads, reduced over TP). ``gkd_out``: ``gkd_targets(logits)`` of each
+    micro-batch, keyed by ``MicroBatch.index``, from the teacher's vocab-parallel logits at the response
+    positions [B, R, V/TP] (unscaled; e.g. its top-k + tail, or the logits themselves).
+    """
+    want_logits = gkd_out is not None
+
+    def capture_kwargs(mb):
+        if rows_store is None or mb.index in rows_store:
+            return None
+        qk = rows_store.config.mode == "qk"
+        return {"grad": False, "keep_rows": not qk, "keep_qk": qk}
+
+    def consume(mb, token_loss, result, logits=None):
+        if rows_store is not None and result is not None and result.active and mb.index not in rows_store:
+            if rows_store.config.mode == "qk":
+                rows_store.put(mb.index, result.qk)
+            else:
+                rows_store.put_rows(mb.index, result.rows)
+        if want_logits:
+            gkd_out[mb.index] = gkd_targets(mb.to_rows(logits.detach()))  # [B, R, V/TP] (packed: scattered)
+        return None, {}
+
+    return run_pass(ctx, micro_batches, consume, forward_only=True, capture_kwargs=capture_kwargs,
+                    return_logits=want_logits)

@@ -45,9 +45,26 @@ def _inner(model):
     return m
 
 
-def model_inputs(mb: MicroBatch, vision: list, pre_process: bool) -> dict:
-    """Keyword arguments of Qwen25VLModel.forward for a micro-batch (vision features on the first stage):
-    its padded rows, or its packed stream with the stream's layout (which carries the M-RoPE positions)."""
+def host_inputs(mb: MicroBatch, model) -> tuple[Tensor, Tensor | None]:
+    """(M-RoPE position ids (3, B, S), megatron attention mask or None) of a micro-batch, computed once on
+    the host and reused by every pass over it. The model would derive both from the device copies of the
+    token ids and padding mask, reading them in Python (the rope index walks each row's tokens; the
+    padding check asks whether any padding exists): a device synchronisation at every read."""
+    from megatron_ral.models.qwen25vl.model import attention_mask_from_padding
+
+    if "position_ids" not in mb.host_inputs:
+        position_ids, _ = model.compute_position_ids(mb.input_ids, mb.image_grid_thw, mb.video_grid_thw,
+                                                     mb.second_per_grid_ts, mb.attention_mask)
+        mb.host_inputs["position_ids"] = position_ids
+        mb.host_inputs["attention_mask"] = attention_mask_from_padding(mb.attention_mask)
+    return mb.host_inputs["position_ids"], mb.host_inputs["attention_mask"]
+
+
+def model_inputs(mb: MicroBatch, vision: list, pre_process: bool, model=None) -> dict:
+    """Keyword arguments of Qwen25VLModel.forward for a micro-batch (vision features on the first stage).
+    With ``model`` (this stage's Qwen25VLModel) the position ids and the attention mask are computed on
+    the host (:func:`host_inputs`); without, the model derives them from the padding mask. A packed
+    micro-batch gives its stream with the stream's layout, which carries the M-RoPE positions (host tensors)."""
     if mb.packed is not None:
         inputs = {"input_ids": mb.packed.input_ids, "layout": mb.packed.layout,
                   "position_ids": mb.packed.layout.position_ids, "labels": mb.packed.labels,
@@ -64,6 +81,8 @@ def model_inputs(mb: MicroBatch, vision: list, pre_process: bool) -> dict:
         "video_grid_thw": mb.video_grid_thw,
         "second_per_grid_ts": mb.second_per_grid_ts,
     }
+    if model is not None:
+        inputs["position_ids"], inputs["attention_mask"] = host_inputs(mb, model)
     if pre_process and vision:
         inputs["vision_embeddings"] = micro_batch_vision(mb, vision)
     return inputs
@@ -74,14 +93,18 @@ def _to_device(inputs: dict, device: torch.device) -> dict:
 
 
 def run_pass(ctx: PassContext, micro_batches: list[MicroBatch], consume: Consume, *, forward_only: bool,
-             capture_kwargs: Callable[[MicroBatch], dict | None] | None = None) -> list[dict]:
+             capture_kwargs: Callable[[MicroBatch], dict | None] | None = None,
+             return_logits: bool = False) -> list[dict]:
     """Run the schedule over ``micro_batches``; returns the metrics dict of each micro-batch (last stage).
 
     ``consume(mb, token_loss, capture_result)`` runs on the last stage: ``token_loss`` is the model's
     per-token loss at the response positions (-log p of each response token under softmax(logits / T);
     [B, R] padded, [1, N] packed: ``mb.token_logprobs`` maps either to [B, R]); it returns
     (loss or None, metrics). ``capture_kwargs(mb)`` gives the keyword arguments of
-    ``AttentionCapture.capture`` for a micro-batch (None: no capture).
+    ``AttentionCapture.capture`` for a micro-batch (None: no capture). With ``return_logits`` the model
+    also returns its vocab-parallel logits at the response positions ([B, R, V/TP] padded, [1, N, V/TP]
+    packed: ``mb.to_rows`` maps either to [B, R, V/TP]; unscaled; see ``Qwen25VLModel.forward``) and
+    ``consume`` is called as ``consume(mb, token_loss, result, logits)``.
     """
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -96,14 +119,19 @@ def run_pass(ctx: PassContext, micro_batches: list[MicroBatch], consume: Consume
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
         inner = _inner(model)
-        inputs = _to_device(model_inputs(mb, ctx.vision, inner.pre_process), device)
+        inputs = _to_device(model_inputs(mb, ctx.vision, inner.pre_process, inner), device)
         kwargs = capture_kwargs(mb) if (capture_kwargs is not None and ctx.capture is not None) else None
         block = ctx.capture.capture(mb.layout, **kwargs) if kwargs is not None else contextlib.nullcontext()
         with block as result:
-            output = model(**inputs, temperature=ctx.temperature)
+            output = model(**inputs, temperature=ctx.temperature, **({"return_logits": True} if return_logits else {}))
 
-        def loss_func(token_loss: Tensor):
-            loss, metrics = consume(mb, token_loss, result)
+        def loss_func(output):
+            if return_logits:  # the last stage returns (token_loss, logits); megatron hands the tuple over as is
+                token_loss, logits = output
+                loss, metrics = consume(mb, token_loss, result, logits)
+            else:
+                token_loss = output
+                loss, metrics = consume(mb, token_loss, result)
             if loss is None:
                 return token_loss.sum() * 0.0, metrics
             # the schedule scales the returned tensor in place: log the value before

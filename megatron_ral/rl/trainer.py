@@ -19,7 +19,11 @@ from megatron_ral.errors import UserError
 log = logging.getLogger("megatron_ral.train")
 
 CONSOLE_KEYS = ("reward/total", "reward/accuracy", "reward/format", "loss/sft", "loss/policy", "loss/kl",
-                "loss/attn", "attn/jsd_old", "response/length_mean", "perf/step_s")
+                "loss/attn", "attn/jsd_old", "distill/gkd", "distill/attn_jsd_teacher", "response/length_mean",
+                "perf/step_s")
+
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 class TrainingStopped(UserError):
@@ -71,13 +75,16 @@ def old_policy_config(algorithm):
 
 
 def build(cfg, info) -> Run:
-    """Model (DDP), reference weights, optimizer + LR schedule, processor and loaders of this rank."""
+    """Model (DDP), reference weights, optimizer + LR schedule, processor and loaders of this rank (and the
+    distillation teacher for ral_distill)."""
     from megatron.core import parallel_state as ps
 
     from megatron_ral.attention.capture import AttentionCapture
     from megatron_ral.inference.loading import hf_files_dir, stop_token_ids
     from megatron_ral.rl import build as B
     from megatron_ral.rl.reference import ReferenceWeights
+    from megatron_ral.rl.consistency import LogprobDiffWarning
+    from megatron_ral.rl.dynamic_sampling import GroupFilter
     from megatron_ral.rl.rollout import RolloutSettings, load_reward_function
     from megatron_ral.rl.schedule import PassContext
     from megatron_ral.rl.step import RLContext
@@ -88,10 +95,12 @@ def build(cfg, info) -> Run:
     hf_dir = str(hf_files_dir(weights)) if not cfg.model.hf_path else cfg.model.hf_path
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     dp_group = ps.get_data_parallel_group()
+    # the teacher first: an incompatible one is refused before anything of the student is built
+    dtype = B.resolve_dtype(cfg.model.dtype)
+    teacher = build_teacher_setup(cfg, hf_dir, dtype) if cfg.algorithm.name == "ral_distill" else None
     chunks, model = B.build_policy(cfg, cfg.parallel, weights)
     data = B.build_data(cfg, hf_dir, dp_rank, dp_size)
     total = B.planned_steps(cfg, len(data.train.index))
-    dtype = B.resolve_dtype(cfg.model.dtype)
     optimizer, scheduler = B.build_optimizer(cfg.optimizer, chunks, dtype, cfg.parallel.use_distributed_optimizer,
                                              B.total_optimizer_steps(cfg.algorithm, total))
     run = Run(cfg=cfg, info=info, model_chunks=chunks, model=model, optimizer=optimizer, scheduler=scheduler,
@@ -104,8 +113,6 @@ def build(cfg, info) -> Run:
     if a.name == "sft":
         run.passes = PassContext(model=chunks)
         return run
-    if a.name == "ral_distill":
-        raise UserError("algorithm.name: 'ral_distill' (teacher distillation) is not available in this version")
     use_attention = a.name in ("ral", "ral_distill") and a.lambda_attn > 0
     tokenizer = data.processor.tokenizer
     rollout_owner, loss_owner = _owners(info)
@@ -121,10 +128,12 @@ def build(cfg, info) -> Run:
         tokenizer=tokenizer, stop_token_ids=stop_token_ids(hf_dir, tokenizer),
         suppress_token_ids=[model.image_token_id, model.video_token_id], pad_token_id=data.processor.pad_token_id,
         updates_per_rollout=a.updates_per_rollout, epochs_per_rollout=a.epochs_per_rollout,
-        micro_batch_size=cfg.training.micro_batch_size, drop_zero_std_groups=a.drop_zero_std_groups,
+        micro_batch_size=cfg.training.micro_batch_size, group_filter=GroupFilter.from_config(a),
         packing=run.packing,
         reference=(ReferenceWeights(chunks, a.reference_placement, source=str(weights)) if a.kl_beta > 0 else None),
         old_policy=old_policy_config(a) if use_attention else None,
+        logprob_warning=LogprobDiffWarning.for_dtype(a.logprob_diff_warn, DTYPE_NAMES[dtype]),
+        teacher=teacher,
         dp_rank=dp_rank, dp_size=dp_size, dp_group=dp_group, tp_group=ps.get_tensor_model_parallel_group(),
         rollout_owner=rollout_owner, loss_owner=loss_owner,
     )
@@ -145,6 +154,27 @@ def packing_settings(cfg, model):
         return None
     return PackingSettings(kind, cfg.training.max_tokens_per_micro_batch, model.rope_config,
                            pad_to_multiple=2 * cp if cp > 1 else 1)
+
+
+def build_teacher_setup(cfg, student_hf_dir: str, dtype):
+    """The distillation teacher (checked against the student, built on this rank's stage) and what the loss
+    keeps of it: p_phi rows like p_old when gamma_attn > 0, GKD targets when gkd_mu > 0."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_ral.distill.teacher import TeacherConfig, build_teacher
+    from megatron_ral.rl.teacher_phase import TeacherSetup
+    from megatron_ral.rl.update import LossSettings
+
+    a = cfg.algorithm
+    teacher = build_teacher(TeacherConfig.from_config(a), cfg.parallel, student_hf_dir, cfg.training.run_dir,
+                            dtype=dtype, backend=cfg.model.layer_spec, attention_backend=cfg.model.attention_backend,
+                            rope_text_after_vision=cfg.model.rope_text_after_vision)
+    settings = LossSettings.from_config(a, cfg.generation, use_attention=False)
+    return TeacherSetup(
+        teacher=teacher,
+        rows=old_policy_config(a) if a.gamma_attn > 0 else None,
+        gkd=settings.gkd if a.gkd_mu > 0 else None, temperature=cfg.generation.temperature or 1.0,
+        tp_group=ps.get_tensor_model_parallel_group())
 
 
 # ---------------------------------------------------------------------------------------------- resume
@@ -281,7 +311,7 @@ def train_step(run: Run, cfg, step: int) -> dict:
     if cfg.algorithm.name == "sft":
         metrics, (updates, failed, scale_skips) = _sft_step(run, batch)
     else:
-        result = rl_step(run.rl, batch, step)
+        result = rl_step(run.rl, batch, step, next_batch=lambda: _next_batch(run))
         metrics = result.metrics
         updates, failed, scale_skips = result.updates, result.skipped_updates, result.loss_scale_skips
         run.extra["samples"] = result.samples

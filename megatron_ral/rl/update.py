@@ -1,28 +1,35 @@
-"""The policy update: one optimizer step per mini-batch of a rollout batch (GRPO / RAL loss).
+"""The policy update: one optimizer step per mini-batch of a rollout batch (GRPO / RAL / RAL + distillation).
 
-Per mini-batch the loss composed from ``rl.losses`` is
+Per mini-batch the loss composed from ``rl.losses`` and ``distill`` is
 
     L = agg_pol[ clip_surrogate(rho, A) + beta * k3(logp, ref_logp) ]
         + lambda_attn * agg_attn[ A * D(p_theta^t || p_old^t) ]
+        + mu * agg_pol[ D_gkd(p_theta(.|y_<t) || p_phi(.|y_<t)) ]          (ral_distill, gkd_mu > 0)
+        + gamma_attn * agg_attn[ JSD(p_theta^t || p_phi^t) ]                (ral_distill, gamma_attn > 0)
 
-with the aggregations' normalisers counted over the global mini-batch (:func:`minibatch_normalisers`),
-so the loss does not depend on the micro-batch size or on the data-parallel size.
+(no advantage on the two distillation terms: pure imitation of the teacher phi on the student's own
+trajectories), with the aggregations' normalisers counted over the global mini-batch
+(:func:`minibatch_normalisers`), so the loss does not depend on the micro-batch size or on the
+data-parallel size.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from megatron_ral.attention.divergence import jsd
+from megatron_ral.distill.attention import attention_distill_loss
+from megatron_ral.distill.gkd import GKDConfig
+from megatron_ral.distill.losses import gkd_per_token
 from megatron_ral.rl import losses as L
 from megatron_ral.rl.batch import MicroBatch, RolloutBatch
 from megatron_ral.rl.metrics import MetricSums
 from megatron_ral.rl.optim_step import StepOutcome, optimizer_step, zero_grads
-from megatron_ral.rl.passes import attention_diagnostics, diagnostic_sequences
+from megatron_ral.rl.passes import attention_diagnostics, diagnostic_sequences, has_diagnostic_sequences
 from megatron_ral.rl.schedule import PassContext, run_pass
 
 
@@ -39,16 +46,49 @@ class LossSettings:
     lambda_attn: float = 0.0
     attn_divergence: str = "jsd"
     attn_aggregation: str = "token_mean"
+    gkd_mu: float = 0.0
+    gamma_attn: float = 0.0
+    gkd: GKDConfig = GKDConfig()
 
     @classmethod
     def from_config(cls, algorithm, generation, use_attention: bool) -> "LossSettings":
+        distill = algorithm.name == "ral_distill"
         return cls(
             clip_eps=algorithm.clip_eps, clip_eps_high=algorithm.clip_eps_high, kl_beta=algorithm.kl_beta,
             kl_clamp=algorithm.kl_clamp,
             loss_aggregation=algorithm.loss_aggregation, max_new_tokens=generation.max_new_tokens,
             lambda_attn=algorithm.lambda_attn if use_attention else 0.0,
             attn_divergence=algorithm.attn_divergence, attn_aggregation=algorithm.attn_aggregation,
+            gkd_mu=algorithm.gkd_mu if distill else 0.0, gamma_attn=algorithm.gamma_attn if distill else 0.0,
+            gkd=GKDConfig(divergence=algorithm.gkd_divergence, jsd_beta=algorithm.gkd_jsd_beta,
+                          top_k=algorithm.gkd_top_k, temperature=generation.temperature or 1.0),
         )
+
+
+@dataclass
+class DistillInputs:
+    """The distillation terms' inputs of one micro-batch (last pipeline stage).
+
+    student_logits: the student's vocab-parallel logits at the response positions [B, R, V/TP] (with their
+        graph; unscaled) when gkd_mu > 0. teacher: the teacher's logits at the same positions, or its
+        ``TeacherTopK``. teacher_rows: p_phi [B, R, T] when gamma_attn > 0. tp_group: the group the
+        vocabulary is split over.
+    """
+
+    student_logits: torch.Tensor | None = None
+    teacher: object = None
+    teacher_rows: torch.Tensor | None = None
+    tp_group: object = None
+
+
+@dataclass
+class TeacherTargets:
+    """What the teacher pass left for the updates of one mini-batch: the p_phi store (gamma_attn > 0) and,
+    per micro-batch index, the teacher's GKD targets (logits or top-k + tail; gkd_mu > 0)."""
+
+    rows: object = None
+    gkd: dict = field(default_factory=dict)
+    tp_group: object = None
 
 
 def minibatch_normalisers(micro_batches: list[MicroBatch], dp_group=None) -> dict[int, dict[str, float]]:
@@ -65,13 +105,19 @@ def minibatch_normalisers(micro_batches: list[MicroBatch], dp_group=None) -> dic
             counts = counts.cuda()
         dist.all_reduce(counts, group=dp_group)
         counts = counts.cpu()
-    return {m: {"tokens": float(counts[i, 0]), "sequences": float(counts[i, 1])} for m, i in pos.items()}
+    values = counts.tolist()  # one read
+    return {m: {"tokens": values[i][0], "sequences": values[i][1]} for m, i in pos.items()}
 
 
 def minibatch_loss(mb: MicroBatch, logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
                    rows: torch.Tensor | None, p_old: torch.Tensor | None, norms: dict[str, float],
-                   s: LossSettings) -> tuple[torch.Tensor, dict[str, float]]:
-    """This micro-batch's share of the mini-batch loss, and its metric sums."""
+                   s: LossSettings, distill: DistillInputs | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """This micro-batch's share of the mini-batch loss, and its metric sums (detached 0-d tensors on the
+    loss's device: reading them is left to the step, once, see ``MetricSums``).
+
+    ``rows``: the student's attention rows p_theta (used by the RAL term with ``p_old`` and by the attention
+    distillation term with ``distill.teacher_rows``). Each term is added only when its weight is > 0 and
+    its inputs are given; with gkd_mu = gamma_attn = 0 the loss is the GRPO / RAL loss."""
     dev = logp.device
     valid = (mb.response_mask & (mb.weight[:, None] > 0)).to(dev)
     adv = mb.advantages.to(dev)
@@ -79,70 +125,112 @@ def minibatch_loss(mb: MicroBatch, logp: torch.Tensor, old_logp: torch.Tensor, r
     w = L.token_weights(valid, s.loss_aggregation, s.max_new_tokens)
     d_pol = norms[L.normaliser_kind(s.loss_aggregation)]
     per_token = pg
-    metrics = {"loss/policy": float(L.aggregate(pg.detach(), w, d_pol)),
-               "loss/clip_tokens": float((clipped & valid).sum()), "loss/tokens": float(valid.sum())}
+    metrics = {"loss/policy": L.aggregate(pg.detach(), w, d_pol),
+               "loss/clip_tokens": (clipped & valid).sum(), "loss/tokens": valid.sum()}
     if ref_logp is not None and s.kl_beta > 0:
         kl = L.k3_kl(logp, ref_logp.to(dev), s.kl_clamp)
         per_token = pg + s.kl_beta * kl
-        metrics["loss/kl"] = float(L.aggregate(kl.detach(), w, d_pol))
+        metrics["loss/kl"] = L.aggregate(kl.detach(), w, d_pol)
     loss = L.aggregate(per_token, w, d_pol)
     if rows is not None and p_old is not None and s.lambda_attn > 0:
-        # over the counted rows only ([N, T] of the [B, R, T] rows): padding rows carry no loss
-        v = valid.to(rows.device)
-        p_v, old_v = rows[v], p_old.to(rows.device, rows.dtype)[v]
-        adv_v = adv.to(rows.dtype)[:, None].expand(v.shape)[v]
-        attn_v = L.attention_loss(p_v[None], old_v[None], adv_v[None], s.attn_divergence)[0]
-        attn = torch.zeros(v.shape, dtype=attn_v.dtype, device=attn_v.device).masked_scatter(v, attn_v)
+        # over the counted rows only ([N, T] of the [B, R, T] rows; padding rows carry no loss), indexed from
+        # the host mask (no device read)
+        b_idx, r_idx = (i.to(rows.device) for i in torch.nonzero(mb.response_mask & (mb.weight[:, None] > 0),
+                                                                  as_tuple=True))
+        p_v, old_v = rows[b_idx, r_idx], p_old.to(rows.device, rows.dtype)[b_idx, r_idx]
+        attn_v = L.attention_loss(p_v[None], old_v[None], adv.to(rows.dtype)[b_idx][None], s.attn_divergence)[0]
+        attn = attn_v.new_zeros(valid.shape).index_put((b_idx, r_idx), attn_v)
         wa = L.token_weights(valid, s.attn_aggregation)
         la = L.aggregate(attn, wa, norms[L.normaliser_kind(s.attn_aggregation)])
         loss = loss + s.lambda_attn * la
-        metrics["loss/attn"] = float(la.detach())
+        metrics["loss/attn"] = la.detach()
         with torch.no_grad():
-            metrics["attn/jsd_old"] = float(jsd(p_v.detach(), old_v).sum())
-            metrics["attn/jsd_tokens"] = float(valid.sum())
-    metrics["loss/total"] = float(loss.detach())
+            metrics["attn/jsd_old"] = jsd(p_v.detach(), old_v).sum()
+            metrics["attn/jsd_tokens"] = valid.sum()
+    if distill is not None and s.gkd_mu > 0 and distill.student_logits is not None and distill.teacher is not None:
+        g = gkd_per_token(distill.student_logits, distill.teacher, s.gkd, distill.tp_group).to(logp.dtype)
+        lg = L.aggregate(g, w, d_pol)
+        loss = loss + s.gkd_mu * lg
+        metrics["loss/gkd"] = lg.detach()
+        metrics["distill/gkd"] = torch.where(valid, g.detach(), torch.zeros_like(g)).sum()
+        metrics["distill/gkd_tokens"] = valid.sum()
+    if distill is not None and s.gamma_attn > 0 and rows is not None and distill.teacher_rows is not None:
+        jt = attention_distill_loss(rows, distill.teacher_rows.to(rows.device, rows.dtype))  # JSD per token
+        wa = L.token_weights(valid, s.attn_aggregation)
+        ld = L.aggregate(jt, wa, norms[L.normaliser_kind(s.attn_aggregation)])
+        loss = loss + s.gamma_attn * ld
+        metrics["loss/distill_attn"] = ld.detach()
+        metrics["distill/attn_jsd_teacher"] = torch.where(valid, jt.detach(), torch.zeros_like(jt)).sum()
+        metrics["distill/attn_tokens"] = valid.sum()
+    metrics["loss/total"] = loss.detach()
     return loss, metrics
 
 
 def policy_update(ctx: PassContext, batch: RolloutBatch, micro_batches: list[MicroBatch], optimizer, scheduler,
                   settings: LossSettings, norms: dict[str, float], store=None, use_old_logprobs: bool = True,
-                  diagnostics: tuple[int, int] | None = None) -> tuple[StepOutcome, MetricSums]:
+                  diagnostics: tuple[int, int] | None = None,
+                  teacher: TeacherTargets | None = None) -> tuple[StepOutcome, MetricSums]:
     """One optimizer step on the mini-batch made of ``micro_batches``.
 
     ``use_old_logprobs`` False (a single update per rollout batch) takes the old log-probs as the
-    current ones detached (rho = 1): the same loss value and gradient without an old pass.
+    current ones detached (rho = 1): the same loss value and gradient without an old pass; this first
+    forward's log-probs are kept as the batch's old log-probs (for the rollout consistency check).
     ``diagnostics`` (image, video token ids): also compute the attention diagnostics of the current
-    policy (a no-grad capture when the loss itself needs none).
+    policy (a no-grad capture when the loss itself needs none). ``teacher``: the teacher's targets of
+    these micro-batches for the distillation terms (the student's logits at the response positions are
+    then returned by its forward when gkd_mu > 0, its rows captured with gradients when gamma_attn > 0).
     """
     use_attention = settings.lambda_attn > 0 and store is not None
+    use_gkd = teacher is not None and settings.gkd_mu > 0
+    use_distill_attn = teacher is not None and settings.gamma_attn > 0 and teacher.rows is not None
     sums = MetricSums()
-    nonfinite = [False]
 
     def capture_kwargs(mb):
-        if use_attention:
+        if use_attention or use_distill_attn:
             return {"grad": True}
-        return {"grad": False} if diagnostics is not None and diagnostic_sequences(batch, mb).any() else None
+        return {"grad": False} if diagnostics is not None and has_diagnostic_sequences(batch, mb) else None
 
-    def consume(mb, token_loss, result):
+    def consume(mb, token_loss, result, logits=None):
         logp = mb.token_logprobs(token_loss)
-        old = batch.old_logprobs[mb.index] if use_old_logprobs else logp.detach()
+        if use_old_logprobs:
+            old = batch.old_logprobs[mb.index]
+        else:
+            old = logp.detach()
+            batch.old_logprobs.setdefault(mb.index, old.float())
         rows = result.rows if (result is not None and result.active) else None
         p_old = store.get(mb.index, device=logp.device) if (use_attention and rows is not None) else None
+        distill = None
+        if teacher is not None:
+            distill = DistillInputs(
+                student_logits=mb.to_rows(logits) if use_gkd else None,  # [B, R, V/TP] (packed: scattered)
+                teacher=teacher.gkd.get(mb.index) if use_gkd else None,
+                teacher_rows=teacher.rows.get(mb.index, device=logp.device) if (use_distill_attn and rows is not None)
+                else None,
+                tp_group=teacher.tp_group)
         loss, metrics = minibatch_loss(mb, logp, old, batch.ref_logprobs.get(mb.index),
-                                       rows if use_attention else None, p_old, norms, settings)
-        chosen = diagnostic_sequences(batch, mb) if diagnostics is not None else None
-        if chosen is not None and rows is not None and bool(chosen.any()):
-            metrics.update(attention_diagnostics(rows.detach(), mb, *diagnostics, chosen))
-        if not math.isfinite(metrics["loss/total"]):
-            nonfinite[0] = True
+                                       rows if (use_attention or use_distill_attn) else None, p_old, norms, settings,
+                                       distill)
+        if diagnostics is not None and rows is not None and has_diagnostic_sequences(batch, mb):
+            metrics.update(attention_diagnostics(rows.detach(), mb, *diagnostics, diagnostic_sequences(batch, mb)))
         return loss, metrics
 
     zero_grads(ctx.model, optimizer)
     for model in ctx.model:
         model.train()
-    outputs = run_pass(ctx, micro_batches, consume, forward_only=False, capture_kwargs=capture_kwargs)
+    outputs = run_pass(ctx, micro_batches, consume, forward_only=False, capture_kwargs=capture_kwargs,
+                       return_logits=use_gkd)
     for m in outputs:
         for k, v in m.items():
             sums.add(k, v, 0.0)
-    outcome = optimizer_step(ctx.model, optimizer, scheduler, loss_finite=not nonfinite[0])
+    outcome = optimizer_step(ctx.model, optimizer, scheduler, loss_finite=losses_finite(outputs))
     return outcome, sums
+
+
+def losses_finite(outputs: list[dict]) -> bool:
+    """Whether every micro-batch's ``loss/total`` is finite: one host read for the whole pass."""
+    totals = [m["loss/total"] for m in outputs if "loss/total" in m]
+    if not totals:
+        return True
+    if not isinstance(totals[0], torch.Tensor):
+        return all(math.isfinite(t) for t in totals)
+    return bool(torch.isfinite(torch.stack([t.reshape(()) for t in totals])).all())

@@ -25,6 +25,11 @@ PARSERS = {
     "generate": ("megatron_ral.cli.generate", "parser"),
     "dump_attention": ("megatron_ral.cli.dump_attention", "parser"),
     "config": ("megatron_ral.cli.config", "parser"),
+    "plan_memory": ("megatron_ral.cli.plan_memory", "parser"),
+    "eval_data/convert_mvbench": ("megatron_ral.cli.eval_data", "mvbench_parser"),
+    "eval_data/convert_videomme": ("megatron_ral.cli.eval_data", "videomme_parser"),
+    "eval_data/convert_tempcompass": ("megatron_ral.cli.eval_data", "tempcompass_parser"),
+    "run_state": ("megatron_ral.cli.run_state", "parser"),
 }
 
 
@@ -99,6 +104,7 @@ def test_flag_checks_do_not_import_torch(tmp_path):
         "from megatron_ral.cli.convert_megatron_to_hf import main as megatron_to_hf_main\n"
         "from megatron_ral.cli.make_tiny_checkpoint import main as make_tiny_main\n"
         "from megatron_ral.cli.config import main as config\n"
+        "from megatron_ral.cli.plan_memory import main as plan_memory_main\n"
         "calls = [(gen, ['--ckpt', '/nonexistent', '--prompt', 'x']),\n"
         "         (dump, ['--ckpt', '/nonexistent', '--prompt', 'x', '--response', 'y', '--out', 'o.pt']),\n"
         "         (preprocess_main, ['--hf', '/nonexistent', '--video', 'v.mp4', '--out', 'o.pt']),\n"
@@ -106,7 +112,8 @@ def test_flag_checks_do_not_import_torch(tmp_path):
         "         (hf_to_megatron_main, ['--hf', '/nonexistent', '--out', 'o']),\n"
         "         (megatron_to_hf_main, ['--ckpt', '/nonexistent', '--out', 'o']),\n"
         "         (make_tiny_main, ['--out', 'o', '--config-json', '/nonexistent.json']),\n"
-        "         (config, ['generation.top_p=2'])]\n"
+        "         (config, ['generation.top_p=2']),\n"
+        "         (plan_memory_main, ['--student', '/nonexistent'])]\n"
         "for main, argv in calls:\n"
         "    try:\n"
         "        main(argv)\n"

@@ -261,7 +261,8 @@ class Qwen25VLModel(MegatronModule):
         loss_index: torch.Tensor | None = None,
         layout=None,
         labels_at_index: bool = False,
-    ) -> torch.Tensor:
+        return_logits: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, S, V) — vocab-sharded over TP unless gathered — or per-token loss (B, S)
         when ``labels`` are given; on non-last pipeline stages the hidden states (S, B, H).
 
@@ -283,6 +284,11 @@ class Qwen25VLModel(MegatronModule):
         ``layout`` (an ``AttentionLayout``, local layer spec): the batch is that layout's stream (input_ids
         (b, L); one row for packed ``sequences`` / ``groups``); its position ids are used unless
         ``position_ids`` are given, its visibility rule replaces ``attention_mask`` (which must be None).
+        ``return_logits`` (with ``labels``, last stage): return ``(token_loss, logits)``, the logits being the
+        vocab-parallel (B, R, V/TP) logits the loss was computed from (at ``loss_index`` when given), padded
+        vocabulary entries masked, *not* divided by ``temperature`` (a consumer scales them itself, as the
+        distillation losses do with the same temperature); they keep the graph, so a loss on them
+        back-propagates like the per-token loss.
         """
         if layout is not None:
             position_ids, packed_seq_params = self._layout_inputs(
@@ -344,7 +350,10 @@ class Qwen25VLModel(MegatronModule):
         logits = self.mask_padded_vocab(output)
         if labels is None:
             return logits
-        logits = logits.float()
+        scaled = logits.float()
         if temperature != 1.0:
-            logits = logits / temperature
-        return tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
+            scaled = scaled / temperature
+        elif return_logits and scaled is logits:
+            scaled = scaled.clone()  # megatron's cross-entropy shifts its input in place
+        token_loss = tensor_parallel.vocab_parallel_cross_entropy(scaled, labels)
+        return (token_loss, logits) if return_logits else token_loss
