@@ -25,6 +25,8 @@ def train(cfg: Config, launch) -> int:
     """Train with a configuration already validated without torch (``launch``: the launcher's ranks)."""
     import torch
 
+    from megatron_ral.checkpoint.run_config import write_run_config
+    from megatron_ral.checkpoint.stop_marker import clear_stop_marker, write_stop_marker
     from megatron_ral.checkpoint.training import TrainCheckpointer
     from megatron_ral.logging import MetricsSink, setup_logging
     from megatron_ral.platform import destroy, initialize
@@ -34,11 +36,14 @@ def train(cfg: Config, launch) -> int:
     validate(cfg, world_size=launch.world_size, cuda_available=torch.cuda.is_available())
     setup_logging()
     info = initialize(cfg.parallel, seed=cfg.training.seed, launch=launch)
+    preempt = PreemptionFlag(enabled=cfg.checkpoint.save_on_sigterm)  # a signal during start-up stops after step 1
     try:
+        if info.rank == 0:                                          # the resolved config kept; this run in charge
+            write_run_config(cfg.training.run_dir, to_dict(cfg))
+            clear_stop_marker(cfg.training.run_dir)
         run = T.build(cfg, info)                                    # model (DDP), reference, optimizer, schedule, data
-        ckpt = TrainCheckpointer(run.save_dir, cfg.checkpoint.keep_last, hf_dir=run.hf_dir)
+        ckpt = TrainCheckpointer(run.save_dir, cfg.checkpoint.keep_last, hf_dir=run.hf_dir, run_config=to_dict(cfg))
         start = T.maybe_resume(run, ckpt, cfg) + 1                  # the step to run next
-        preempt = PreemptionFlag(enabled=cfg.checkpoint.save_on_sigterm)
         with MetricsSink(cfg.training.run_dir, cfg.logging, to_dict(cfg), rank=info.rank) as sink:
             if cfg.training.eval_at_start and start == 1:
                 sink.log(0, T.evaluate_now(run, cfg))
@@ -53,6 +58,9 @@ def train(cfg: Config, launch) -> int:
                 if stop or (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0):
                     T.save(run, ckpt, step)
                 if stop:
+                    if info.rank == 0:                              # the job script requeues on it
+                        write_stop_marker(cfg.training.run_dir, step, run.total_steps, preempt.signal_name,
+                                          ckpt.latest())
                     log.warning("stopped by signal after step %d (checkpoint saved)", step)
                     return 0
             if cfg.checkpoint.save_final and (start <= run.total_steps or not ckpt.latest()):

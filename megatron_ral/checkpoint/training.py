@@ -18,6 +18,7 @@ On disk::
         common.pt                           train state, step, layout, scheduler, optimizer hyper-parameters
         metadata.json                       megatron's backend names
         config.json, tokenizer*, ...        the HF side files (the directory converts to HF as it is)
+        run_config.yaml                     the run's resolved configuration (when the trainer gives it)
       iter_0000030.tmp/                   a save in progress, or one that crashed: never read, removed by
                                           the next save
       latest_checkpointed_iteration.txt   "20": written last, atomically
@@ -47,6 +48,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 
@@ -54,6 +56,7 @@ from megatron_ral.checkpoint.convert import CheckpointMismatchError
 from megatron_ral.checkpoint.dist_ckpt_io import DistCheckpointReader
 from megatron_ral.checkpoint.model_io import apply_model_state, model_load_request
 from megatron_ral.checkpoint.output_dir import copy_hf_side_files
+from megatron_ral.checkpoint.run_config import write_checkpoint_config
 from megatron_ral.checkpoint.run_dir import (
     commit,
     is_complete,
@@ -272,14 +275,18 @@ class TrainCheckpointer:
     keep_last: complete checkpoints kept (>= 1); older ones are deleted once a newer one is complete.
     hf_dir: an HF directory whose config/tokenizer/processor files are copied into every checkpoint, so
         that it converts to HF (tools/convert_megatron_to_hf.py) without further arguments.
+    run_config: the run's resolved configuration (``to_dict(cfg)``), written into every checkpoint as
+        ``run_config.yaml`` (see `run_config`).
     """
 
-    def __init__(self, save_dir: str | os.PathLike, keep_last: int = 2, hf_dir: str | os.PathLike | None = None):
+    def __init__(self, save_dir: str | os.PathLike, keep_last: int = 2, hf_dir: str | os.PathLike | None = None,
+                 run_config: Mapping[str, Any] | None = None):
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1 (got {keep_last})")
         self.save_dir = Path(save_dir)
         self.keep_last = keep_last
         self.hf_dir = Path(hf_dir) if hf_dir is not None else None
+        self.run_config = run_config
 
     # -- directory queries (any process, no collectives) --------------------------------------------------
 
@@ -350,6 +357,8 @@ class TrainCheckpointer:
         dist_checkpointing.save(sharded, str(tmp), sharded_strategy=_save_strategy())
         if _rank() == 0 and self.hf_dir is not None:
             copy_hf_side_files(self.hf_dir, tmp)
+        if _rank() == 0 and self.run_config is not None:  # after the side files: replaces a copied older one
+            write_checkpoint_config(tmp, self.run_config)
         _barrier()  # every rank has written its part
         if _rank() == 0:
             commit(tmp, final, step)

@@ -23,6 +23,7 @@ from megatron_ral.data.records import RecordIndex
 from megatron_ral.data.samples import Failure, Sample, SampleBuilder
 from megatron_ral.data.sharding import epoch_order, shard
 from megatron_ral.data.video.backend import BackendChoice, log_choice_once
+from megatron_ral.platform.worker_signals import ignore_foreign_sigterm, signals_blocked
 
 
 class ShardStream(IterableDataset):
@@ -124,8 +125,12 @@ class VisionDataLoader:
             stream, batch_size=None, num_workers=workers, prefetch_factor=per_worker,
             # CUDA (DALI on GPU) cannot be used in forked processes.
             multiprocessing_context="spawn" if self.builder.decoders.uses_gpu else None,
+            # SLURM's SIGTERM reaches the workers too: they leave stopping to the trainer (see worker_signals).
+            worker_init_fn=ignore_foreign_sigterm,
         )
-        yield from loader
+        with signals_blocked():  # the workers start here
+            items = iter(loader)
+        yield from items
 
     def _items(self) -> Iterator:
         epoch, start = self.epoch, self.position

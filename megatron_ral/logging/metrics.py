@@ -72,18 +72,30 @@ class MetricsSink:
         record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
         self._jsonl.write(json.dumps(record) + "\n")
         if self._wandb is not None:
-            self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=int(step))
+            self._guard_wandb("log", lambda: self._wandb.log({k: v for k, v in record.items() if k != "step"},
+                                                             step=int(step)))
         if self._tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and v is not None:
                     self._tb.add_scalar(k, v, int(step))
+
+    def _guard_wandb(self, what: str, call) -> None:
+        """A wandb call that fails (e.g. its service process was ended by the job step's SIGTERM, which SLURM
+        sends to every process of the step) drops the wandb sink with one warning: metrics.jsonl goes on, and
+        a preempted run still saves and exits 0."""
+        try:
+            call()
+        except Exception as e:  # noqa: BLE001 - a logging sink must not stop training or its checkpoint
+            log.warning("wandb %s failed (%s: %s); metrics go to metrics.jsonl only from here",
+                        what, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            self._wandb = None
 
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
         if self._wandb is not None:
-            self._wandb.finish()
+            self._guard_wandb("finish", self._wandb.finish)
             self._wandb = None
         if self._tb is not None:
             self._tb.close()

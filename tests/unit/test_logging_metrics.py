@@ -42,3 +42,30 @@ def test_progress_passes_items_through(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     assert list(progress(range(5), desc="x")) == [0, 1, 2, 3, 4]
     assert list(progress(range(3), enabled=False)) == [0, 1, 2]
+
+
+def test_wandb_service_killed_by_the_job_signal_does_not_stop_the_run(tmp_path, monkeypatch, caplog):
+    """SLURM signals every process of a job step, wandb's service process included: its death must not turn a
+    preempted run's save-and-exit-0 into a crash (seen on a real SLURM job: wandb.finish raised)."""
+    import signal
+    import time
+
+    import psutil
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_DISABLE_SERVICE", "false")
+    sink = MetricsSink(tmp_path, LoggingConfig(wandb_mode="offline"), {"a": 1}, rank=0)
+    assert sink._wandb is not None, "wandb did not start: nothing to test"
+    sink.log(1, {"x": 1.0})
+    service = [c for c in psutil.Process().children(recursive=True) if "wandb" in " ".join(c.cmdline()).lower()]
+    assert service, "no wandb service process found"
+    for c in service:
+        c.send_signal(signal.SIGTERM)
+    psutil.wait_procs(service, timeout=10)
+    time.sleep(0.2)
+    with caplog.at_level(logging.WARNING):
+        sink.log(2, {"x": 2.0})
+        sink.close()                                  # no exception
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert sink._wandb is None
