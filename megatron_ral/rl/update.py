@@ -68,8 +68,12 @@ def minibatch_normalisers(micro_batches: list[MicroBatch], dp_group=None) -> dic
 
 def minibatch_loss(mb: MicroBatch, logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
                    rows: torch.Tensor | None, p_old: torch.Tensor | None, norms: dict[str, float],
-                   s: LossSettings) -> tuple[torch.Tensor, dict[str, float]]:
-    """This micro-batch's share of the mini-batch loss, and its metric sums."""
+                   s: LossSettings, per_row=None) -> tuple[torch.Tensor, dict[str, float]]:
+    """This micro-batch's share of the mini-batch loss, and its metric sums.
+
+    ``per_row`` (``CaptureResult.per_row``): maps per-row values of the captured rows to the batch's [B, R]
+    (under context parallelism ``rows`` / ``p_old`` are this rank's rows and the divergences are summed over
+    the CP group there); None: the rows are the batch's."""
     dev = logp.device
     valid = (mb.response_mask & (mb.weight[:, None] > 0)).to(dev)
     adv = mb.advantages.to(dev)
@@ -86,12 +90,16 @@ def minibatch_loss(mb: MicroBatch, logp: torch.Tensor, old_logp: torch.Tensor, r
     loss = L.aggregate(per_token, w, d_pol)
     if rows is not None and p_old is not None and s.lambda_attn > 0:
         attn = L.attention_loss(rows, p_old.to(rows.device, rows.dtype), adv, s.attn_divergence)
+        if per_row is not None:
+            attn = per_row(attn)
         wa = L.token_weights(valid, s.attn_aggregation)
         la = L.aggregate(attn, wa, norms[L.normaliser_kind(s.attn_aggregation)])
         loss = loss + s.lambda_attn * la
         metrics["loss/attn"] = float(la.detach())
         with torch.no_grad():
             j = jsd(rows.detach(), p_old.to(rows.device, rows.dtype))
+            if per_row is not None:
+                j = per_row(j)
             metrics["attn/jsd_old"] = float(torch.where(valid, j, torch.zeros_like(j)).sum())
             metrics["attn/jsd_tokens"] = float(valid.sum())
     metrics["loss/total"] = float(loss.detach())
@@ -122,11 +130,13 @@ def policy_update(ctx: PassContext, batch: RolloutBatch, micro_batches: list[Mic
         old = batch.old_logprobs[mb.index] if use_old_logprobs else logp.detach()
         rows = result.rows if (result is not None and result.active) else None
         p_old = store.get(mb.index, device=logp.device) if (use_attention and rows is not None) else None
+        per_row = result.per_row if rows is not None else None
         loss, metrics = minibatch_loss(mb, logp, old, batch.ref_logprobs.get(mb.index),
-                                       rows if use_attention else None, p_old, norms, settings)
+                                       rows if use_attention else None, p_old, norms, settings, per_row)
         chosen = diagnostic_sequences(batch, mb) if diagnostics is not None else None
         if chosen is not None and rows is not None and bool(chosen.any()):
-            metrics.update(attention_diagnostics(rows.detach(), mb, *diagnostics, chosen))
+            with torch.no_grad():
+                metrics.update(attention_diagnostics(rows.detach(), mb, *diagnostics, chosen, per_row))
         if not math.isfinite(metrics["loss/total"]):
             nonfinite[0] = True
         return loss, metrics
