@@ -49,8 +49,9 @@ class RLContext:
     dp_size: int = 1
     dp_group: object = None
     tp_group: object = None
+    cp_group: object = None             # context-parallel group (None at CP = 1): generators sharing the prompts
     rollout_owner: bool = True          # model-parallel rank 0 of its data-parallel group
-    loss_owner: bool = True             # tensor-parallel rank 0 of the last pipeline stage
+    loss_owner: bool = True             # tensor-parallel (and context-parallel) rank 0 of the last pipeline stage
 
 
 @dataclass
@@ -89,7 +90,7 @@ def rl_step(ctx: RLContext, loader_batch: Batch, step: int) -> StepResult:
     # 1. rollouts with the current weights (every rank of the model-parallel group gets the same tokens)
     with timer("gen"):
         batch = generate_rollouts(model, prompts, loader_batch.records, keys, ctx.tokenizer, ctx.rollout, step,
-                                  ctx.stop_token_ids, ctx.suppress_token_ids)
+                                  ctx.stop_token_ids, ctx.suppress_token_ids, ctx.cp_group)
 
     # 2. the step's micro-batches: mini-batch m of the (prompt-major) sequences, micro_batch_size each
     minibatches = ctx.updates_per_rollout // ctx.epochs_per_rollout
