@@ -35,6 +35,7 @@ CONSOLE_SCRIPTS = [
     "megatron-ral-generate = megatron_ral.cli.generate:cli",
     "megatron-ral-dump-attention = megatron_ral.cli.dump_attention:cli",
     "megatron-ral-evaluate = megatron_ral.cli.evaluate:cli",
+    "megatron-ral-plan-memory = megatron_ral.cli.plan_memory:cli",
 ]
 
 setup(

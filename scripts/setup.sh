@@ -3,6 +3,11 @@
 #
 #   bash scripts/setup.sh            # idempotent: a no-op when .venv is up to date
 #   PYTHON=python3.11 bash scripts/setup.sh
+#   MEGATRON_RAL_EXTRAS=video,test,bench bash scripts/setup.sh   # what scripts/test.sh (and CI) asks for
+#
+# Extras (setup.py): video,test by default; the test environment adds bench (TRL, for the loss-parity test
+# against TRL's GRPOTrainer), which the library itself never needs. Extras accumulate: a venv set up with
+# more extras is up to date for fewer, and a reinstall keeps the extras installed before.
 #
 # Versions come from constraints.txt (the exact tested environment; setup.py keeps ranges). torch and
 # torchvision are installed first, pinned to their constraints.txt versions; otherwise pip resolves an
@@ -21,15 +26,33 @@ pin_of() {  # the constraints.txt line of a package, e.g. torch==2.14.1
 TORCH_PIN="$(pin_of torch)"
 TORCHVISION_PIN="$(pin_of torchvision)"
 MCORE_PIN="$(pin_of megatron-core)"
+EXTRAS="${MEGATRON_RAL_EXTRAS:-video,test}"
+if [[ ! "$EXTRAS" =~ ^[a-z]+(,[a-z]+)*$ ]]; then
+  echo "[setup] error: MEGATRON_RAL_EXTRAS must be a comma-separated list of setup.py extras, got '$EXTRAS'" >&2
+  exit 2
+fi
 
 stamp_of() {
   cat setup.py constraints.txt scripts/setup.sh | sha256sum | cut -d' ' -f1
 }
-STAMP="$VENV/.megatron_ral_stamp"
+STAMP="$VENV/.megatron_ral_stamp"   # "<hash> <extras>"
 want="$(stamp_of)"
-if [[ -x "$VENV/bin/python" && -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]]; then
-  echo "[setup] .venv is up to date"
+have_hash="" have_extras=""
+if [[ -f "$STAMP" ]]; then
+  read -r have_hash have_extras < "$STAMP" || true
+fi
+extras_covered() {  # every requested extra is among the installed ones
+  local e
+  for e in ${EXTRAS//,/ }; do
+    [[ ",$have_extras," == *",$e,"* ]] || return 1
+  done
+}
+if [[ -x "$VENV/bin/python" && "$have_hash" == "$want" ]] && extras_covered; then
+  echo "[setup] .venv is up to date (extras: $have_extras)"
   exit 0
+fi
+if [[ -x "$VENV/bin/python" && -n "$have_extras" ]]; then
+  EXTRAS="$(tr ',' '\n' <<<"$have_extras,$EXTRAS" | sort -u | paste -sd, -)"
 fi
 
 if ! "$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)'; then
@@ -73,14 +96,18 @@ pip_install --upgrade pip
 echo "[setup] installing $TORCH_PIN $TORCHVISION_PIN (first, pinned)"
 pip_install -c "$CONSTRAINTS" "$TORCH_PIN" "$TORCHVISION_PIN"
 "$VENV/bin/python" -c "import torch, torchvision" || { echo "[setup] error: torch/torchvision failed to import" >&2; exit 1; }
-echo "[setup] installing megatron_ral (editable) with $MCORE_PIN and the [video,test] extras, versions from constraints.txt"
+echo "[setup] installing megatron_ral (editable) with $MCORE_PIN and the [$EXTRAS] extras, versions from constraints.txt"
 # The torch pins are repeated so that no dependency can move torch away from the pinned build.
-pip_install -c "$CONSTRAINTS" -e ".[video,test]" "$MCORE_PIN" "$TORCH_PIN" "$TORCHVISION_PIN"
+pip_install -c "$CONSTRAINTS" -e ".[$EXTRAS]" "$MCORE_PIN" "$TORCH_PIN" "$TORCHVISION_PIN"
 echo "[setup] checking imports"
-"$VENV/bin/python" - <<'PY'
-import importlib, sys
+EXTRAS="$EXTRAS" "$VENV/bin/python" - <<'PY'
+import importlib, os, sys
 missing = []
-for mod in ["megatron_ral", "torch", "torchvision", "megatron.core", "transformers", "safetensors", "psutil", "yaml", "av", "nvidia.dali", "pytest"]:
+modules = ["megatron_ral", "torch", "torchvision", "megatron.core", "transformers", "safetensors", "psutil", "yaml"]
+by_extra = {"video": ["av", "nvidia.dali"], "test": ["pytest"], "bench": ["trl"]}
+for extra in os.environ["EXTRAS"].split(","):
+    modules += by_extra.get(extra, [])
+for mod in modules:
     try:
         importlib.import_module(mod)
     except Exception as e:  # noqa: BLE001 - report every failure
@@ -91,4 +118,4 @@ if missing:
 import torch, megatron.core, transformers
 print(f"[setup] ok: torch {torch.__version__}, megatron-core {megatron.core.__version__}, transformers {transformers.__version__}")
 PY
-echo "$want" > "$STAMP"
+echo "$want $EXTRAS" > "$STAMP"

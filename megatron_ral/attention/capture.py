@@ -314,15 +314,15 @@ class AttentionCapture:
             )
         with contextlib.nullcontext() if want_grad else torch.no_grad():
             if self.cp_group is not None:
-                q_rows, key, layout, result.cp = self._cp_rows_and_keys(query, key, layout)
+                q_rows, key, host, result.cp = self._cp_rows_and_keys(query, key, layout)
             else:
                 layout.validate(key.shape[0])
-                layout = layout.to(query.device)
-                q_rows = gather_rows(query, layout)
+                host = layout  # as given (the trainer's is on the host): attention_policy plans its chunks from it
+                q_rows = gather_rows(query, layout.to(query.device))
             if keep_qk:
-                result.qk = CapturedQK(q=q_rows.detach(), k=key.detach(), layout=layout, softmax_scale=softmax_scale)
+                result.qk = CapturedQK(q=q_rows.detach(), k=key.detach(), layout=host, softmax_scale=softmax_scale)
             if keep_rows:
-                result.rows = self._policy(q_rows, key, layout, softmax_scale, want_grad)
+                result.rows = self._policy(q_rows, key, host, softmax_scale, want_grad)
 
     def _cp_rows_and_keys(self, query: Tensor, key: Tensor, layout: RowLayout):
         """This CP rank's response rows of ``layout`` (queries it holds), the whole key sequence (all-gathered,
@@ -334,9 +334,8 @@ class AttentionCapture:
         keys = gather_sequence_cp(key, self.cp_group)
         layout = pad_keys(layout, share.length)
         layout.validate(share.length)
-        layout = layout.to(query.device)
-        positions, rows, compact = owned_rows(layout, share)
-        q_rows = gather_rows(query, RowLayout(row_index=positions))
+        positions, rows, compact = owned_rows(layout, share)  # where the layout is (the host, for the trainer)
+        q_rows = gather_rows(query, RowLayout(row_index=positions.to(query.device)))
         return q_rows, keys, compact, rows
 
     def _policy(self, q_rows: Tensor, key: Tensor, layout: RowLayout, scale: float, want_grad: bool) -> Tensor:

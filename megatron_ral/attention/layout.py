@@ -63,10 +63,10 @@ class RowLayout:
                 raise ValueError(f"{name} must be [B, T] = {(b, num_keys)}, got {tuple(t.shape)}")
         if r > 0:
             idx = self.row_index if self.row_valid is None else self.row_index[self.row_valid]
-            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= num_keys):
-                raise ValueError(
-                    f"row_index values must lie in [0, {num_keys}); got [{int(idx.min())}, {int(idx.max())}]"
-                )
+            if idx.numel():
+                lo, hi = torch.stack([idx.min(), idx.max()]).tolist()  # one read
+                if lo < 0 or hi >= num_keys:
+                    raise ValueError(f"row_index values must lie in [0, {num_keys}); got [{lo}, {hi}]")
 
     def to(self, device: torch.device | str) -> "RowLayout":
         def mv(t: Tensor | None) -> Tensor | None:

@@ -23,7 +23,7 @@ bf16 storage), bytes of rows-bf16 over bytes of qk per sample and rank:
     queries (fp16 rows: 3%; T=2k, R=256): noise of the same order as the signal RAL acts on.
   * cost: one no-grad capture forward per mini-batch, about a third of the capture's forward+backward
     and small against the model forward.
-Use ``mode="rows"`` (``dtype="fp32"`` for exact rows) when responses are short and TP=1.
+Use ``mode="rows"`` (``dtype="auto"`` or ``"fp32"`` for exact rows) when responses are short and TP=1.
 Either store can live in host memory (``offload=True``; pinned when CUDA is present) between phases.
 """
 
@@ -50,8 +50,10 @@ class OldPolicyConfig:
 
     Attributes:
         mode: "qk" (store Q rows + K, recompute) or "rows" (store p_old).
-        dtype: storage dtype name ("bf16", "fp16", "fp32", "fp64"); None keeps Q/K in their own dtype
-            ("qk") or uses bf16 ("rows"; bf16 keeps fp32's range, fp16 underflows below 6e-8).
+        dtype: storage dtype name ("bf16", "fp16", "fp32", "fp64"); "auto" keeps what the old pass gives:
+            Q/K in their own dtype, rows in the dtype they are computed in (fp32, or fp64 from fp64 Q/K),
+            so p_old is exact; None keeps Q/K in their own dtype ("qk") or uses bf16 ("rows"; bf16 keeps
+            fp32's range, fp16 underflows below 6e-8).
         offload: keep the stored tensors in host memory.
         pin_memory: pin the host copies (only when CUDA is available).
     """
@@ -64,8 +66,8 @@ class OldPolicyConfig:
     def __post_init__(self) -> None:
         if self.mode not in STORE_MODES:
             raise ValueError(f"old_policy.mode must be one of {STORE_MODES}, got {self.mode!r}")
-        if self.dtype is not None and self.dtype not in _DTYPES:
-            raise ValueError(f"old_policy.dtype must be one of {tuple(_DTYPES)} or None, got {self.dtype!r}")
+        if self.dtype is not None and self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(f"old_policy.dtype must be one of {tuple(_DTYPES)}, 'auto' or None, got {self.dtype!r}")
 
 
 @dataclass
@@ -125,6 +127,8 @@ class OldPolicyStore(abc.ABC):
         return host
 
     def _storage_dtype(self, default: torch.dtype | None) -> torch.dtype | None:
+        if self.config.dtype == "auto":
+            return None  # as given
         return _DTYPES[self.config.dtype] if self.config.dtype is not None else default
 
     @abc.abstractmethod
@@ -150,7 +154,7 @@ class OldPolicyStore(abc.ABC):
 
 
 class RowStore(OldPolicyStore):
-    """Stores the rows p_old themselves (bf16 by default)."""
+    """Stores the rows p_old themselves (bf16 when no dtype is given; "auto": as computed)."""
 
     def put(self, key: Hashable, capture: CapturedQK) -> None:
         with torch.no_grad():

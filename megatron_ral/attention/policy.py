@@ -86,30 +86,36 @@ def _group_size(group: dist.ProcessGroup | None) -> int:
     return dist.get_world_size(group)
 
 
-def _key_range(layout: RowLayout, b: int, r0: int, r1: int) -> tuple[int, int] | None:
-    """Smallest key interval [k0, k1) containing every key visible to rows r0..r1-1; None if none."""
-    pos = layout.row_index[b, r0:r1].long()
-    if layout.row_valid is not None:
-        pos = pos[layout.row_valid[b, r0:r1]]
-    if pos.numel() == 0:
-        return None
-    k1 = int(pos.max()) + 1
-    k0 = 0
-    if layout.segment_ids is not None or layout.key_valid is not None:
-        vis = allowed_keys(layout, b, r0, r1, 0, k1, strict=False).any(0)
-        nz = torch.nonzero(vis)
-        if nz.numel() == 0:
-            return None
-        k0 = int(nz[0])
-    return k0, k1
+def _plan(layout: RowLayout, num_rows: int, rows: int) -> list[tuple[int, int, int, int, int]]:
+    """The chunks (b, r0, r1, k0, k1) of a capture: rows r0..r1-1 of sample b and the smallest key interval
+    [k0, k1) holding every key they may see; chunks without a visible key are left out.
 
-
-def _chunks(layout: RowLayout, b: int, num_rows: int, rows: int):
-    for r0 in range(0, num_rows, rows):
-        r1 = min(num_rows, r0 + rows)
-        rng = _key_range(layout, b, r0, r1)
-        if rng is not None:
-            yield r0, r1, rng[0], rng[1]
+    Decided on the host once per call, with a fixed number of reads of the layout whatever the number of
+    chunks (on a GPU each read of a device tensor is a synchronisation; pass a host layout and there are
+    none)."""
+    batch = layout.batch_size
+    positions = layout.row_index.long().tolist()
+    valid = layout.row_valid.tolist() if layout.row_valid is not None else None
+    chunks, firsts = [], []
+    for b in range(batch):
+        for r0 in range(0, num_rows, rows):
+            r1 = min(num_rows, r0 + rows)
+            pos = [positions[b][r] for r in range(r0, r1) if valid is None or valid[b][r]]
+            if not pos:
+                continue
+            k1 = max(pos) + 1
+            chunks.append([b, r0, r1, 0, k1])
+            if layout.segment_ids is not None or layout.key_valid is not None:
+                vis = allowed_keys(layout, b, r0, r1, 0, k1, strict=False).any(0)
+                firsts.append(torch.stack([vis.any().long(), vis.long().argmax()]))
+    if not firsts:
+        return [tuple(c) for c in chunks]
+    out = []
+    for c, (visible, k0) in zip(chunks, torch.stack(firsts).tolist()):
+        if visible:
+            c[3] = k0
+            out.append(tuple(c))
+    return out
 
 
 class _Workspace:
@@ -155,33 +161,30 @@ def _rowdot(a: Tensor, b: Tensor, tmp: Tensor) -> Tensor:
 
 class _AttentionPolicy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, layout, scale, group, chunk):  # noqa: D401 - autograd signature
+    def forward(ctx, q, k, layout, plan, scale, group, rows, hc):  # noqa: D401 - autograd signature
         num_rows, batch, hq, d = q.shape
         num_keys, _, hkv, _ = k.shape
         n_rep = hq // hkv
-        hc = min(chunk.heads_per_chunk, n_rep)
         cdt = compute_dtype(q, k)
-        rows = chunk.rows_per_chunk(hc, num_keys, torch.finfo(cdt).bits // 8)
 
         out = torch.zeros(batch, num_rows, num_keys, dtype=cdt, device=q.device)
         lse = torch.zeros(batch, hq, num_rows, dtype=cdt, device=q.device)
         ws = _Workspace(hc, min(rows, num_rows), num_keys, cdt, q.device)
-        for b in range(batch):
-            for r0, r1, k0, k1 in _chunks(layout, b, num_rows, rows):
-                bias = _bias(layout, b, r0, r1, k0, k1, cdt)
-                acc = out[b, r0:r1, k0:k1]
-                q_rows = q[r0:r1, b]
-                for g, heads in _head_blocks(hkv, n_rep, hc):
-                    kg = k[k0:k1, b, g].to(cdt)
-                    s = _scores(ws.score_view(len(heads), r1 - r0, k1 - k0), q_rows, heads, kg, bias, scale)
-                    m = s.amax(dim=-1)
-                    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-                    s.sub_(m.unsqueeze(-1)).exp_()
-                    z = s.sum(dim=-1)
-                    z = torch.where(z > 0, z, torch.ones_like(z))
-                    s.div_(z.unsqueeze(-1))
-                    acc += s.sum(dim=0) if len(heads) > 1 else s[0]
-                    lse[b, heads.start : heads.stop, r0:r1] = m + torch.log(z)
+        for b, r0, r1, k0, k1 in plan:
+            bias = _bias(layout, b, r0, r1, k0, k1, cdt)
+            acc = out[b, r0:r1, k0:k1]
+            q_rows = q[r0:r1, b]
+            for g, heads in _head_blocks(hkv, n_rep, hc):
+                kg = k[k0:k1, b, g].to(cdt)
+                s = _scores(ws.score_view(len(heads), r1 - r0, k1 - k0), q_rows, heads, kg, bias, scale)
+                m = s.amax(dim=-1)
+                m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+                s.sub_(m.unsqueeze(-1)).exp_()
+                z = s.sum(dim=-1)
+                z = torch.where(z > 0, z, torch.ones_like(z))
+                s.div_(z.unsqueeze(-1))
+                acc += s.sum(dim=0) if len(heads) > 1 else s[0]
+                lse[b, heads.start : heads.stop, r0:r1] = m + torch.log(z)
         del ws
 
         if _group_size(group) > 1:
@@ -202,6 +205,7 @@ class _AttentionPolicy(torch.autograd.Function):
 
         ctx.save_for_backward(q, k, out, lse, norm)
         ctx.layout = layout
+        ctx.plan = plan
         ctx.scale = scale
         ctx.rows = rows
         ctx.hc = hc
@@ -211,7 +215,7 @@ class _AttentionPolicy(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         q, k, out, lse, norm = ctx.saved_tensors
-        layout, scale, rows, hc = ctx.layout, ctx.scale, ctx.rows, ctx.hc
+        layout, plan, scale, rows, hc = ctx.layout, ctx.plan, ctx.scale, ctx.rows, ctx.hc
         num_rows, batch, hq, d = q.shape
         num_keys, _, hkv, _ = k.shape
         n_rep = hq // hkv
@@ -220,38 +224,37 @@ class _AttentionPolicy(torch.autograd.Function):
         dq = torch.zeros(q.shape, dtype=cdt, device=q.device) if ctx.needs_input_grad[0] else None
         dk = torch.zeros(k.shape, dtype=cdt, device=k.device) if ctx.needs_input_grad[1] else None
         if dq is None and dk is None:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None
 
         ws = _Workspace(hc, min(rows, num_rows), num_keys, cdt, q.device)
-        for b in range(batch):
-            for r0, r1, k0, k1 in _chunks(layout, b, num_rows, rows):
-                nr, nk = r1 - r0, k1 - k0
-                tmp = ws.row_view(nr, nk)
-                bias = _bias(layout, b, r0, r1, k0, k1, cdt)
-                before = allowed_keys(layout, b, r0, r1, k0, k1, strict=True)
-                p_c = out[b, r0:r1, k0:k1]
-                dp_c = grad_out[b, r0:r1, k0:k1].to(cdt)
-                # Gradient w.r.t. the head sum S (renormalisation backward); p is zero outside [k0, k1).
-                ds_sum = (dp_c - _rowdot(dp_c, p_c, tmp)).masked_fill_(~before, 0.0)
-                ds_sum.div_(norm[b, r0:r1].unsqueeze(-1))
-                del before, dp_c
-                q_rows = q[r0:r1, b]
-                for g, heads in _head_blocks(hkv, n_rep, hc):
-                    kg = k[k0:k1, b, g].to(cdt)
-                    s = _scores(ws.score_view(len(heads), nr, nk), q_rows, heads, kg, bias, scale)
-                    s.sub_(lse[b, heads.start : heads.stop, r0:r1].unsqueeze(-1)).exp_()  # recomputed probs
-                    for j, h in enumerate(heads):
-                        # softmax backward in place: s_h <- s_h * (dS - <dS, s_h>)
-                        torch.sub(ds_sum, _rowdot(s[j], ds_sum, tmp), out=tmp)
-                        s[j].mul_(tmp)
-                        if dq is not None:
-                            dq[r0:r1, b, h].addmm_(s[j], kg, alpha=scale)
-                        if dk is not None:
-                            dk[k0:k1, b, g].addmm_(s[j].transpose(0, 1), q_rows[:, h].to(cdt), alpha=scale)
+        for b, r0, r1, k0, k1 in plan:
+            nr, nk = r1 - r0, k1 - k0
+            tmp = ws.row_view(nr, nk)
+            bias = _bias(layout, b, r0, r1, k0, k1, cdt)
+            before = allowed_keys(layout, b, r0, r1, k0, k1, strict=True)
+            p_c = out[b, r0:r1, k0:k1]
+            dp_c = grad_out[b, r0:r1, k0:k1].to(cdt)
+            # Gradient w.r.t. the head sum S (renormalisation backward); p is zero outside [k0, k1).
+            ds_sum = (dp_c - _rowdot(dp_c, p_c, tmp)).masked_fill_(~before, 0.0)
+            ds_sum.div_(norm[b, r0:r1].unsqueeze(-1))
+            del before, dp_c
+            q_rows = q[r0:r1, b]
+            for g, heads in _head_blocks(hkv, n_rep, hc):
+                kg = k[k0:k1, b, g].to(cdt)
+                s = _scores(ws.score_view(len(heads), nr, nk), q_rows, heads, kg, bias, scale)
+                s.sub_(lse[b, heads.start : heads.stop, r0:r1].unsqueeze(-1)).exp_()  # recomputed probs
+                for j, h in enumerate(heads):
+                    # softmax backward in place: s_h <- s_h * (dS - <dS, s_h>)
+                    torch.sub(ds_sum, _rowdot(s[j], ds_sum, tmp), out=tmp)
+                    s[j].mul_(tmp)
+                    if dq is not None:
+                        dq[r0:r1, b, h].addmm_(s[j], kg, alpha=scale)
+                    if dk is not None:
+                        dk[k0:k1, b, g].addmm_(s[j].transpose(0, 1), q_rows[:, h].to(cdt), alpha=scale)
 
         gq = None if dq is None else dq.to(q.dtype)
         gk = None if dk is None else dk.to(k.dtype)
-        return gq, gk, None, None, None, None
+        return gq, gk, None, None, None, None, None, None
 
 
 def attention_policy(
@@ -289,12 +292,15 @@ def attention_policy(
         raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
     if (layout.batch_size, layout.num_rows) != (batch, num_rows):
         raise ValueError(f"layout is [B, R] = {(layout.batch_size, layout.num_rows)}, q gives {(batch, num_rows)}")
-    layout.validate(num_keys)
     if require_grad and not torch.is_grad_enabled():
         raise RuntimeError(
             "attention_policy called with autograd disabled but require_grad=True: the capture must not run "
             "inside a no_grad region such as megatron's selective core-attention recompute"
         )
+    layout.validate(num_keys)
+    hc = min(chunk.heads_per_chunk, hq // hkv)
+    rows = chunk.rows_per_chunk(hc, num_keys, torch.finfo(compute_dtype(q, k)).bits // 8)
+    plan = _plan(layout, num_rows, rows)   # on the layout as given (a host layout: no device reads)
     layout = layout.to(q.device)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(d)
-    return _AttentionPolicy.apply(q, k, layout, scale, tp_group, chunk)
+    return _AttentionPolicy.apply(q, k, layout, plan, scale, tp_group, rows, hc)

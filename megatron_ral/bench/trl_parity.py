@@ -133,11 +133,11 @@ class _Ours:
             chunk.zero_grad_buffer()
             chunk.train()
         metrics = run_pass(self._ctx(), batch.micro_batches, consume, forward_only=False)
-        loss = sum(m["loss/total"] for m in metrics)
+        loss = sum(float(m["loss/total"]) for m in metrics)
         grads = {n: p.main_grad.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
         info = {"micro_batches": len(batch.micro_batches), "tokens": norms["tokens"],
-                "clipped_tokens": sum(m["loss/clip_tokens"] for m in metrics),
-                "kl": sum(m.get("loss/kl", 0.0) for m in metrics)}
+                "clipped_tokens": sum(float(m["loss/clip_tokens"]) for m in metrics),
+                "kl": sum(float(m.get("loss/kl", 0.0)) for m in metrics)}
         return loss, grads, info
 
 

@@ -4,6 +4,7 @@
     safetensors_io     streaming reader/writer of (sharded) HF safetensors checkpoints
     dist_ckpt_io       megatron-core torch_dist checkpoints written and read chunk by chunk
     model_io           a model's weights saved / loaded as a layout-free torch_dist checkpoint
+    initial_weights    a model's starting checkpoint: a Megatron one, or an HF directory converted once per run
     training           the training checkpoint: model, optimizer, LR scheduler, train and per-rank state;
                        written all-or-nothing, resumable at another TP/PP/DP layout
     run_dir            a run's iter_N checkpoints, temporary saves, the latest pointer, pruning (files only)

@@ -92,6 +92,10 @@ class AlgorithmConfig:
         always the global one (all micro-batches, pipeline stages and data-parallel ranks).
     clip_eps / clip_eps_high: PPO ratio clip range [1 - clip_eps, 1 + clip_eps_high] (high defaults to low).
     kl_beta: weight of the k3 KL to the reference policy (paper: 0.04); 0 skips the reference pass.
+    kl_clamp: bound c on the log-ratio d = ref_logp - logp of each token before the k3 term e^d - d - 1 is
+        formed (d clipped to [-c, c], so k3 <= e^c - c - 1; tokens beyond the bound get no KL gradient). The
+        k3 value itself is not clipped (verl bounds d at 20 and k3 at 10). null or 0: no bound (k3 can
+        overflow to inf when the policy drifts far from the reference, and the step is then skipped).
     reference_placement: where the reference weights live between reference passes: "device" (a resident copy)
         or "host" (host memory, copied in for each reference pass; saves device memory).
     adv_eps: A = (r - mean) / (std + adv_eps) per prompt group (unbiased std).
@@ -102,7 +106,11 @@ class AlgorithmConfig:
     attn_aggregation: "token_mean" (Eq. 3: mean over the response tokens of the global mini-batch) or "sum"
         (Sec. 3.4: sum over each response's tokens, mean over the global mini-batch's responses).
     old_policy_store: how p_old is kept between the old pass and the updates: "qk" (last-layer Q rows + K,
-        recomputed exactly) or "rows" (the rows, bf16); old_policy_offload keeps it in host memory.
+        recomputed) or "rows" (the rows themselves); old_policy_offload keeps it in host memory.
+    old_policy_dtype: the store's dtype: "auto" (Q/K in the model's dtype, rows in the dtype they are
+        computed in, fp32: p_old is exact and the first update's attention gradient is exactly 0), or
+        "bf16" / "fp16" / "fp32" (rounded rows give a spurious first-update gradient: measured at 23% (bf16)
+        and 3% (fp16) of the gradient after a 1% change of the queries; see attention/old_policy.py).
     gkd_mu, gamma_attn: distillation weights (logit GKD and attention JSD to the teacher).
     gkd_divergence: the GKD divergence between the student's p_theta and the teacher's p_phi output
         distributions (softmax(logits / generation.temperature)), per response token:
@@ -128,6 +136,7 @@ class AlgorithmConfig:
     clip_eps: float = 0.2
     clip_eps_high: Optional[float] = None
     kl_beta: float = 0.04
+    kl_clamp: Optional[float] = None
     reference_placement: str = "device"
     adv_eps: float = 1e-6
     drop_zero_std_groups: bool = False
@@ -135,6 +144,7 @@ class AlgorithmConfig:
     attn_divergence: str = "jsd"
     attn_aggregation: str = "token_mean"
     old_policy_store: str = "qk"
+    old_policy_dtype: str = "auto"
     old_policy_offload: bool = False
     gkd_mu: float = 1.0
     gamma_attn: float = 0.5
@@ -166,7 +176,17 @@ class GenerationConfig:
 
 @dataclass
 class OptimizerConfig:
-    """Adam(W) through megatron-core's optimizer (distributed when parallel.use_distributed_optimizer)."""
+    """Adam(W) through megatron-core's optimizer (distributed when parallel.use_distributed_optimizer).
+
+    initial_loss_scale: model.dtype fp16 only: the starting value of megatron's dynamic loss scale (the
+        loss is multiplied by it before backward and the gradients divided by it before the update). A
+        step whose gradients overflow is skipped, counted in train/loss_scale_skips (not in
+        train/skipped_updates nor by training.max_consecutive_skips); the scale halves at every overflow
+        but the first since it last grew (megatron's hysteresis of 2) and doubles after 1000 updates without
+        one; it never goes below 1.
+        train/loss_scale logs the scale at the end of each step. Default 2^16 (torch's GradScaler's);
+        megatron's own default, 2^32, would cost about 17 skipped updates before the first one that counts.
+    """
 
     lr: float = 1e-5
     min_lr: float = 0.0
@@ -177,6 +197,7 @@ class OptimizerConfig:
     clip_grad: float = 1.0
     warmup_steps: int = 0
     lr_schedule: str = "constant"
+    initial_loss_scale: float = 65536.0
 
 
 @dataclass

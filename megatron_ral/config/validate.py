@@ -129,6 +129,7 @@ def validate(cfg: Config, world_size: int | None = None, dims: ModelDims | None 
     _one_of(a.loss_aggregation, LOSS_AGGREGATIONS, "algorithm.loss_aggregation")
     _one_of(a.reference_placement, ("device", "host"), "algorithm.reference_placement")
     _one_of(a.old_policy_store, ("qk", "rows"), "algorithm.old_policy_store")
+    _one_of(a.old_policy_dtype, ("auto", "bf16", "fp16", "fp32"), "algorithm.old_policy_dtype")
     _check(a.adv_eps > 0, "algorithm.adv_eps", f"must be > 0, got {a.adv_eps}")
     if a.name in ("ral", "ral_distill") and a.lambda_attn > 0:
         _check(a.updates_per_rollout >= 2, "algorithm.updates_per_rollout",
@@ -138,6 +139,8 @@ def validate(cfg: Config, world_size: int | None = None, dims: ModelDims | None 
     if a.clip_eps_high is not None:
         _check(a.clip_eps_high > 0, "algorithm.clip_eps_high", f"must be > 0, got {a.clip_eps_high}")
     _check(a.kl_beta >= 0, "algorithm.kl_beta", f"must be >= 0, got {a.kl_beta}")
+    _check(a.kl_clamp is None or a.kl_clamp >= 0, "algorithm.kl_clamp",
+           f"must be > 0 (a bound on the log-ratio), or 0 / null for none; got {a.kl_clamp}")
     _check(a.lambda_attn >= 0, "algorithm.lambda_attn", f"must be >= 0, got {a.lambda_attn}")
     _one_of(a.attn_divergence, ("jsd", "kl", "reverse_kl"), "algorithm.attn_divergence")
     _one_of(a.attn_aggregation, ("token_mean", "sum"), "algorithm.attn_aggregation")
@@ -171,6 +174,8 @@ def validate(cfg: Config, world_size: int | None = None, dims: ModelDims | None 
     _check(o.clip_grad >= 0, "optimizer.clip_grad", "must be >= 0 (0 disables clipping)")
     _check(o.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
     _one_of(o.lr_schedule, ("constant", "linear", "cosine"), "optimizer.lr_schedule")
+    _check(o.initial_loss_scale >= 1, "optimizer.initial_loss_scale",
+           f"must be >= 1 (megatron's smallest dynamic loss scale), got {o.initial_loss_scale}")
 
     t = cfg.training
     _check(t.prompts_per_step >= 1, "training.prompts_per_step", "must be >= 1")

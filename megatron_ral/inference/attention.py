@@ -23,8 +23,10 @@ MultimodalRotaryEmbedding and rotation function). Cached keys are thus rotated e
 
 Under the Transformer Engine spec an unmasked (causal) prefill still runs TE's own kernel on the
 rotated query and keys (flash / fused attention for the long prompt; not under context parallelism, where
-each CP rank generates its own prompts); decode steps and masked
-(left-padded) prefills run the grouped attention above, which applies the mask TE would ignore.
+each CP rank generates its own prompts); decode steps run the grouped
+attention above, which applies the padding mask TE would ignore. Ragged prompts are not prefilled
+left-padded under TE (that would need the mask, hence this module's fp32 scores over the whole prompt):
+the session prefills them per group of equal length (``session.DecodeSession``).
 Training and scoring forwards never see this module: TE serves them directly.
 
 Masks are megatron's: bool, True = masked, 4-D and broadcastable to (B, 1, sq, sk); without a mask,

@@ -121,7 +121,7 @@ def _generate_chunk(model, comm: StageComm, prompts: list[PromptInput], chunk: C
     logps: list[list[float]] = [[] for _ in range(rows)]
     finish: list[str | None] = [None] * rows
     slots = list(range(rows))  # response row held by each session row
-    stop = stop.to(session.device)
+    stop_ids = set(stop.tolist())
     for step in range(max_new_tokens):
         t_step, c_step = time.perf_counter(), time.process_time()
         packed = None
@@ -132,8 +132,10 @@ def _generate_chunk(model, comm: StageComm, prompts: list[PromptInput], chunk: C
             packed = torch.stack([tok.double(), lp.double()], dim=1)
         packed = comm.broadcast_from_last(packed, (len(slots), 2), torch.float64, session.device)
         tok = packed[:, 0].long()
-        is_stop = torch.isin(tok, stop).tolist()
-        tok_list, lp_list = tok.tolist(), packed[:, 1].tolist()
+        # the one host read of a decode step: the sampled tokens and their log-probs
+        pairs = packed.tolist()
+        tok_list, lp_list = [int(t) for t, _ in pairs], [lp for _, lp in pairs]
+        is_stop = [t in stop_ids for t in tok_list]
         live = []
         for j, r in enumerate(slots):
             if finish[r] is not None:

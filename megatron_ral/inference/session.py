@@ -12,6 +12,12 @@ whatever the layer spec (see ``attention``), so a step needs only the new token'
 when a capture hook is set on the last layer does megatron's own static KV path run: it stores keys
 before rotation and slices the rotary table by absolute column, so every step then passes the
 position ids of all columns so far (kept in a (3, B, capacity) buffer).
+
+Ragged prompts under the Transformer Engine spec: a left-padded prefill needs the padding mask, which
+TE's causal kernel ignores, so it would run the project's grouped attention (fp32 scores, gigabytes for
+a long video prompt). Instead the prompts are prefilled per group of equal length, unpadded, with TE's
+own kernel, and each group's cache columns are copied into the left-padded layout the decode steps use
+(:meth:`DecodeSession._prefill_by_length`); decoding stays one batch.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from megatron_ral.inference.attention import NewTokenRotary, decode_attention, r
 from megatron_ral.inference.kv_cache import KVCache
 from megatron_ral.inference.pipeline import StageComm
 from megatron_ral.inference.prompts import PromptInput, concat_vision
+from megatron_ral.models.qwen25vl.vision import VisionEmbeddings
 
 
 def _pad_token_id(model) -> int:
@@ -29,11 +36,37 @@ def _pad_token_id(model) -> int:
     return next(i for i in range(len(special) + 1) if i not in special)
 
 
+def _split_vision(vision: VisionEmbeddings, prompts: list[PromptInput], image_token_id: int,
+                  video_token_id: int) -> list[VisionEmbeddings]:
+    """Per-prompt slices of the vision features of several prompts (rows in placeholder order)."""
+    out, image_at, video_at = [], 0, 0
+    for p in prompts:
+        ids = p.input_ids.tolist()
+        n_img, n_vid = ids.count(image_token_id), ids.count(video_token_id)
+        out.append(VisionEmbeddings(
+            image=vision.image[image_at: image_at + n_img] if vision.image is not None and n_img else None,
+            video=vision.video[video_at: video_at + n_vid] if vision.video is not None and n_vid else None))
+        image_at, video_at = image_at + n_img, video_at + n_vid
+    return out
+
+
+def _concat_vision_embeddings(parts: list[VisionEmbeddings]) -> VisionEmbeddings | None:
+    def cat(name):
+        rows = [getattr(p, name) for p in parts if getattr(p, name) is not None]
+        return torch.cat(rows) if rows else None
+
+    emb = VisionEmbeddings(image=cat("image"), video=cat("video"))
+    return None if emb.image is None and emb.video is None else emb
+
+
 class DecodeSession:
     """Prefill then one-token steps for a batch of rows; returns last-stage logits (B, V) fp32
-    (None on other pipeline stages)."""
+    (None on other pipeline stages).
 
-    def __init__(self, model, comm: StageComm | None = None):
+    ``prefill_by_length``: prefill prompts of different lengths per group of equal length (see the module
+    docstring); None = when the model runs the Transformer Engine spec with the rotated-key cache."""
+
+    def __init__(self, model, comm: StageComm | None = None, prefill_by_length: bool | None = None):
         if getattr(model.config, "sequence_parallel", False):
             raise NotImplementedError("generation runs without sequence parallelism; build the model with it off")
         self.model = model
@@ -45,8 +78,12 @@ class DecodeSession:
         self.cache: KVCache | None = None
         self.positions: torch.Tensor | None = None  # (3, B, capacity)
         self.padding: torch.Tensor | None = None    # (B, capacity) True = padding column
+        self.starts: list[int] = []                 # per row, its first real column (host copy of ``padding``)
         self.next_position: torch.Tensor | None = None  # (B,) position of the next token
         self.rotary = NewTokenRotary(model.language_model) if rotated_cache_supported(model) else None
+        if prefill_by_length is None:
+            prefill_by_length = self.rotary is not None and getattr(model, "backend", "local") == "te"
+        self.prefill_by_length = prefill_by_length
 
     # ------------------------------------------------------------------ state
     @property
@@ -58,9 +95,10 @@ class DecodeSession:
         return self.cache.length
 
     def _mask(self, upto: int, queries: int) -> torch.Tensor | None:
-        pad = self.padding[:, :upto]
-        if not bool(pad.any()):
+        # decided from the host copy: reading ``padding`` would synchronise with the device every step
+        if not any(self.starts):
             return None
+        pad = self.padding[:, :upto]
         if queries == 1:
             return pad[:, None, None, :]
         causal = torch.ones(queries, upto, dtype=torch.bool, device=pad.device).triu(upto - queries + 1)
@@ -94,9 +132,12 @@ class DecodeSession:
         """Run the prompts (left-padded) through the model, filling the cache; returns the logits of
         each prompt's next token. The cache has room for ``max_new_tokens - 1`` more columns (the
         last sampled token is never fed back). Vision features are encoded here (first stage) unless
-        given, once for all prompts."""
+        given, once for all prompts. Prompts of different lengths with ``prefill_by_length``: one
+        unpadded prefill per length (:meth:`_prefill_by_length`)."""
         model = self.model
         lengths = [len(p) for p in prompts]
+        if self.prefill_by_length and len(set(lengths)) > 1:
+            return self._prefill_by_length(prompts, max_new_tokens, vision_embeddings)
         seq = max(lengths)
         capacity = seq + max(max_new_tokens - 1, 0)
         batch = len(prompts)
@@ -110,13 +151,15 @@ class DecodeSession:
         self.positions = torch.zeros(3, batch, capacity, dtype=torch.long, device=dev)
         self.padding = torch.zeros(batch, capacity, dtype=torch.bool, device=dev)
         self.next_position = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.starts = [seq - n for n in lengths]
         for b, p in enumerate(prompts):
             start = seq - lengths[b]
-            row = p.input_ids.to(dev)
-            ids[b, start:] = row
+            ids[b, start:] = p.input_ids.to(dev)
             self.padding[b, :start] = True
+            # M-RoPE positions from the prompt where it lives (the host, from the loader): the rope index
+            # walks the tokens in Python, which on device tensors would synchronise at every read
             pos, delta = model.compute_position_ids(
-                row[None], p.image_grid_thw, p.video_grid_thw, p.second_per_grid_ts)
+                p.input_ids[None], p.image_grid_thw, p.video_grid_thw, p.second_per_grid_ts)
             self.positions[:, b, start:seq] = pos[:, 0].to(dev)
             self.next_position[b] = lengths[b] + int(delta.reshape(-1)[0])
         if self.comm.is_first and vision_embeddings is None:
@@ -125,6 +168,52 @@ class DecodeSession:
                 vision_embeddings = model.encode_vision(**vision)
         self.cache = KVCache(batch, capacity)
         logits = self._forward(ids, seq, self._mask(seq, seq), vision_embeddings)
+        self.cache.advance(seq)
+        return logits
+
+    def _prefill_by_length(self, prompts: list[PromptInput], max_new_tokens: int,
+                           vision_embeddings: VisionEmbeddings | None) -> torch.Tensor | None:
+        """The state of a left-padded prefill of ``prompts``, built from one unpadded prefill per group of
+        equal-length prompts (longest first): each group's cache columns, positions and logits are copied
+        into the rows and the last columns they hold in the padded layout. Padding columns stay zero and
+        are masked by the decode steps. Peak memory: the batch's cache plus one group's prompt columns."""
+        lengths = [len(p) for p in prompts]
+        seq, batch = max(lengths), len(prompts)
+        capacity = seq + max(max_new_tokens - 1, 0)
+        groups: dict[int, list[int]] = {}
+        for i, n in enumerate(lengths):
+            groups.setdefault(n, []).append(i)
+        per_prompt = None
+        if vision_embeddings is not None:
+            per_prompt = _split_vision(vision_embeddings, prompts, self.model.image_token_id,
+                                       self.model.video_token_id)
+        dev = self.device
+        self.positions = torch.zeros(3, batch, capacity, dtype=torch.long, device=dev)
+        self.padding = torch.zeros(batch, capacity, dtype=torch.bool, device=dev)
+        self.next_position = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.starts = [seq - n for n in lengths]
+        self.cache = KVCache(batch, capacity)
+        memory = self.cache.context.key_value_memory_dict
+        logits = None
+        for n, rows in sorted(groups.items(), reverse=True):
+            part = DecodeSession(self.model, self.comm, prefill_by_length=False)
+            emb = None if per_prompt is None else _concat_vision_embeddings([per_prompt[i] for i in rows])
+            out = part.prefill([prompts[i] for i in rows], 1, emb)   # cache of exactly n columns
+            index = torch.tensor(rows, dtype=torch.long, device=dev)
+            start = seq - n
+            for layer, (k, v) in part.cache.context.key_value_memory_dict.items():
+                if layer not in memory:
+                    memory[layer] = (k.new_zeros((capacity, batch, *k.shape[2:])),
+                                     v.new_zeros((capacity, batch, *v.shape[2:])))
+                memory[layer][0][start:seq].index_copy_(1, index.to(k.device), k[:n])
+                memory[layer][1][start:seq].index_copy_(1, index.to(v.device), v[:n])
+            self.positions[:, :, start:seq].index_copy_(1, index, part.positions[:, :, :n])
+            self.next_position.index_copy_(0, index, part.next_position)
+            self.padding[index, :start] = True
+            if out is not None:
+                logits = out.new_zeros(batch, out.shape[1]) if logits is None else logits
+                logits.index_copy_(0, index.to(out.device), out)
+            del part
         self.cache.advance(seq)
         return logits
 
@@ -143,14 +232,16 @@ class DecodeSession:
     def select_rows(self, index: torch.Tensor | list[int]) -> None:
         """New row i = old row index[i] (repeat a prompt's row G times, drop finished rows); then drop
         the leading columns that are padding for every remaining row."""
-        index = torch.as_tensor(index, dtype=torch.long, device=self.device)
+        rows = index.tolist() if isinstance(index, torch.Tensor) else [int(i) for i in index]
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.device)
         self.cache.select_rows(index)
         self.positions = self.positions.index_select(1, index)
         self.padding = self.padding.index_select(0, index)
         self.next_position = self.next_position.index_select(0, index)
-        real = ~self.padding[:, : self.length]
-        lead = int(real.any(dim=0).to(torch.int8).argmax()) if real.numel() else 0
+        self.starts = [self.starts[i] for i in rows]
+        lead = min(self.starts, default=0)
         if lead > 0:
             self.cache.drop_leading(lead)
             self.positions = self.positions[:, :, lead:].contiguous()
             self.padding = self.padding[:, lead:].contiguous()
+            self.starts = [s - lead for s in self.starts]

@@ -61,6 +61,7 @@ class MicroBatch:
     video_grid_thw: Tensor | None = None
     second_per_grid_ts: Tensor | None = None
     vision_rows: list[int] = field(default_factory=list)
+    host_inputs: dict = field(default_factory=dict, repr=False)  # derived model inputs, see rl.schedule
 
     @property
     def size(self) -> int:

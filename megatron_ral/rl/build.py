@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from megatron_ral.errors import UserError
 
@@ -36,26 +35,12 @@ def resolve_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def initial_weights(model_cfg, run_dir: str | os.PathLike) -> str:
-    """The dist checkpoint the run starts from: ``model.load``, else ``model.hf_path`` converted once
-    (by rank 0, into RUN_DIR/initial_mcore) with the streaming converter."""
-    if model_cfg.load:
-        return model_cfg.load
-    from megatron_ral.checkpoint.convert import hf_to_megatron
-    from megatron_ral.checkpoint.run_dir import is_dist_checkpoint
+    """The dist checkpoint the run starts from: ``model.load``, else ``model.hf_path`` converted once (by
+    rank 0, into RUN_DIR/initial_mcore; reused by a later run in the same directory). Collective."""
+    from megatron_ral.checkpoint.initial_weights import initial_weights_dir
 
-    out = Path(run_dir) / "initial_mcore"
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    if rank == 0 and not is_dist_checkpoint(out):
-        log.info("converting %s to a Megatron checkpoint at %s (model.load is empty)", model_cfg.hf_path, out)
-        hf_to_megatron(model_cfg.hf_path, out, overwrite=True, progress=False)
-    _barrier()
-    return str(out)
+    return str(initial_weights_dir(model_cfg.load, model_cfg.hf_path, Path(run_dir) / "initial_mcore"))
 
 
 def apply_freezing(model, model_cfg) -> list[str]:
@@ -123,19 +108,31 @@ def total_optimizer_steps(algorithm, train_steps: int) -> int:
 
 def build_optimizer(opt_cfg, model_chunks: list, dtype: torch.dtype, use_distributed_optimizer: bool,
                     total_steps: int):
-    """megatron-core Adam(W) (distributed over data-parallel ranks when asked) and its LR schedule."""
+    """megatron-core Adam(W) (distributed over data-parallel ranks when asked) and its LR schedule.
+
+    fp16: megatron's dynamic loss scaler starts at ``optimizer.initial_loss_scale`` and divides the
+    gradients by the scale before the update, so the schedule must multiply the loss by it: the model
+    config's ``grad_scale_func`` is set to the optimizer's ``scale_loss`` (the schedule calls it on the
+    last stage's loss before backward). bf16 and fp32 need no scaling and get none.
+    """
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.utils import get_model_config
 
+    fp16 = dtype == torch.float16
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
             optimizer="adam", lr=opt_cfg.lr, min_lr=opt_cfg.min_lr, weight_decay=opt_cfg.weight_decay,
             adam_beta1=opt_cfg.adam_beta1, adam_beta2=opt_cfg.adam_beta2, adam_eps=opt_cfg.adam_eps,
-            clip_grad=opt_cfg.clip_grad, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+            clip_grad=opt_cfg.clip_grad, bf16=dtype == torch.bfloat16, fp16=fp16,
+            initial_loss_scale=opt_cfg.initial_loss_scale,
             params_dtype=dtype, use_distributed_optimizer=use_distributed_optimizer,
         ),
         model_chunks,
     )
+    if fp16:
+        for chunk in model_chunks:
+            get_model_config(chunk).grad_scale_func = optimizer.scale_loss
     steps = max(total_steps, 1)
     warmup = min(opt_cfg.warmup_steps, steps - 1)
     scheduler = OptimizerParamScheduler(

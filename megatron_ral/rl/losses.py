@@ -48,12 +48,19 @@ def clipped_surrogate(logp: Tensor, old_logp: Tensor, advantages: Tensor, clip_l
     return torch.maximum(unclipped, clipped), clipped > unclipped
 
 
-def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
-    """k3 estimator of KL(pi_theta || pi_ref) per token (Schulman): exp(ref - logp) - (ref - logp) - 1.
+def k3_kl(logp: Tensor, ref_logp: Tensor, clamp: float | None = None) -> Tensor:
+    """k3 estimator of KL(pi_theta || pi_ref) per token (Schulman): exp(d) - d - 1 with d = ref - logp.
 
     Non-negative, zero iff logp = ref_logp, unbiased for the KL when tokens are sampled from pi_theta.
+    It grows like e^d: a token the policy now finds far less likely than the reference does (d ~ 90 in
+    float32) gives inf. ``clamp`` c > 0 bounds the log-ratio before k3 is formed, d -> clip(d, -c, c),
+    so each token's value is at most e^c - c - 1 (and at least e^-c + c - 1), and a token whose log-ratio
+    lies beyond the bound contributes a constant: no KL gradient. The k3 value itself is not clipped
+    (verl clips d at +-20 and then k3 at +-10). None or 0: no bound.
     """
     delta = ref_logp - logp
+    if clamp:
+        delta = delta.clamp(-clamp, clamp)
     return torch.exp(delta) - delta - 1.0
 
 

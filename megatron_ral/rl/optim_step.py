@@ -4,6 +4,12 @@ The schedule has accumulated (and megatron's ``finalize_model_grads`` reduced) t
 DDP buffers. Before stepping, every rank checks its loss and its gradient buffers for NaN/Inf and the
 flag is all-reduced over the world: if any rank saw one, no rank steps (gradients are dropped, weights,
 optimizer state and LR schedule are unchanged) and the step is reported as skipped.
+
+fp16 (megatron's dynamic loss scaler present): the gradients are those of the scaled loss, and an
+overflow is the scaler's business, not a failure: only the loss is checked here; the optimizer unscales
+the gradients, checks them for inf/NaN over its own groups and, on overflow, skips the update and backs
+the scale off. Such a step is reported as a loss-scale skip (``loss_scale_skipped``), apart from the
+non-finite skips that the trainer's stop rule counts.
 """
 
 from __future__ import annotations
@@ -17,11 +23,15 @@ import torch.distributed as dist
 
 @dataclass
 class StepOutcome:
-    """``stepped`` False when the step was skipped for a non-finite loss or gradient."""
+    """``stepped`` False when no update was made: for a non-finite loss or gradient, or (fp16) for a
+    gradient overflow of the scaled loss (``loss_scale_skipped``). ``loss_scale``: the loss scale after
+    the step (1 without fp16)."""
 
     stepped: bool
     grad_norm: float
     lr: float
+    loss_scale_skipped: bool = False
+    loss_scale: float = 1.0
 
 
 def zero_grads(model_chunks: list, optimizer) -> None:
@@ -57,15 +67,29 @@ def _all_ranks_ok(ok: bool) -> bool:
     return float(flag.item()) == 0.0
 
 
+def uses_loss_scaling(optimizer) -> bool:
+    """True for megatron's fp16 optimizers (a grad scaler: the loss is scaled, overflows are skipped)."""
+    parts = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    return any(getattr(part, "grad_scaler", None) is not None for part in parts)
+
+
+def _loss_scale(optimizer, scaled: bool) -> float:
+    return float(optimizer.get_loss_scale()) if scaled else 1.0
+
+
 def optimizer_step(model_chunks: list, optimizer, scheduler, loss_finite: bool = True) -> StepOutcome:
-    """Step optimizer and LR schedule unless any rank has a non-finite loss or gradient."""
-    ok = _all_ranks_ok(loss_finite and _grads_finite(model_chunks))
+    """Step optimizer and LR schedule unless any rank has a non-finite loss or gradient (under fp16: a
+    non-finite loss, or an overflow that the optimizer's scaler finds)."""
+    scaled = uses_loss_scaling(optimizer)
+    ok = _all_ranks_ok(loss_finite and (scaled or _grads_finite(model_chunks)))
     lr = float(optimizer.param_groups[0]["lr"]) if optimizer.param_groups else 0.0
     if not ok:
         zero_grads(model_chunks, optimizer)
-        return StepOutcome(stepped=False, grad_norm=float("nan"), lr=lr)
+        return StepOutcome(stepped=False, grad_norm=float("nan"), lr=lr, loss_scale=_loss_scale(optimizer, scaled))
     success, grad_norm, _ = optimizer.step()
-    if not success:  # megatron's own skip (fp16 loss-scale overflow)
-        return StepOutcome(stepped=False, grad_norm=float("nan"), lr=lr)
+    if not success:  # megatron's own skip: an fp16 gradient overflow (the scale backs off)
+        return StepOutcome(stepped=False, grad_norm=float("nan"), lr=lr, loss_scale_skipped=True,
+                           loss_scale=_loss_scale(optimizer, scaled))
     scheduler.step(increment=1)
-    return StepOutcome(stepped=True, grad_norm=float(grad_norm) if grad_norm is not None else math.nan, lr=lr)
+    return StepOutcome(stepped=True, grad_norm=float(grad_norm) if grad_norm is not None else math.nan, lr=lr,
+                       loss_scale=_loss_scale(optimizer, scaled))

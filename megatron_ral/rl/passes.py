@@ -32,11 +32,17 @@ def _pad_keys(mask: torch.Tensor, keys: int) -> torch.Tensor:
     return torch.nn.functional.pad(mask, (0, keys - mask.shape[1]), value=False) if keys > mask.shape[1] else mask
 
 
+def has_diagnostic_sequences(batch: RolloutBatch, mb: MicroBatch, prompts: int = DIAGNOSTIC_PROMPTS) -> bool:
+    """Whether :func:`diagnostic_sequences` selects any sequence (decided on the host, no tensor read)."""
+    return any(batch.prompt_keys[r.prompt] < prompts for r in mb.refs)
+
+
 def attention_diagnostics(rows: torch.Tensor, mb: MicroBatch, image_token_id: int, video_token_id: int,
                           sequences: torch.Tensor | None = None, per_row=None) -> dict:
     """Sums over the counted response tokens (of ``sequences`` [B] when given): attention entropy and
-    vision / text / response mass. ``per_row`` (``CaptureResult.per_row``) maps per-row values of the captured
-    rows to the batch's [B, R] (context parallelism: this rank's rows summed over the CP group)."""
+    vision / text / response mass, as 0-d tensors on the rows' device (read once per step). ``per_row``
+    (``CaptureResult.per_row``) maps per-row values of the captured rows to the batch's [B, R] (context
+    parallelism: this rank's rows summed over the CP group)."""
     valid = mb.response_mask & (mb.weight[:, None] > 0)
     if sequences is not None:
         valid = valid & sequences[:, None]
@@ -55,11 +61,11 @@ def attention_diagnostics(rows: torch.Tensor, mb: MicroBatch, image_token_id: in
         ent = per_row(ent)
 
     def total(x):
-        return float(torch.where(valid, x, torch.zeros_like(x)).sum())
+        return torch.where(valid, x, torch.zeros_like(x)).sum()
 
     return {"attn/entropy": total(ent), "attn/vision_mass": total(shares["vision"]),
             "attn/text_mass": total(shares["text"]), "attn/response_mass": total(shares["response"]),
-            "attn/tokens": float(valid.sum())}
+            "attn/tokens": valid.sum()}
 
 
 def old_pass(ctx: PassContext, batch: RolloutBatch, store, image_token_id: int, video_token_id: int) -> list[dict]:
@@ -68,7 +74,7 @@ def old_pass(ctx: PassContext, batch: RolloutBatch, store, image_token_id: int, 
     (a sample: rows cost a capture each, which GRPO needs for nothing else)."""
 
     def capture_kwargs(mb):
-        rows = bool(diagnostic_sequences(batch, mb).any()) or (store is not None and store.config.mode == "rows")
+        rows = has_diagnostic_sequences(batch, mb) or (store is not None and store.config.mode == "rows")
         qk = store is not None and store.config.mode == "qk"
         if not (rows or qk):
             return None
@@ -83,10 +89,9 @@ def old_pass(ctx: PassContext, batch: RolloutBatch, store, image_token_id: int, 
                     store.put(mb.index, result.qk)
                 else:
                     store.put_rows(mb.index, result.rows)
-            chosen = diagnostic_sequences(batch, mb)
-            if result.rows is not None and bool(chosen.any()):
-                metrics = attention_diagnostics(result.rows, mb, image_token_id, video_token_id, chosen,
-                                                result.per_row)
+            if result.rows is not None and has_diagnostic_sequences(batch, mb):
+                metrics = attention_diagnostics(result.rows, mb, image_token_id, video_token_id,
+                                                diagnostic_sequences(batch, mb), result.per_row)
         return None, metrics
 
     return run_pass(ctx, batch.micro_batches, consume, forward_only=True, capture_kwargs=capture_kwargs)

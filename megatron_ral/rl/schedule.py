@@ -50,8 +50,25 @@ def _inner(model):
     return m
 
 
-def model_inputs(mb: MicroBatch, vision: list, pre_process: bool) -> dict:
-    """Keyword arguments of Qwen25VLModel.forward for a micro-batch (vision features on the first stage)."""
+def host_inputs(mb: MicroBatch, model) -> tuple[Tensor, Tensor | None]:
+    """(M-RoPE position ids (3, B, S), megatron attention mask or None) of a micro-batch, computed once on
+    the host and reused by every pass over it. The model would derive both from the device copies of the
+    token ids and padding mask, reading them in Python (the rope index walks each row's tokens; the
+    padding check asks whether any padding exists): a device synchronisation at every read."""
+    from megatron_ral.models.qwen25vl.model import attention_mask_from_padding
+
+    if "position_ids" not in mb.host_inputs:
+        position_ids, _ = model.compute_position_ids(mb.input_ids, mb.image_grid_thw, mb.video_grid_thw,
+                                                     mb.second_per_grid_ts, mb.attention_mask)
+        mb.host_inputs["position_ids"] = position_ids
+        mb.host_inputs["attention_mask"] = attention_mask_from_padding(mb.attention_mask)
+    return mb.host_inputs["position_ids"], mb.host_inputs["attention_mask"]
+
+
+def model_inputs(mb: MicroBatch, vision: list, pre_process: bool, model=None) -> dict:
+    """Keyword arguments of Qwen25VLModel.forward for a micro-batch (vision features on the first stage).
+    With ``model`` (this stage's Qwen25VLModel) the position ids and the attention mask are computed on
+    the host (:func:`host_inputs`); without, the model derives them from the padding mask."""
     inputs = {
         "input_ids": mb.input_ids,
         "attention_mask": mb.attention_mask,
@@ -61,6 +78,8 @@ def model_inputs(mb: MicroBatch, vision: list, pre_process: bool) -> dict:
         "video_grid_thw": mb.video_grid_thw,
         "second_per_grid_ts": mb.second_per_grid_ts,
     }
+    if model is not None:
+        inputs["position_ids"], inputs["attention_mask"] = host_inputs(mb, model)
     if pre_process and vision:
         inputs["vision_embeddings"] = micro_batch_vision(mb, vision)
     return inputs
@@ -93,7 +112,7 @@ def run_pass(ctx: PassContext, micro_batches: list[MicroBatch], consume: Consume
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
         inner = _inner(model)
-        inputs = _to_device(model_inputs(mb, ctx.vision, inner.pre_process), device)
+        inputs = _to_device(model_inputs(mb, ctx.vision, inner.pre_process, inner), device)
         kwargs = capture_kwargs(mb) if (capture_kwargs is not None and ctx.capture is not None) else None
         block = ctx.capture.capture(mb.layout, **kwargs) if kwargs is not None else contextlib.nullcontext()
         with block as result:

@@ -10,8 +10,6 @@ step and non-finite guard as the RL updates:
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from megatron_ral.data.collate import Batch
@@ -22,7 +20,7 @@ from megatron_ral.rl.metrics import MetricSums
 from megatron_ral.rl.optim_step import StepOutcome, optimizer_step, zero_grads
 from megatron_ral.rl.rollout import prompts_of
 from megatron_ral.rl.schedule import PassContext, run_pass
-from megatron_ral.rl.update import minibatch_normalisers
+from megatron_ral.rl.update import losses_finite, minibatch_normalisers
 from megatron_ral.rl.vision import encode_prompts_vision
 
 
@@ -51,15 +49,13 @@ def sft_step(ctx: PassContext, batch: Batch, optimizer, scheduler, micro_batch_s
     norms = minibatch_normalisers(rollout.micro_batches, dp_group)[0]
     ctx = PassContext(model=ctx.model, vision=encode_prompts_vision(inner, rollout.prompts), capture=None,
                       temperature=1.0)
-    nonfinite = [False]
 
     def consume(mb, token_loss, result):
         logp = mb.token_logprobs(token_loss)
         valid = (mb.response_mask & (mb.weight[:, None] > 0)).to(logp.device)
         loss = L.aggregate(L.token_cross_entropy(logp), L.token_weights(valid, "token_mean"), norms["tokens"])
-        value = float(loss.detach())
-        nonfinite[0] |= not math.isfinite(value)
-        return loss, {"loss/sft": value, "loss/tokens": float(valid.sum())}
+        # metric tensors, read once per step (MetricSums)
+        return loss, {"loss/sft": loss.detach(), "loss/tokens": valid.sum()}
 
     zero_grads(ctx.model, optimizer)
     for m in ctx.model:
@@ -69,4 +65,5 @@ def sft_step(ctx: PassContext, batch: Batch, optimizer, scheduler, micro_batch_s
     for m in outputs:
         for k, v in m.items():
             sums.add(k, v, 0.0)
-    return optimizer_step(ctx.model, optimizer, scheduler, loss_finite=not nonfinite[0]), sums
+    finite = losses_finite([{"loss/total": m["loss/sft"]} for m in outputs])
+    return optimizer_step(ctx.model, optimizer, scheduler, loss_finite=finite), sums

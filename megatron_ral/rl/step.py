@@ -18,6 +18,7 @@ from megatron_ral.data.collate import Batch
 from megatron_ral.data.records import PROBLEM_TYPES
 from megatron_ral.rl.batch import plan_micro_batches
 from megatron_ral.rl.metrics import MetricSums, Timer
+from megatron_ral.rl.optim_step import uses_loss_scaling
 from megatron_ral.rl.passes import old_pass, reference_pass
 from megatron_ral.rl.rollout import RolloutSettings, generate_rollouts, global_prompt_keys, prompts_of
 from megatron_ral.rl.schedule import PassContext
@@ -58,7 +59,8 @@ class RLContext:
 class StepResult:
     metrics: dict
     updates: int = 0
-    skipped_updates: int = 0
+    skipped_updates: int = 0            # non-finite loss or gradient (the trainer's stop rule counts them)
+    loss_scale_skips: int = 0           # fp16 gradient overflows (the loss scaler's business)
     samples: list = field(default_factory=list)
 
 
@@ -78,6 +80,13 @@ def _rollout_metrics(batch, sums: MetricSums) -> None:
     for p, record in enumerate(batch.records):
         sums.add(f"reward/accuracy_by_type/{record.problem_type}", float(batch.accuracy[p].double().sum()),
                  batch.accuracy.shape[1])
+
+
+def loss_scale_metrics(optimizer, loss_scale_skips: int, loss_scale: float) -> dict:
+    """fp16 only: train/loss_scale (at the end of the step) and train/loss_scale_skips (overflowed updates)."""
+    if not uses_loss_scaling(optimizer):
+        return {}
+    return {"train/loss_scale": float(loss_scale), "train/loss_scale_skips": float(loss_scale_skips)}
 
 
 def rl_step(ctx: RLContext, loader_batch: Batch, step: int) -> StepResult:
@@ -113,7 +122,7 @@ def rl_step(ctx: RLContext, loader_batch: Batch, step: int) -> StepResult:
             reference_pass(passes, batch, ctx.reference)
 
     # 4. updates: epochs x mini-batches optimizer steps
-    skipped, grad_norms, lrs = 0, [], []
+    skipped, scale_skips, grad_norms, lrs, loss_scale = 0, 0, [], [], 1.0
     with timer("update"):
         update = 0
         for _epoch in range(ctx.epochs_per_rollout):
@@ -127,7 +136,9 @@ def rl_step(ctx: RLContext, loader_batch: Batch, step: int) -> StepResult:
                         sums.sums.pop(key, None)
                         sums.counts.pop(key, None)
                 loss_sums.merge(sums)
-                skipped += 0 if outcome.stepped else 1
+                skipped += 0 if outcome.stepped or outcome.loss_scale_skipped else 1
+                scale_skips += 1 if outcome.loss_scale_skipped else 0
+                loss_scale = outcome.loss_scale
                 if outcome.stepped:
                     grad_norms.append(outcome.grad_norm)
                 lrs.append(outcome.lr)
@@ -163,6 +174,7 @@ def rl_step(ctx: RLContext, loader_batch: Batch, step: int) -> StepResult:
         "train/grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
         "train/lr": lrs[-1] if lrs else 0.0,
         "train/skipped_updates": float(skipped),
+        **loss_scale_metrics(ctx.optimizer, scale_skips, loss_scale),
         "perf/gen_s": timer.seconds["gen"],
         "perf/old_pass_s": timer.seconds["old_pass"],
         "perf/ref_pass_s": timer.seconds["ref_pass"],
@@ -171,4 +183,5 @@ def rl_step(ctx: RLContext, loader_batch: Batch, step: int) -> StepResult:
         "perf/step_s": time.perf_counter() - t_step,
     })
     samples = [(r.problem_id, batch.texts[p][0], float(batch.rewards[p, 0])) for p, r in enumerate(batch.records[:2])]
-    return StepResult(metrics=metrics, updates=n_updates, skipped_updates=skipped, samples=samples)
+    return StepResult(metrics=metrics, updates=n_updates, skipped_updates=skipped, loss_scale_skips=scale_skips,
+                      samples=samples)

@@ -63,12 +63,19 @@ def _owners(info) -> tuple[bool, bool]:
     return tp0 and ps.is_pipeline_first_stage(ignore_virtual=True), tp0 and ps.is_pipeline_last_stage(ignore_virtual=True)
 
 
+def old_policy_config(algorithm):
+    """The p_old store of the RAL term: algorithm.old_policy_store, old_policy_dtype, old_policy_offload."""
+    from megatron_ral.attention.old_policy import OldPolicyConfig
+
+    return OldPolicyConfig(mode=algorithm.old_policy_store, dtype=algorithm.old_policy_dtype,
+                           offload=algorithm.old_policy_offload)
+
+
 def build(cfg, info) -> Run:
     """Model (DDP), reference weights, optimizer + LR schedule, processor and loaders of this rank."""
     from megatron.core import parallel_state as ps
 
     from megatron_ral.attention.capture import AttentionCapture
-    from megatron_ral.attention.old_policy import OldPolicyConfig
     from megatron_ral.inference.loading import hf_files_dir, stop_token_ids
     from megatron_ral.rl import build as B
     from megatron_ral.rl.reference import ReferenceWeights
@@ -114,7 +121,7 @@ def build(cfg, info) -> Run:
         updates_per_rollout=a.updates_per_rollout, epochs_per_rollout=a.epochs_per_rollout,
         micro_batch_size=cfg.training.micro_batch_size, drop_zero_std_groups=a.drop_zero_std_groups,
         reference=(ReferenceWeights(chunks, a.reference_placement, source=str(weights)) if a.kl_beta > 0 else None),
-        old_policy=(OldPolicyConfig(mode=a.old_policy_store, offload=a.old_policy_offload) if use_attention else None),
+        old_policy=old_policy_config(a) if use_attention else None,
         dp_rank=dp_rank, dp_size=dp_size, dp_group=dp_group, tp_group=ps.get_tensor_model_parallel_group(),
         cp_group=ps.get_context_parallel_group() if ps.get_context_parallel_world_size() > 1 else None,
         rollout_owner=rollout_owner, loss_owner=loss_owner,
@@ -221,11 +228,12 @@ def _data_metrics(run: Run) -> dict:
     return {"data/skipped": total.total("data/skipped"), "data/samples": total.total("data/samples")}
 
 
-def _sft_step(run: Run, batch) -> tuple[dict, bool]:
+def _sft_step(run: Run, batch):
     import time
 
     from megatron_ral.rl.metrics import MetricSums
     from megatron_ral.rl.sft import sft_step
+    from megatron_ral.rl.step import loss_scale_metrics
 
     t0 = time.perf_counter()
     outcome, sums = sft_step(run.passes, batch, run.optimizer, run.scheduler, run.cfg.training.micro_batch_size,
@@ -235,32 +243,43 @@ def _sft_step(run: Run, batch) -> tuple[dict, bool]:
     if loss_owner:
         owned.merge(sums)
     total = owned.all_reduce()
+    failed = not outcome.stepped and not outcome.loss_scale_skipped
     metrics = {"loss/sft": total.total("loss/sft"), "train/grad_norm": outcome.grad_norm, "train/lr": outcome.lr,
-               "train/skipped_updates": 0.0 if outcome.stepped else 1.0, "perf/step_s": time.perf_counter() - t0}
-    return metrics, outcome.stepped
+               "train/skipped_updates": 1.0 if failed else 0.0,
+               **loss_scale_metrics(run.optimizer, int(outcome.loss_scale_skipped), outcome.loss_scale),
+               "perf/step_s": time.perf_counter() - t0}
+    return metrics, (1, int(failed), int(outcome.loss_scale_skipped))
 
 
 def train_step(run: Run, cfg, step: int) -> dict:
-    """One step (SFT or RL); counts non-finite skips and stops after too many in a row."""
+    """One step (SFT or RL); counts non-finite skips and stops after too many in a row.
+
+    A step with at least one update resets the count; a step whose updates all failed (non-finite loss or
+    gradient) adds one; a step whose updates were all fp16 loss-scale overflows (the scaler backs off and
+    the next step retries) leaves it as it is."""
     from megatron_ral.rl.step import rl_step
 
     batch = _next_batch(run)
     if cfg.algorithm.name == "sft":
-        metrics, stepped = _sft_step(run, batch)
+        metrics, (updates, failed, scale_skips) = _sft_step(run, batch)
     else:
         result = rl_step(run.rl, batch, step)
-        metrics, stepped = result.metrics, result.skipped_updates < result.updates
+        metrics = result.metrics
+        updates, failed, scale_skips = result.updates, result.skipped_updates, result.loss_scale_skips
         run.extra["samples"] = result.samples
     metrics.update(_data_metrics(run))
-    if stepped:
+    if updates - failed - scale_skips > 0:
         run.consecutive_skips = 0
-    else:
+    elif failed:
         run.consecutive_skips += 1
         log.warning("step %d: non-finite loss or gradient, no update (%d in a row)", step, run.consecutive_skips)
         if run.consecutive_skips >= cfg.training.max_consecutive_skips:
             raise TrainingStopped(
                 f"training.max_consecutive_skips: {run.consecutive_skips} steps in a row had a non-finite loss or "
                 f"gradient (lower optimizer.lr or check the data); the last good checkpoint is kept in {run.save_dir}")
+    else:
+        log.info("step %d: fp16 gradient overflow, no update (loss scale now %s)", step,
+                 _fmt(metrics.get("train/loss_scale", math.nan)))
     return metrics
 
 

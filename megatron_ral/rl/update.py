@@ -22,7 +22,7 @@ from megatron_ral.rl import losses as L
 from megatron_ral.rl.batch import MicroBatch, RolloutBatch
 from megatron_ral.rl.metrics import MetricSums
 from megatron_ral.rl.optim_step import StepOutcome, optimizer_step, zero_grads
-from megatron_ral.rl.passes import attention_diagnostics, diagnostic_sequences
+from megatron_ral.rl.passes import attention_diagnostics, diagnostic_sequences, has_diagnostic_sequences
 from megatron_ral.rl.schedule import PassContext, run_pass
 
 
@@ -33,6 +33,7 @@ class LossSettings:
     clip_eps: float = 0.2
     clip_eps_high: float | None = None
     kl_beta: float = 0.0
+    kl_clamp: float | None = None
     loss_aggregation: str = "token_mean"
     max_new_tokens: int = 512
     lambda_attn: float = 0.0
@@ -43,6 +44,7 @@ class LossSettings:
     def from_config(cls, algorithm, generation, use_attention: bool) -> "LossSettings":
         return cls(
             clip_eps=algorithm.clip_eps, clip_eps_high=algorithm.clip_eps_high, kl_beta=algorithm.kl_beta,
+            kl_clamp=algorithm.kl_clamp,
             loss_aggregation=algorithm.loss_aggregation, max_new_tokens=generation.max_new_tokens,
             lambda_attn=algorithm.lambda_attn if use_attention else 0.0,
             attn_divergence=algorithm.attn_divergence, attn_aggregation=algorithm.attn_aggregation,
@@ -63,13 +65,15 @@ def minibatch_normalisers(micro_batches: list[MicroBatch], dp_group=None) -> dic
             counts = counts.cuda()
         dist.all_reduce(counts, group=dp_group)
         counts = counts.cpu()
-    return {m: {"tokens": float(counts[i, 0]), "sequences": float(counts[i, 1])} for m, i in pos.items()}
+    values = counts.tolist()  # one read
+    return {m: {"tokens": values[i][0], "sequences": values[i][1]} for m, i in pos.items()}
 
 
 def minibatch_loss(mb: MicroBatch, logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
                    rows: torch.Tensor | None, p_old: torch.Tensor | None, norms: dict[str, float],
-                   s: LossSettings, per_row=None) -> tuple[torch.Tensor, dict[str, float]]:
-    """This micro-batch's share of the mini-batch loss, and its metric sums.
+                   s: LossSettings, per_row=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """This micro-batch's share of the mini-batch loss, and its metric sums (detached 0-d tensors on the
+    loss's device: reading them is left to the step, once, see ``MetricSums``).
 
     ``per_row`` (``CaptureResult.per_row``): maps per-row values of the captured rows to the batch's [B, R]
     (under context parallelism ``rows`` / ``p_old`` are this rank's rows and the divergences are summed over
@@ -81,12 +85,12 @@ def minibatch_loss(mb: MicroBatch, logp: torch.Tensor, old_logp: torch.Tensor, r
     w = L.token_weights(valid, s.loss_aggregation, s.max_new_tokens)
     d_pol = norms[L.normaliser_kind(s.loss_aggregation)]
     per_token = pg
-    metrics = {"loss/policy": float(L.aggregate(pg.detach(), w, d_pol)),
-               "loss/clip_tokens": float((clipped & valid).sum()), "loss/tokens": float(valid.sum())}
+    metrics = {"loss/policy": L.aggregate(pg.detach(), w, d_pol),
+               "loss/clip_tokens": (clipped & valid).sum(), "loss/tokens": valid.sum()}
     if ref_logp is not None and s.kl_beta > 0:
-        kl = L.k3_kl(logp, ref_logp.to(dev))
+        kl = L.k3_kl(logp, ref_logp.to(dev), s.kl_clamp)
         per_token = pg + s.kl_beta * kl
-        metrics["loss/kl"] = float(L.aggregate(kl.detach(), w, d_pol))
+        metrics["loss/kl"] = L.aggregate(kl.detach(), w, d_pol)
     loss = L.aggregate(per_token, w, d_pol)
     if rows is not None and p_old is not None and s.lambda_attn > 0:
         attn = L.attention_loss(rows, p_old.to(rows.device, rows.dtype), adv, s.attn_divergence)
@@ -95,14 +99,14 @@ def minibatch_loss(mb: MicroBatch, logp: torch.Tensor, old_logp: torch.Tensor, r
         wa = L.token_weights(valid, s.attn_aggregation)
         la = L.aggregate(attn, wa, norms[L.normaliser_kind(s.attn_aggregation)])
         loss = loss + s.lambda_attn * la
-        metrics["loss/attn"] = float(la.detach())
+        metrics["loss/attn"] = la.detach()
         with torch.no_grad():
             j = jsd(rows.detach(), p_old.to(rows.device, rows.dtype))
             if per_row is not None:
                 j = per_row(j)
-            metrics["attn/jsd_old"] = float(torch.where(valid, j, torch.zeros_like(j)).sum())
-            metrics["attn/jsd_tokens"] = float(valid.sum())
-    metrics["loss/total"] = float(loss.detach())
+            metrics["attn/jsd_old"] = torch.where(valid, j, torch.zeros_like(j)).sum()
+            metrics["attn/jsd_tokens"] = valid.sum()
+    metrics["loss/total"] = loss.detach()
     return loss, metrics
 
 
@@ -118,12 +122,11 @@ def policy_update(ctx: PassContext, batch: RolloutBatch, micro_batches: list[Mic
     """
     use_attention = settings.lambda_attn > 0 and store is not None
     sums = MetricSums()
-    nonfinite = [False]
 
     def capture_kwargs(mb):
         if use_attention:
             return {"grad": True}
-        return {"grad": False} if diagnostics is not None and diagnostic_sequences(batch, mb).any() else None
+        return {"grad": False} if diagnostics is not None and has_diagnostic_sequences(batch, mb) else None
 
     def consume(mb, token_loss, result):
         logp = mb.token_logprobs(token_loss)
@@ -133,12 +136,10 @@ def policy_update(ctx: PassContext, batch: RolloutBatch, micro_batches: list[Mic
         per_row = result.per_row if rows is not None else None
         loss, metrics = minibatch_loss(mb, logp, old, batch.ref_logprobs.get(mb.index),
                                        rows if use_attention else None, p_old, norms, settings, per_row)
-        chosen = diagnostic_sequences(batch, mb) if diagnostics is not None else None
-        if chosen is not None and rows is not None and bool(chosen.any()):
+        if diagnostics is not None and rows is not None and has_diagnostic_sequences(batch, mb):
             with torch.no_grad():
-                metrics.update(attention_diagnostics(rows.detach(), mb, *diagnostics, chosen, per_row))
-        if not math.isfinite(metrics["loss/total"]):
-            nonfinite[0] = True
+                metrics.update(attention_diagnostics(rows.detach(), mb, *diagnostics, diagnostic_sequences(batch, mb),
+                                                     per_row))
         return loss, metrics
 
     zero_grads(ctx.model, optimizer)
@@ -148,5 +149,15 @@ def policy_update(ctx: PassContext, batch: RolloutBatch, micro_batches: list[Mic
     for m in outputs:
         for k, v in m.items():
             sums.add(k, v, 0.0)
-    outcome = optimizer_step(ctx.model, optimizer, scheduler, loss_finite=not nonfinite[0])
+    outcome = optimizer_step(ctx.model, optimizer, scheduler, loss_finite=losses_finite(outputs))
     return outcome, sums
+
+
+def losses_finite(outputs: list[dict]) -> bool:
+    """Whether every micro-batch's ``loss/total`` is finite: one host read for the whole pass."""
+    totals = [m["loss/total"] for m in outputs if "loss/total" in m]
+    if not totals:
+        return True
+    if not isinstance(totals[0], torch.Tensor):
+        return all(math.isfinite(t) for t in totals)
+    return bool(torch.isfinite(torch.stack([t.reshape(()) for t in totals])).all())

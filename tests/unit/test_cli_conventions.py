@@ -25,6 +25,7 @@ PARSERS = {
     "generate": ("megatron_ral.cli.generate", "parser"),
     "dump_attention": ("megatron_ral.cli.dump_attention", "parser"),
     "config": ("megatron_ral.cli.config", "parser"),
+    "plan_memory": ("megatron_ral.cli.plan_memory", "parser"),
 }
 
 
@@ -99,6 +100,7 @@ def test_flag_checks_do_not_import_torch(tmp_path):
         "from megatron_ral.cli.convert_megatron_to_hf import main as megatron_to_hf_main\n"
         "from megatron_ral.cli.make_tiny_checkpoint import main as make_tiny_main\n"
         "from megatron_ral.cli.config import main as config\n"
+        "from megatron_ral.cli.plan_memory import main as plan_memory_main\n"
         "calls = [(gen, ['--ckpt', '/nonexistent', '--prompt', 'x']),\n"
         "         (dump, ['--ckpt', '/nonexistent', '--prompt', 'x', '--response', 'y', '--out', 'o.pt']),\n"
         "         (preprocess_main, ['--hf', '/nonexistent', '--video', 'v.mp4', '--out', 'o.pt']),\n"
@@ -106,7 +108,8 @@ def test_flag_checks_do_not_import_torch(tmp_path):
         "         (hf_to_megatron_main, ['--hf', '/nonexistent', '--out', 'o']),\n"
         "         (megatron_to_hf_main, ['--ckpt', '/nonexistent', '--out', 'o']),\n"
         "         (make_tiny_main, ['--out', 'o', '--config-json', '/nonexistent.json']),\n"
-        "         (config, ['generation.top_p=2'])]\n"
+        "         (config, ['generation.top_p=2']),\n"
+        "         (plan_memory_main, ['--student', '/nonexistent'])]\n"
         "for main, argv in calls:\n"
         "    try:\n"
         "        main(argv)\n"

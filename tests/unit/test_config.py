@@ -58,6 +58,8 @@ def test_yaml_and_overrides(tmp_path):
     (["algorithm.name=ppo"], None, "algorithm.name", "one of"),
     (["algorithm.lambda_attn=-1"], None, "algorithm.lambda_attn", ">= 0"),
     (["algorithm.kl_beta=-0.1"], None, "algorithm.kl_beta", ">= 0"),
+    (["algorithm.kl_clamp=-1"], None, "algorithm.kl_clamp", "must be > 0"),
+    (["algorithm.old_policy_dtype=fp64"], None, "algorithm.old_policy_dtype", "one of"),
     (["algorithm.clip_eps=0"], None, "algorithm.clip_eps", "> 0"),
     (["algorithm.attn_divergence=tv"], None, "algorithm.attn_divergence", "one of"),
     (["algorithm.attn_aggregation=max"], None, "algorithm.attn_aggregation", "one of"),

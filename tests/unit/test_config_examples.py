@@ -47,3 +47,16 @@ def test_7b_sft_config_has_the_paper_settings():
     cfg = validate(load_config(CONFIGS / "qwen25vl_7b_sft.yaml"), world_size=8, dims=QWEN25VL_7B)
     assert cfg.algorithm.name == "sft" and cfg.optimizer.lr == 5e-6 and cfg.data.template == "think"
     assert cfg.model.freeze_vision
+
+
+@pytest.mark.parametrize("name", ["qwen25vl_7b_sft.yaml", "qwen25vl_7b_grpo_video.yaml", "qwen25vl_7b_ral_video.yaml",
+                                  "qwen25vl_7b_ral_zero_video.yaml"])
+def test_7b_configs_decode_with_every_data_worker_on_the_gpu(name):
+    """The 7B configs' trade-off (README, "Data"): a rank reads prompts_per_step / DP = 32 videos a step; one
+    GPU worker would decode them one after another (NVDEC seeks and decodes every frame between keyframes),
+    so each data worker gets its own DALI GPU pipeline, for ~1-1.5 GiB of GPU memory each."""
+    cfg = validate(load_config(CONFIGS / name), world_size=8, dims=QWEN25VL_7B)
+    d = cfg.data
+    assert d.num_workers == 4 and d.dali_gpu_workers == d.num_workers
+    per_rank = cfg.training.prompts_per_step // (8 // cfg.parallel.tensor_model_parallel_size)
+    assert per_rank == 32 and per_rank % d.dali_gpu_workers == 0   # each worker decodes 8 videos a step

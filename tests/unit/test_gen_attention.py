@@ -9,8 +9,11 @@ model's own attention path.
   log-probs, and the swap is undone afterwards;
 - the decode path does not depend on the layer spec: with the Transformer Engine spec named (only the
   backend name is set on this CPU model) generation gives the same tokens and log-probs, an unmasked
-  prefill runs the spec's own core attention once per layer, and nothing else does (decode steps,
-  masked prefills).
+  prefill runs the spec's own core attention once per layer, ragged prompts are prefilled per group of
+  equal length through it (once per group and layer, no padding mask), and nothing else does (decode
+  steps);
+- the prefill per equal-length group leaves the state of the left-padded prefill: same logits, positions,
+  padding and cache columns.
 """
 
 import math
@@ -99,8 +102,17 @@ def test_rotated_cache_equals_megatron_static_path(model):
     assert model.language_model.position_embedding_type == "mrope"
 
 
-def test_decode_path_is_the_same_under_the_te_spec(model, monkeypatch):
+def _prompts_with_equal_lengths():
+    from megatron_ral.testing.inference import prompt_from_segments
+
     prompts = list(standard_prompts().values())
+    twin = prompt_from_segments([len(prompts[0])], seed=7)   # a second prompt as long as the text prompt
+    assert len(twin) == len(prompts[0])
+    return prompts + [twin]
+
+
+def test_decode_path_is_the_same_under_the_te_spec(model, monkeypatch):
+    prompts = _prompts_with_equal_lengths()
     cfg = GenerationConfig(temperature=0.8, top_p=0.9, max_new_tokens=12)
     ragged = generate(model, prompts, cfg, num_samples=2, seed=3, stop_token_ids=[])
     single = [generate(model, [p], cfg, num_samples=2, seed=3, stop_token_ids=[])[0] for p in prompts]
@@ -118,10 +130,51 @@ def test_decode_path_is_the_same_under_the_te_spec(model, monkeypatch):
     finally:
         for h in hooks:
             h.remove()
-    assert ragged_calls == []  # left-padded prefill and every decode step: the project's attention
-    assert calls == [len(p) for p in prompts for _ in layers]  # one causal prefill per prompt and layer
+    # ragged prompts: one causal prefill per group of equal length and layer (longest first); decode steps:
+    # the project's attention
+    lengths = sorted({len(p) for p in prompts}, reverse=True)
+    assert len(lengths) == len(prompts) - 1
+    assert ragged_calls == [n for n in lengths for _ in layers]
+    single_calls = calls[len(ragged_calls):]
+    assert single_calls == [len(p) for p in prompts for _ in layers]  # one causal prefill per prompt and layer
     for ours, ref in ((te_ragged, ragged), (te_single, single)):
         for po, pr in zip(ours, ref):
             for ro, rr in zip(po, pr):
                 assert ro.token_ids.tolist() == rr.token_ids.tolist()
                 torch.testing.assert_close(ro.logprobs, rr.logprobs, atol=1e-4, rtol=0)
+
+
+def test_prefill_by_length_leaves_the_padded_prefill_state(model):
+    prompts = _prompts_with_equal_lengths()
+    padded = DecodeSession(model, prefill_by_length=False)
+    grouped = DecodeSession(model, prefill_by_length=True)
+    seen = []
+    original = grouped._forward
+
+    def forward(input_ids, upto, attention_mask, vision_embeddings=None):
+        seen.append((tuple(input_ids.shape), attention_mask is None))
+        return original(input_ids, upto, attention_mask, vision_embeddings)
+
+    grouped._forward = forward
+    a = padded.prefill(prompts, max_new_tokens=5)
+    b = grouped.prefill(prompts, max_new_tokens=5)
+    assert seen == []  # the groups ran in their own sessions, the batch session only decodes
+    torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    assert torch.equal(grouped.positions, padded.positions) and torch.equal(grouped.padding, padded.padding)
+    assert torch.equal(grouped.next_position, padded.next_position) and grouped.starts == padded.starts
+    assert grouped.length == padded.length and grouped.cache.capacity == padded.cache.capacity
+    mem_a, mem_b = padded.cache.context.key_value_memory_dict, grouped.cache.context.key_value_memory_dict
+    assert sorted(mem_a) == sorted(mem_b)
+    real = ~padded.padding[:, : padded.length]              # (B, S) real columns
+    for layer in mem_a:
+        for ta, tb in zip(mem_a[layer], mem_b[layer]):
+            assert ta.shape == tb.shape
+            ca, cb = ta[: padded.length].transpose(0, 1)[real], tb[: padded.length].transpose(0, 1)[real]
+            torch.testing.assert_close(cb, ca, atol=1e-4, rtol=1e-4)
+            assert bool((tb[: padded.length].transpose(0, 1)[~real] == 0).all())
+    # the decode steps that follow agree
+    tok = a.argmax(dim=-1)
+    for _ in range(3):
+        la, lb = padded.step(tok), grouped.step(tok)
+        torch.testing.assert_close(lb, la, atol=1e-4, rtol=1e-4)
+        tok = la.argmax(dim=-1)

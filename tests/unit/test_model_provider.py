@@ -203,3 +203,11 @@ def test_context_parallel_config():
     assert transformer_config_from_hf(RELEASED_7B, ParallelConfig(context_parallel_size=2)).cp_comm_type is None
     assert transformer_config_from_hf(RELEASED_7B, ParallelConfig(cp_comm_type="a2a")).cp_comm_type is None
 
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_parameter_is_in_the_model_dtype(dtype):
+    # megatron's torch norms are created in fp32; a half-precision model with fp32 norms breaks megatron's
+    # distributed-optimizer checkpoints (it pairs parameters with the wrong optimizer state at save)
+    model = build_model(tiny_hf_config("tiny"), backend="local", dtype=dtype)
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    assert model.vision_model.rotary_pos_emb.inv_freq.dtype == torch.float32   # buffers stay as they are

@@ -53,6 +53,25 @@ def test_k3_kl_values():
     assert (L.k3_kl(torch.randn(50), torch.randn(50)) >= 0).all()
 
 
+def test_k3_kl_clamp_bounds_the_log_ratio_by_hand():
+    # d = ref - logp = [0, 30, -2, -25]; c = 20 clips d to [0, 20, -2, -20] before e^d - d - 1
+    logp = torch.tensor([0.0, -30.0, -1.0, 0.0], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([0.0, 0.0, -3.0, -25.0], dtype=torch.float64)
+    k3 = L.k3_kl(logp, ref, clamp=20.0)
+    want = [0.0, math.exp(20.0) - 21.0, math.exp(-2.0) + 1.0, math.exp(-20.0) + 19.0]
+    assert k3.tolist() == pytest.approx(want, rel=1e-12)
+    k3.sum().backward()
+    # d k3 / d logp = -(e^d - 1) inside the bound, 0 where d was clipped
+    assert logp.grad.tolist() == pytest.approx([0.0, 0.0, 1.0 - math.exp(-2.0), 0.0], abs=1e-12)
+    # off (None or 0): the unbounded estimator, which overflows in float32 for a large gap
+    far = (torch.tensor([-120.0]), torch.tensor([0.0]))
+    assert math.isinf(L.k3_kl(*far).item()) and math.isinf(L.k3_kl(*far, clamp=0.0).item())
+    assert L.k3_kl(*far, clamp=20.0).item() == pytest.approx(math.exp(20.0) - 21.0, rel=1e-6)
+    # inside the bound the clamp changes nothing
+    lp, rf = torch.randn(50, dtype=torch.float64), torch.randn(50, dtype=torch.float64)
+    assert torch.equal(L.k3_kl(lp, rf, clamp=20.0), L.k3_kl(lp, rf))
+
+
 def test_k3_kl_is_unbiased_for_the_kl():
     # E_{x ~ p}[k3] = KL(p || q) for categorical p, q: check exactly by enumeration
     p = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)

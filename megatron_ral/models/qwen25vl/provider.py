@@ -236,7 +236,7 @@ def build_model(
         config, backend, last_layer_core_attention=last_layer_core_attention, vp_stage=vp_stage,
         local_attention=local_attention,
     )
-    return Qwen25VLModel(
+    model = Qwen25VLModel(
         config=config,
         hf_config=hf_config,
         block_spec=block_spec,
@@ -247,3 +247,24 @@ def build_model(
         vp_stage=vp_stage,
         backend=backend,
     )
+    params_in_dtype(model.language_model, config.params_dtype)
+    return model
+
+
+def params_in_dtype(module: torch.nn.Module, dtype: torch.dtype) -> list[str]:
+    """Cast the floating-point parameters of ``module`` that are not in ``dtype`` (buffers untouched);
+    returns their names.
+
+    megatron-core's torch norms (the local spec's ``WrappedTorchNorm``) create their weights in fp32
+    whatever ``params_dtype`` says; megatron-lm casts the whole model afterwards (``Float16Module``, not
+    used here, see build_model). Left in fp32 inside a bf16/fp16 model they make megatron's distributed
+    optimizer mix parameter dtypes within a parameter group, and its checkpoint code then pairs
+    parameters with the wrong optimizer state (megatron-core 0.16: a size mismatch in
+    ``get_parameter_state_dp_zero`` at the first save). Transformer Engine's norms already follow
+    ``params_dtype``."""
+    cast = []
+    for name, p in module.named_parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+            cast.append(name)
+    return cast

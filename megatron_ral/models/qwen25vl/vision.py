@@ -212,12 +212,12 @@ def merge_vision_embeddings(
     ``token_embeddings`` is megatron's (S, B, H); ``input_ids`` (B, S). Returns (S, B, H).
     """
     out = token_embeddings.transpose(0, 1)  # (B, S, H) view
-    for features, token_id, name in (
-        (embeds.image, image_token_id, "image"),
-        (embeds.video, video_token_id, "video"),
+    masks = (input_ids == image_token_id, input_ids == video_token_id)
+    counts = torch.stack([m.sum() for m in masks]).tolist()  # one read (a device synchronisation on a GPU)
+    for features, mask, n_tokens, name in (
+        (embeds.image, masks[0], counts[0], "image"),
+        (embeds.video, masks[1], counts[1], "video"),
     ):
-        mask = input_ids == token_id
-        n_tokens = int(mask.sum())
         n_feat = 0 if features is None else features.shape[0]
         if n_tokens != n_feat:
             raise ValueError(
