@@ -40,8 +40,9 @@ Layouts. :func:`response_layout` covers padded batches (left or right padding, g
 
 Context parallelism. Under CP each rank's forward holds a share of the sequence (its queries and keys);
 the capture all-gathers the last layer's K over the CP group (differentiable: the gradient of every key
-goes back to the rank that holds it) and computes the rows of the response tokens this rank holds against
-the whole key sequence: ``result.rows`` is then the compact [B, R_c, T] of those rows and ``result.cp``
+goes back to the rank that holds it), shares the response tokens' Q rows from the ranks that hold them and
+computes an even share of the rows (rows c, c + C, ... on CP rank c) against the whole key sequence:
+``result.rows`` is then the compact [B, R_c, T] of those rows and ``result.cp``
 (:class:`~megatron_ral.attention.cp_rows.CPRows`) says which batch rows they are; per-row values go back to
 the batch's [B, R] with ``result.per_row(x)`` (summed over the CP group; identity elsewhere). T is the
 padded length of the split (a multiple of 2 * CP; the tail keys are invalid).
@@ -59,7 +60,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from megatron_ral.attention.cp_rows import CPRows, owned_rows, pad_keys
+from megatron_ral.attention.cp_rows import CPRows, dealt_rows, pad_keys
 from megatron_ral.attention.layout import RowLayout, gather_rows, segment_ids_from_cu_seqlens
 from megatron_ral.attention.old_policy import CapturedQK
 from megatron_ral.attention.policy import ChunkConfig, attention_policy
@@ -325,8 +326,8 @@ class AttentionCapture:
                 result.rows = self._policy(q_rows, key, host, softmax_scale, want_grad)
 
     def _cp_rows_and_keys(self, query: Tensor, key: Tensor, layout: RowLayout):
-        """This CP rank's response rows of ``layout`` (queries it holds), the whole key sequence (all-gathered,
-        differentiable), the compact layout over it and the :class:`CPRows`."""
+        """The query rows this CP rank computes (dealt out evenly over the group, see ``cp_rows``), the whole key
+        sequence (all-gathered, differentiable), the compact layout over it and the :class:`CPRows`."""
         from megatron_ral.models.qwen25vl.context_parallel import CPShare, gather_sequence_cp
 
         size = dist.get_world_size(self.cp_group)
@@ -334,8 +335,7 @@ class AttentionCapture:
         keys = gather_sequence_cp(key, self.cp_group)
         layout = pad_keys(layout, share.length)
         layout.validate(share.length)
-        positions, rows, compact = owned_rows(layout, share)  # where the layout is (the host, for the trainer)
-        q_rows = gather_rows(query, RowLayout(row_index=positions.to(query.device)))
+        q_rows, rows, compact = dealt_rows(query, layout, share)  # layout where it is (the host, for the trainer)
         return q_rows, keys, compact, rows
 
     def _policy(self, q_rows: Tensor, key: Tensor, layout: RowLayout, scale: float, want_grad: bool) -> Tensor:

@@ -2,8 +2,9 @@
 CP=1), on the Qwen25VLModel itself: a right-padded micro-batch of a video prompt and an image prompt with
 their responses, both of odd length (padded to a multiple of 2C by the model).
 
-- the rows p_theta (each CP rank's rows of the response tokens it holds, against the whole all-gathered key
-  sequence, put back together) equal the CP=1 rows;
+- the rows p_theta (each CP rank computes an even share of the response rows from the Q rows shared by the
+  rank holding each token, against the whole all-gathered key sequence; put back together) equal the CP=1
+  rows, and both ranks compute rows although one rank holds most of the response;
 - p_old kept by the "qk" store gives, at theta = theta_old, a RAL loss whose gradient is exactly zero for
   every parameter on every rank (the first update after a rollout);
 - after a change of the weights, the RAL loss A * JSD(p_theta || p_old) per token (summed over the CP group)
@@ -62,6 +63,7 @@ def _worker(cp: int) -> dict:
     with torch.no_grad(), capture.capture(layout, grad=False, keep_qk=True) as res:
         model(**inputs)
     store.put(0, res.qk)
+    out["computed_rows"] = int(res.rows.shape[1]) if res.cp is None else int(res.cp.valid.sum())
     rows = res.rows if res.cp is None else res.cp.full_rows(res.rows)
     out["rows"] = rows[..., : inputs["input_ids"].shape[1]].clone()
     out["tail_mass"] = float(rows[..., inputs["input_ids"].shape[1]:].abs().sum())
@@ -113,6 +115,7 @@ def test_capture_and_ral_gradient_at_cp2_equal_cp1():
         torch.testing.assert_close(rows_ref[b, :r].sum(-1), torch.ones(r, dtype=rows_ref.dtype))
     assert ref["first_grad_max"] == 0.0
     assert float(ref["loss"].abs().max()) > 1e-6  # the weights moved: the term is not trivially zero
+    assert sorted(o["computed_rows"] for o in outs) == [7, 8]  # 15 response rows dealt out over 2 ranks
     for o in outs:
         assert o["tail_mass"] == 0.0
         torch.testing.assert_close(o["rows"], rows_ref, rtol=1e-5, atol=1e-6)

@@ -122,6 +122,32 @@ def reduce_from_cp(x: Tensor, group) -> Tensor:
     return _ReduceFromCP.apply(x, group)
 
 
+class _AllReduceCP(torch.autograd.Function):
+    """Sum over the CP group, each rank's gradient the sum of every rank's gradient (all-reduce both ways)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        out = x.contiguous().clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        out = grad.contiguous().clone()
+        dist.all_reduce(out, group=ctx.group)
+        return out, None
+
+
+def share_over_cp(x: Tensor, group) -> Tensor:
+    """``sum over the CP group of x`` on every rank when the ranks hold disjoint parts of one tensor (zeros
+    elsewhere) that every rank then uses: the gradient of each part is summed over the ranks that used it and
+    reaches its owner. ``group`` None or of size 1: ``x``."""
+    if group is None or dist.get_world_size(group) == 1:
+        return x
+    return _AllReduceCP.apply(x, group)
+
+
 def _load_balanced_order(parts: list[Tensor]) -> Tensor:
     """Global order of the per-rank shares [chunk i, chunk 2C-1-i] (concatenated along dim 0)."""
     halves = [p.chunk(2, dim=0) for p in parts]
