@@ -99,8 +99,23 @@ class AlgorithmConfig:
     reference_placement: where the reference weights live between reference passes: "device" (a resident copy)
         or "host" (host memory, copied in for each reference pass; saves device memory).
     adv_eps: A = (r - mean) / (std + adv_eps) per prompt group (unbiased std).
-    drop_zero_std_groups: leave groups whose G rewards are all equal (A = 0) out of the update; they are
-        counted (adv/zero_std_groups) either way.
+    drop_zero_std_groups / dynamic_sampling / max_sampling_rounds: one mechanism for groups whose G rewards
+        are all equal (A = 0: no GRPO signal; counted as adv/zero_std_groups whatever the settings).
+        drop_zero_std_groups leaves them out of the update without replacing them (the batch shrinks);
+        dynamic_sampling (DAPO's) leaves them out and draws further rounds of training.prompts_per_step
+        prompts until the step holds prompts_per_step informative groups or max_sampling_rounds rounds (the
+        first included) were drawn; the first prompts_per_step informative groups in draw order are kept (a
+        step short of them after the last round trains on the ones it found). dynamic_sampling implies
+        dropping. Either way the kept groups are chosen over the global batch and spread over the
+        data-parallel ranks as the loader spreads prompts, so the update does not depend on the DP size.
+        adv/groups_drawn counts the groups sampled in the step, adv/groups_dropped those left out of the
+        update; the reward/* and response/* metrics cover every drawn group.
+    logprob_diff_warn: warn (once per process) when rollout/logprob_diff_max, the largest |generation log-prob
+        - trainer log-prob| over a step's response tokens (same weights, same quantity log softmax(logits / T)),
+        exceeds it. None: by the training dtype, 1e-3 in fp32 (the KV-cache decode and the training forward
+        then agree to a few 1e-6; more is a bug), 1.0 in bf16 and 0.25 in fp16 (rounding alone moves single
+        log-probs by 0.04-0.08 on the tiny model in bf16, more on large models and long responses; a bug,
+        e.g. wrong positions or stale weights, moves them by whole nats).
     lambda_attn: weight of the attention loss A * D(p_theta || p_old) (paper searched 0.5, 1, 5).
     attn_divergence: "jsd" (paper), "kl" (KL(p_theta || p_old)) or "reverse_kl" (KL(p_old || p_theta)).
     attn_aggregation: "token_mean" (Eq. 3: mean over the response tokens of the global mini-batch) or "sum"
@@ -140,6 +155,9 @@ class AlgorithmConfig:
     reference_placement: str = "device"
     adv_eps: float = 1e-6
     drop_zero_std_groups: bool = False
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 4
+    logprob_diff_warn: Optional[float] = None
     lambda_attn: float = 1.0
     attn_divergence: str = "jsd"
     attn_aggregation: str = "token_mean"

@@ -131,6 +131,12 @@ def validate(cfg: Config, world_size: int | None = None, dims: ModelDims | None 
     _one_of(a.old_policy_store, ("qk", "rows"), "algorithm.old_policy_store")
     _one_of(a.old_policy_dtype, ("auto", "bf16", "fp16", "fp32"), "algorithm.old_policy_dtype")
     _check(a.adv_eps > 0, "algorithm.adv_eps", f"must be > 0, got {a.adv_eps}")
+    _check(not a.dynamic_sampling or a.name in RL_ALGORITHMS, "algorithm.dynamic_sampling",
+           f"draws rollout groups: it needs an RL algorithm ({', '.join(RL_ALGORITHMS)}), not {a.name!r}")
+    _check(a.max_sampling_rounds >= 1, "algorithm.max_sampling_rounds",
+           f"must be >= 1 (rollout rounds per step, the first included), got {a.max_sampling_rounds}")
+    _check(a.logprob_diff_warn is None or a.logprob_diff_warn > 0, "algorithm.logprob_diff_warn",
+           f"must be > 0 or null (the default of the training dtype), got {a.logprob_diff_warn}")
     if a.name in ("ral", "ral_distill") and a.lambda_attn > 0:
         _check(a.updates_per_rollout >= 2, "algorithm.updates_per_rollout",
                "must be >= 2 for RAL: the attention loss is zero on the first update after a rollout "

@@ -23,7 +23,7 @@ from megatron_ral.data.records import RecordIndex
 from megatron_ral.data.samples import Failure, Sample, SampleBuilder
 from megatron_ral.data.sharding import epoch_order, shard
 from megatron_ral.data.video.backend import BackendChoice, log_choice_once
-from megatron_ral.platform.worker_signals import ignore_foreign_sigterm, signals_blocked
+from megatron_ral.platform.worker_signals import ignore_foreign_sigterm, start_workers
 
 
 class ShardStream(IterableDataset):
@@ -128,9 +128,7 @@ class VisionDataLoader:
             # SLURM's SIGTERM reaches the workers too: they leave stopping to the trainer (see worker_signals).
             worker_init_fn=ignore_foreign_sigterm,
         )
-        with signals_blocked():  # the workers start here
-            items = iter(loader)
-        yield from items
+        yield from start_workers(loader)  # SIGTERM blocked while the workers start
 
     def _items(self) -> Iterator:
         epoch, start = self.epoch, self.position

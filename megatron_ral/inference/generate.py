@@ -126,9 +126,8 @@ def _generate_chunk(model, comm: StageComm, prompts: list[PromptInput], chunk: C
         t_step, c_step = time.perf_counter(), time.process_time()
         packed = None
         if comm.is_last:
-            if suppress is not None:
-                logits = logits.index_fill(1, suppress.to(logits.device), float("-inf"))
-            tok, lp = sample_tokens(logits, params, [gens[r] for r in slots] if gens is not None else None)
+            tok, lp = sample_tokens(logits, params, [gens[r] for r in slots] if gens is not None else None,
+                                    suppress=suppress)
             packed = torch.stack([tok.double(), lp.double()], dim=1)
         packed = comm.broadcast_from_last(packed, (len(slots), 2), torch.float64, session.device)
         tok = packed[:, 0].long()

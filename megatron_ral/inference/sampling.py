@@ -92,15 +92,19 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
 
 
 def sample_tokens(
-    logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator] | None = None
+    logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator] | None = None,
+    suppress: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one token per row of ``logits`` (B, V).
+    """Sample one token per row of ``logits`` (B, V); the ids in ``suppress`` are never chosen.
 
     Returns (tokens (B,) long, log-probs (B,) fp32). The log-prob is log softmax(logits / T) at the
-    chosen token (the temperature-scaled model distribution, before top-k / top-p truncation; T = 1
-    for greedy), which is what a trainer recomputes as the old log-prob.
+    chosen token (the temperature-scaled model distribution over the whole vocabulary, before top-k /
+    top-p truncation and before suppression; T = 1 for greedy), which is what a trainer recomputes as
+    the old log-prob.
     """
     logp = scaled_log_probs(logits, params.temperature)
+    if suppress is not None:
+        logits = logits.index_fill(-1, suppress.to(logits.device), float("-inf"))
     if params.is_greedy:
         tokens = torch.argmax(logits, dim=-1)
     else:

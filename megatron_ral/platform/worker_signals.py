@@ -11,12 +11,15 @@ Here a worker keeps SIGTERM blocked and a thread of its own takes each one with 
 * sent by anyone else (the job's process group): ignored; the trainer decides when to stop and ends
   its workers the ordinary way (a worker whose trainer has gone exits through PyTorch's watchdog).
 
-The trainer process blocks SIGTERM while it creates workers (:func:`signals_blocked`), so a signal
+The trainer process blocks SIGTERM while it creates workers (:func:`start_workers`), so a signal
 arriving between a worker's birth and its init function stays pending in the worker and reaches the
-thread, and the trainer's own copy is delivered to its handler when the block ends.
+thread, and the trainer's own copy is delivered to its handler when the block ends. Workers inherit the
+block when forked, and when spawned (``spawn``, the loader's choice when DALI decodes on the GPU) provided
+multiprocessing's resource tracker already runs: starting it unblocks SIGTERM in the caller, so
+:func:`start_workers` starts it first. (Workers forked by a ``forkserver`` inherit the server's mask, not
+the trainer's: there a SIGTERM in the first instants of a worker can still end it.)
 
-    with signals_blocked():
-        it = iter(DataLoader(..., worker_init_fn=ignore_foreign_sigterm))
+    it = start_workers(DataLoader(..., worker_init_fn=ignore_foreign_sigterm))
 """
 
 from __future__ import annotations
@@ -44,6 +47,18 @@ def signals_blocked(signals: tuple[int, ...] = SIGNALS) -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+def start_workers(loader):
+    """``iter(loader)`` with SIGTERM blocked while the loader starts its workers (see the module docstring)."""
+    context = getattr(loader, "multiprocessing_context", None)
+    method = context.get_start_method() if context is not None else None
+    if getattr(loader, "num_workers", 0) > 0 and method not in (None, "fork"):
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()  # it unblocks SIGTERM when it starts: not inside the block
+    with signals_blocked():
+        return iter(loader)
+
+
 def _take_signals(parent: int, signals: tuple[int, ...]) -> None:
     while True:
         info = signal.sigwaitinfo(signals)
@@ -63,4 +78,4 @@ def ignore_foreign_sigterm(worker_id: int = 0, signals: tuple[int, ...] = SIGNAL
                      daemon=True).start()
 
 
-__all__ = ["SIGNALS", "ignore_foreign_sigterm", "signals_blocked"]
+__all__ = ["SIGNALS", "ignore_foreign_sigterm", "signals_blocked", "start_workers"]

@@ -99,7 +99,9 @@ class RolloutBatch:
 
     rewards / accuracy / format / advantages: [P, G]; zero_std: [P]; responses[p][g] token ids (the stop
     token included when one ended the response) and texts[p][g] decoded; prompt_keys: the prompts'
-    indices in the global batch of the step (layout-independent sampling seeds).
+    indices in the global batch of the step (as drawn: the layout-independent sampling seeds; as trained on:
+    the positions among the kept groups, see ``rl.dynamic_sampling``); rollout_logprobs[p][g]:
+    the generator's log-prob of each response token under softmax(logits / T).
     """
 
     prompts: list
@@ -115,6 +117,7 @@ class RolloutBatch:
     zero_std: Tensor
     generation_seconds: float = 0.0
     generated_tokens: int = 0
+    rollout_logprobs: list[list[Tensor]] = field(default_factory=list)
     micro_batches: list[MicroBatch] = field(default_factory=list)
     vision: list[VisionEmbeddings | None] = field(default_factory=list)
     old_logprobs: dict[int, Tensor] = field(default_factory=dict)

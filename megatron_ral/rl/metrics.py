@@ -4,7 +4,7 @@ Each rank adds (sum, count) pairs for what it *owns* (the caller decides: e.g. r
 model-parallel rank 0 of each data-parallel group, loss metrics on tensor-parallel rank 0 of the last
 pipeline stage), so that replicas are not counted twice; :meth:`MetricSums.all_reduce` then adds
 everything up over the whole world (keys may differ between ranks). ``mean(key)`` is sum / count,
-``total(key)`` the sum.
+``total(key)`` the sum. Peaks (``add_peak``) are kept apart and reduced by maximum: ``peak(key)``.
 
 Values may be tensors (e.g. a loss term still on the GPU): they are added up as float64 tensors where
 they live and read to the host together, once, by the first ``all_reduce``/``mean``/``total`` (on a
@@ -27,6 +27,11 @@ class MetricSums:
     def __init__(self) -> None:
         self.sums: dict[str, float | torch.Tensor] = defaultdict(float)
         self.counts: dict[str, float] = defaultdict(float)
+        self.peaks: dict[str, float] = {}
+
+    def add_peak(self, key: str, value: float) -> None:
+        """Keep the largest value given for ``key`` (reduced by maximum over ranks)."""
+        self.peaks[key] = max(self.peaks.get(key, float("-inf")), float(value))
 
     def add(self, key: str, value: "float | torch.Tensor", count: float = 1.0) -> None:
         if isinstance(value, torch.Tensor):
@@ -52,6 +57,8 @@ class MetricSums:
     def merge(self, other: "MetricSums") -> None:
         for k in other.sums:
             self.add(k, other.sums[k], other.counts[k])
+        for k, v in other.peaks.items():
+            self.add_peak(k, v)
 
     def all_reduce(self, group=None) -> "MetricSums":
         """A new MetricSums holding the sums and counts of every rank of ``group`` (default: world)."""
@@ -61,19 +68,27 @@ class MetricSums:
             out.merge(self)
             return out
         keys: list = [None] * dist.get_world_size(group)
-        dist.all_gather_object(keys, sorted(self.sums), group=group)
-        union = sorted(set().union(*keys))
+        dist.all_gather_object(keys, (sorted(self.sums), sorted(self.peaks)), group=group)
+        union = sorted(set().union(*(k for k, _ in keys)))
+        peak_union = sorted(set().union(*(p for _, p in keys)))
+        backend = dist.get_backend(group)
+        dev = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         vec = torch.tensor([[self.sums.get(k, 0.0), self.counts.get(k, 0.0)] for k in union], dtype=torch.float64)
         if vec.numel():
-            backend = dist.get_backend(group)
-            dev = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
             vec = vec.to(dev)
             dist.all_reduce(vec, group=group)
             vec = vec.cpu()
         for i, k in enumerate(union):
             out.sums[k] = float(vec[i, 0])
             out.counts[k] = float(vec[i, 1])
+        if peak_union:
+            peaks = torch.tensor([self.peaks.get(k, float("-inf")) for k in peak_union], dtype=torch.float64).to(dev)
+            dist.all_reduce(peaks, op=dist.ReduceOp.MAX, group=group)
+            out.peaks = dict(zip(peak_union, peaks.cpu().tolist()))
         return out
+
+    def peak(self, key: str, default: float = 0.0) -> float:
+        return self.peaks.get(key, default)
 
     def mean(self, key: str, default: float = 0.0) -> float:
         self._read()

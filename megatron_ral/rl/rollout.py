@@ -147,4 +147,5 @@ def generate_rollouts(model, prompts: list[PromptInput], records: list, prompt_k
         rewards=scores["total"], accuracy=scores["accuracy"], format=scores["format"],
         advantages=adv.advantages, zero_std=adv.zero_std,
         generation_seconds=seconds, generated_tokens=sum(r.length for row in responses for r in row),
+        rollout_logprobs=[[r.logprobs for r in row] for row in responses],
     )

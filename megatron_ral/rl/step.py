@@ -1,22 +1,27 @@
 """One RL step (GRPO / RAL): rollout -> score -> old / reference passes -> updates -> metrics.
 
-    result = rl_step(ctx, loader_batch, step)
+    result = rl_step(ctx, loader_batch, step, next_batch)
 
 Every phase is a function of its own module; this one only orders them and turns their outputs into
-the step's metrics. All ranks call it (it is collective).
+the step's metrics. All ranks call it (it is collective). ``next_batch()`` gives further loader batches
+when dynamic sampling draws more prompts (``rl.dynamic_sampling``).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
+import torch.distributed as dist
 
 from megatron_ral.attention.old_policy import OldPolicyConfig, make_old_policy_store
 from megatron_ral.data.collate import Batch
 from megatron_ral.data.records import PROBLEM_TYPES
 from megatron_ral.rl.batch import plan_micro_batches
+from megatron_ral.rl.consistency import LogprobDiffWarning, consistency_sums
+from megatron_ral.rl.dynamic_sampling import GroupFilter, draw_groups, round_keys
 from megatron_ral.rl.metrics import MetricSums, Timer
 from megatron_ral.rl.optim_step import uses_loss_scaling
 from megatron_ral.rl.passes import old_pass, reference_pass
@@ -43,9 +48,10 @@ class RLContext:
     updates_per_rollout: int
     epochs_per_rollout: int
     micro_batch_size: int
-    drop_zero_std_groups: bool = False
+    group_filter: GroupFilter = field(default_factory=GroupFilter)   # zero-variance groups: drop / refill
     reference: object = None            # ReferenceWeights when kl_beta > 0
     old_policy: OldPolicyConfig | None = None   # p_old store when the attention term is on
+    logprob_warning: LogprobDiffWarning | None = None   # warns once when generation and training disagree
     dp_rank: int = 0
     dp_size: int = 1
     dp_group: object = None
@@ -89,22 +95,41 @@ def loss_scale_metrics(optimizer, loss_scale_skips: int, loss_scale: float) -> d
     return {"train/loss_scale": float(loss_scale), "train/loss_scale_skips": float(loss_scale_skips)}
 
 
-def rl_step(ctx: RLContext, loader_batch: Batch, step: int) -> StepResult:
+def _more(next_batch: Callable[[], Batch] | None) -> Batch:
+    if next_batch is None:
+        raise ValueError("dynamic sampling draws further prompts: rl_step needs next_batch")
+    return next_batch()
+
+
+def rl_step(ctx: RLContext, loader_batch: Batch, step: int,
+            next_batch: Callable[[], Batch] | None = None) -> StepResult:
     timer = Timer()
     t_step = time.perf_counter()
     model = ctx.model
-    prompts = prompts_of(loader_batch, model.image_token_id, model.video_token_id)
-    keys = global_prompt_keys(len(prompts), ctx.dp_rank, ctx.dp_size)
+    drawn_sums = MetricSums()    # rollout metrics over every drawn group (kept or not)
+    target = len(loader_batch) * ctx.dp_size
 
-    # 1. rollouts with the current weights (every rank of the model-parallel group gets the same tokens)
+    def generate_round(k: int):
+        source = loader_batch if k == 0 else _more(next_batch)
+        prompts = prompts_of(source, model.image_token_id, model.video_token_id)
+        keys = round_keys(global_prompt_keys(len(prompts), ctx.dp_rank, ctx.dp_size), k, len(prompts) * ctx.dp_size)
+        out = generate_rollouts(model, prompts, source.records, keys, ctx.tokenizer, ctx.rollout, step,
+                                ctx.stop_token_ids, ctx.suppress_token_ids, ctx.cp_group)
+        if ctx.rollout_owner:
+            _rollout_metrics(out, drawn_sums)
+        return out
+
+    # 1. rollouts with the current weights (every rank of the model-parallel group gets the same tokens), in
+    #    rounds while dynamic sampling wants more informative groups; the kept groups spread over DP ranks
     with timer("gen"):
-        batch = generate_rollouts(model, prompts, loader_batch.records, keys, ctx.tokenizer, ctx.rollout, step,
-                                  ctx.stop_token_ids, ctx.suppress_token_ids, ctx.cp_group)
+        drawn = draw_groups(ctx.group_filter, target, generate_round, ctx.dp_rank, ctx.dp_size, ctx.dp_group)
+    batch = drawn.batch
+    prompts = batch.prompts
 
     # 2. the step's micro-batches: mini-batch m of the (prompt-major) sequences, micro_batch_size each
     minibatches = ctx.updates_per_rollout // ctx.epochs_per_rollout
     batch.micro_batches = plan_micro_batches(batch, minibatches, ctx.micro_batch_size, ctx.pad_token_id,
-                                             ctx.drop_zero_std_groups)
+                                             ctx.group_filter.drop_zero_std)
     norms = minibatch_normalisers(batch.micro_batches, ctx.dp_group)
     passes = PassContext(model=ctx.passes.model, vision=encode_prompts_vision(model, prompts),
                          capture=ctx.passes.capture, temperature=ctx.passes.temperature)
@@ -148,10 +173,10 @@ def rl_step(ctx: RLContext, loader_batch: Batch, step: int) -> StepResult:
 
     # 5. metrics, summed over the ranks that own them
     sums = MetricSums()
-    if ctx.rollout_owner:
-        _rollout_metrics(batch, sums)
+    sums.merge(drawn_sums)
     if ctx.loss_owner:
         sums.merge(loss_sums)
+        sums.merge(consistency_sums(batch))    # generator vs old pass (or the first update's forward)
     total = sums.all_reduce()
     n_updates = ctx.updates_per_rollout
     tokens = max(total.total("loss/tokens"), 1.0)
@@ -163,6 +188,9 @@ def rl_step(ctx: RLContext, loader_batch: Batch, step: int) -> StepResult:
             metrics[key] = total.mean(key)
     metrics.update({
         "adv/zero_std_groups": total.total("adv/zero_std_groups"),
+        "adv/groups_drawn": float(drawn.groups_drawn),
+        "adv/groups_dropped": float(drawn.groups_dropped),
+        "adv/sampling_rounds": float(drawn.rounds),
         "loss/policy": total.total("loss/policy") / n_updates,
         "loss/kl": total.total("loss/kl") / n_updates,
         "loss/attn": total.total("loss/attn") / n_updates,
@@ -171,6 +199,8 @@ def rl_step(ctx: RLContext, loader_batch: Batch, step: int) -> StepResult:
         "attn/jsd_old": total.total("attn/jsd_old") / max(total.total("attn/jsd_tokens"), 1.0),
         "attn/entropy": total.total("attn/entropy") / max(total.total("attn/tokens"), 1.0),
         "attn/vision_mass": total.total("attn/vision_mass") / max(total.total("attn/tokens"), 1.0),
+        "rollout/logprob_diff_max": total.peak("rollout/logprob_diff_max"),
+        "rollout/logprob_diff_mean": total.mean("rollout/logprob_diff"),
         "train/grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
         "train/lr": lrs[-1] if lrs else 0.0,
         "train/skipped_updates": float(skipped),
@@ -182,6 +212,9 @@ def rl_step(ctx: RLContext, loader_batch: Batch, step: int) -> StepResult:
         "perf/gen_tokens_per_s": total.total("perf/gen_tokens") / max(timer.seconds["gen"], 1e-9),
         "perf/step_s": time.perf_counter() - t_step,
     })
+    if ctx.logprob_warning is not None:
+        ctx.logprob_warning.check(metrics["rollout/logprob_diff_max"], metrics["rollout/logprob_diff_mean"], step,
+                                  emit=not dist.is_initialized() or dist.get_rank() == 0)
     samples = [(r.problem_id, batch.texts[p][0], float(batch.rewards[p, 0])) for p, r in enumerate(batch.records[:2])]
     return StepResult(metrics=metrics, updates=n_updates, skipped_updates=skipped, loss_scale_skips=scale_skips,
                       samples=samples)

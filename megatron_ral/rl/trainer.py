@@ -22,6 +22,9 @@ CONSOLE_KEYS = ("reward/total", "reward/accuracy", "reward/format", "loss/sft", 
                 "loss/attn", "attn/jsd_old", "response/length_mean", "perf/step_s")
 
 
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
 class TrainingStopped(UserError):
     """The run cannot continue (e.g. too many consecutive non-finite steps); the last good checkpoint stays.
     Every rank reaches it at the same step (the skip decision is all-reduced)."""
@@ -79,6 +82,8 @@ def build(cfg, info) -> Run:
     from megatron_ral.inference.loading import hf_files_dir, stop_token_ids
     from megatron_ral.rl import build as B
     from megatron_ral.rl.reference import ReferenceWeights
+    from megatron_ral.rl.consistency import LogprobDiffWarning
+    from megatron_ral.rl.dynamic_sampling import GroupFilter
     from megatron_ral.rl.rollout import RolloutSettings, load_reward_function
     from megatron_ral.rl.schedule import PassContext
     from megatron_ral.rl.step import RLContext
@@ -119,9 +124,10 @@ def build(cfg, info) -> Run:
         tokenizer=tokenizer, stop_token_ids=stop_token_ids(hf_dir, tokenizer),
         suppress_token_ids=[model.image_token_id, model.video_token_id], pad_token_id=data.processor.pad_token_id,
         updates_per_rollout=a.updates_per_rollout, epochs_per_rollout=a.epochs_per_rollout,
-        micro_batch_size=cfg.training.micro_batch_size, drop_zero_std_groups=a.drop_zero_std_groups,
+        micro_batch_size=cfg.training.micro_batch_size, group_filter=GroupFilter.from_config(a),
         reference=(ReferenceWeights(chunks, a.reference_placement, source=str(weights)) if a.kl_beta > 0 else None),
         old_policy=old_policy_config(a) if use_attention else None,
+        logprob_warning=LogprobDiffWarning.for_dtype(a.logprob_diff_warn, DTYPE_NAMES[dtype]),
         dp_rank=dp_rank, dp_size=dp_size, dp_group=dp_group, tp_group=ps.get_tensor_model_parallel_group(),
         cp_group=ps.get_context_parallel_group() if ps.get_context_parallel_world_size() > 1 else None,
         rollout_owner=rollout_owner, loss_owner=loss_owner,
@@ -263,7 +269,7 @@ def train_step(run: Run, cfg, step: int) -> dict:
     if cfg.algorithm.name == "sft":
         metrics, (updates, failed, scale_skips) = _sft_step(run, batch)
     else:
-        result = rl_step(run.rl, batch, step)
+        result = rl_step(run.rl, batch, step, next_batch=lambda: _next_batch(run))
         metrics = result.metrics
         updates, failed, scale_skips = result.updates, result.skipped_updates, result.loss_scale_skips
         run.extra["samples"] = result.samples

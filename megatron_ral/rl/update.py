@@ -116,7 +116,8 @@ def policy_update(ctx: PassContext, batch: RolloutBatch, micro_batches: list[Mic
     """One optimizer step on the mini-batch made of ``micro_batches``.
 
     ``use_old_logprobs`` False (a single update per rollout batch) takes the old log-probs as the
-    current ones detached (rho = 1): the same loss value and gradient without an old pass.
+    current ones detached (rho = 1): the same loss value and gradient without an old pass; this first
+    forward's log-probs are kept as the batch's old log-probs (for the rollout consistency check).
     ``diagnostics`` (image, video token ids): also compute the attention diagnostics of the current
     policy (a no-grad capture when the loss itself needs none).
     """
@@ -130,7 +131,11 @@ def policy_update(ctx: PassContext, batch: RolloutBatch, micro_batches: list[Mic
 
     def consume(mb, token_loss, result):
         logp = mb.token_logprobs(token_loss)
-        old = batch.old_logprobs[mb.index] if use_old_logprobs else logp.detach()
+        if use_old_logprobs:
+            old = batch.old_logprobs[mb.index]
+        else:
+            old = logp.detach()
+            batch.old_logprobs.setdefault(mb.index, old.float())
         rows = result.rows if (result is not None and result.active) else None
         p_old = store.get(mb.index, device=logp.device) if (use_attention and rows is not None) else None
         per_row = result.per_row if rows is not None else None

@@ -5,7 +5,7 @@ Each task is a plain process (no torchrun) with ``SLURM_PROCID``, ``SLURM_NTASKS
 (data-loader workers, checkpoint writers), share one new process group, so that
 ``tasks.signal(SIGTERM)`` reaches them all at once, as SLURM's ``--signal`` / ``scancel --signal`` does.
 
-    tasks = SrunTasks.start(cmd, ntasks=2, env=env, log_dir=tmp)
+    tasks = SrunTasks.start_rendezvoused(cmd, ntasks=2, env=env, log_dir=tmp)   # retried if the port was taken
     tasks.signal(signal.SIGTERM)
     codes = tasks.wait(timeout=300)        # exit codes in task order
     tasks.log(0)                           # task 0's stdout + stderr
@@ -69,6 +69,30 @@ class SrunTasks:
                                               stdin=subprocess.DEVNULL, process_group=group))
             logs.append(path)
         return cls(procs, logs, procs[0].pid)
+
+    @classmethod
+    def start_rendezvoused(cls, cmd: list[str], ntasks: int, env: dict, log_dir: str | os.PathLike,
+                           name: str = "task", ready: str = "platform:", tries: int = 3,
+                           timeout: float = 600) -> "SrunTasks":
+        """`start`, then wait until task 0's log shows `ready` (the rendezvous is done). When a task fails
+        because the free port was taken meanwhile (another job on a shared machine), start again on
+        another port, up to `tries` times. Returns the tasks (possibly already exited for another reason)."""
+        for attempt in range(tries):
+            tasks = cls.start(cmd, ntasks, env, log_dir, name=name)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if ready in tasks.log(0):
+                    return tasks
+                if any(p.poll() is not None for p in tasks.procs):
+                    break
+                time.sleep(0.2)
+            else:
+                return tasks
+            logs = "".join(tasks.log(r) for r in range(ntasks))
+            if "EADDRINUSE" not in logs and "address already in use" not in logs or attempt == tries - 1:
+                return tasks
+            tasks.kill()
+        return tasks
 
     def signal(self, sig: int = signal.SIGTERM) -> None:
         os.killpg(self.pgid, sig)

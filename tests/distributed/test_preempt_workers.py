@@ -35,9 +35,21 @@ def _config(assets, name: str):
     return str(tf.write_config(root / f"{name}.yaml", assets, root / name, **SECTIONS)), root / name
 
 
-def _srun(assets, cfg: str, name: str) -> SrunTasks:
-    return SrunTasks.start(tf.train_command(cfg), ntasks=2, env=tf.subprocess_env(), log_dir=assets["root"] / "logs",
-                           name=name)
+@pytest.fixture
+def launched():
+    """Every job the test starts; whatever still runs when the test ends (a failure) is killed."""
+    jobs: list[SrunTasks] = []
+    yield jobs
+    for tasks in jobs:
+        if tasks.running():
+            tasks.kill()
+
+
+def _srun(assets, cfg: str, name: str, launched: list) -> SrunTasks:
+    tasks = SrunTasks.start_rendezvoused(tf.train_command(cfg), ntasks=2, env=tf.subprocess_env(),
+                                         log_dir=assets["root"] / "logs", name=name)
+    launched.append(tasks)
+    return tasks
 
 
 def _finish(tasks: SrunTasks, timeout: float = 600) -> None:
@@ -52,20 +64,20 @@ def _comparable(rows: list[dict]) -> dict[int, dict]:
     return {r["step"]: {k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows}
 
 
-def test_group_sigterm_with_workers_saves_exits_0_and_resumes_equal(assets):
+def test_group_sigterm_with_workers_saves_exits_0_and_resumes_equal(assets, launched):
     full_cfg, full_dir = _config(assets, "full")
-    tasks = _srun(assets, full_cfg, "full")
+    tasks = _srun(assets, full_cfg, "full", launched)
     _finish(tasks)
     full = _comparable(tf.read_metrics(full_dir))
     assert sorted(full) == list(range(1, STEPS + 1))
     assert not (full_dir / STOP_MARKER).exists()
 
     cfg, run_dir = _config(assets, "stopped")
-    tasks = _srun(assets, cfg, "stopped")
+    tasks = _srun(assets, cfg, "stopped", launched)
     deadline = time.monotonic() + 600
     while not any(r["step"] >= 2 for r in tf.read_metrics(run_dir)):
-        assert tasks.running(), tasks.log(0)[-3000:] + tasks.log(1)[-3000:]
-        assert time.monotonic() < deadline
+        assert all(p.poll() is None for p in tasks.procs), tasks.log(0)[-3000:] + tasks.log(1)[-3000:]
+        assert time.monotonic() < deadline, "no step 2 within 600 s"
         time.sleep(0.1)
     tasks.signal(signal.SIGTERM)                       # trainers and their data-loader workers
     _finish(tasks)
@@ -87,7 +99,7 @@ def test_group_sigterm_with_workers_saves_exits_0_and_resumes_equal(assets):
     assert yaml.safe_load((ckpt / "run_config.yaml").read_text()) == expected
     assert to_dict(load_config(run_dir / "config.yaml")) == expected
 
-    tasks = _srun(assets, cfg, "resumed")                 # the resubmitted (requeued) job
+    tasks = _srun(assets, cfg, "resumed", launched)                 # the resubmitted (requeued) job
     _finish(tasks)
     assert f"resumed from {ckpt}" in tasks.log(0)
     resumed = _comparable(tf.read_metrics(run_dir))

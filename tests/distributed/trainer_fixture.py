@@ -108,3 +108,9 @@ def subprocess_env() -> dict:
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def even_records_only(response: str, record, template: str) -> float:
+    """``text_reward`` for records with an even problem_id; 0.5 for every response to an odd one, so exactly
+    the odd records' groups have zero reward variance (dynamic-sampling tests)."""
+    return text_reward(response, record, template) if int(record.problem_id) % 2 == 0 else 0.5

@@ -26,6 +26,10 @@ PARSERS = {
     "dump_attention": ("megatron_ral.cli.dump_attention", "parser"),
     "config": ("megatron_ral.cli.config", "parser"),
     "plan_memory": ("megatron_ral.cli.plan_memory", "parser"),
+    "eval_data/convert_mvbench": ("megatron_ral.cli.eval_data", "mvbench_parser"),
+    "eval_data/convert_videomme": ("megatron_ral.cli.eval_data", "videomme_parser"),
+    "eval_data/convert_tempcompass": ("megatron_ral.cli.eval_data", "tempcompass_parser"),
+    "run_state": ("megatron_ral.cli.run_state", "parser"),
 }
 
 

@@ -53,6 +53,21 @@ def test_sampled_frequencies_follow_the_filtered_distribution():
     torch.testing.assert_close(logp, LOGITS[0, tokens])
 
 
+def test_suppressed_ids_are_never_sampled_and_the_log_prob_is_the_full_vocabulary_one():
+    """The reported log-prob is the trainer's quantity, log softmax(logits / T) over the whole vocabulary,
+    not the log-prob under the distribution renormalised without the suppressed ids."""
+    n = 4000
+    logits = LOGITS.expand(n, -1)
+    suppress = torch.tensor([0, 3])
+    params = SamplingParams(temperature=2.0)
+    tokens, logp = sample_tokens(logits, params, [row_generator(5, i) for i in range(n)], suppress=suppress)
+    assert not torch.isin(tokens, suppress).any()
+    assert set(tokens.tolist()) == {1, 2, 4}
+    torch.testing.assert_close(logp, torch.log_softmax(LOGITS[0] / 2.0, dim=-1)[tokens])
+    tok, logp = sample_tokens(LOGITS, SamplingParams(greedy=True), suppress=suppress)
+    assert tok.tolist() == [1] and math.isclose(logp.item(), math.log(0.2), rel_tol=1e-6)
+
+
 def test_greedy_and_seeds():
     tok, logp = sample_tokens(LOGITS, SamplingParams(greedy=True))
     assert tok.tolist() == [0] and math.isclose(logp.item(), math.log(0.5), rel_tol=1e-6)

@@ -13,7 +13,7 @@ import time
 import pytest
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from megatron_ral.platform.worker_signals import ignore_foreign_sigterm, signals_blocked
+from megatron_ral.platform.worker_signals import ignore_foreign_sigterm, signals_blocked, start_workers
 
 N = 12
 
@@ -28,8 +28,9 @@ class Slow(IterableDataset):
             yield i
 
 
-def _loader(init_fn):
-    return DataLoader(Slow(), batch_size=None, num_workers=2, prefetch_factor=1, worker_init_fn=init_fn)
+def _loader(init_fn, context=None):
+    return DataLoader(Slow(), batch_size=None, num_workers=2, prefetch_factor=1, worker_init_fn=init_fn,
+                      multiprocessing_context=context)
 
 
 def _foreign_sigterm(pids) -> None:
@@ -37,9 +38,9 @@ def _foreign_sigterm(pids) -> None:
     subprocess.run(["kill", "-TERM", *map(str, pids)], check=True)
 
 
-def test_foreign_sigterm_is_ignored():
-    with signals_blocked():
-        it = iter(_loader(ignore_foreign_sigterm))
+@pytest.mark.parametrize("context", [None, "spawn"])    # spawn: the loader's context when DALI decodes on GPU
+def test_foreign_sigterm_is_ignored(context):
+    it = start_workers(_loader(ignore_foreign_sigterm, context))
     workers = list(it._workers)
     _foreign_sigterm(w.pid for w in workers)        # at once: possibly before the init function ran
     first = [next(it) for _ in range(3)]
@@ -55,8 +56,7 @@ def test_foreign_sigterm_is_ignored():
 
 def test_the_parents_sigterm_still_ends_a_worker():
     """What DataLoader's shutdown of a stuck worker and multiprocessing's exit handler send."""
-    with signals_blocked():
-        it = iter(_loader(ignore_foreign_sigterm))
+    it = start_workers(_loader(ignore_foreign_sigterm))
     assert next(it) in (0, 1)                       # the workers have run their init function
     workers = list(it._workers)
     for w in workers:
@@ -71,11 +71,12 @@ def test_without_it_a_foreign_sigterm_kills_a_worker():
     it = iter(_loader(None))
     assert next(it) in (0, 1)
     victim = it._workers[0]
-    _foreign_sigterm([victim.pid])
+    with pytest.raises(RuntimeError, match="DataLoader worker"):  # raised by the loader's SIGCHLD handler
+        _foreign_sigterm([victim.pid])
+        victim.join(timeout=10)
+        list(it)
     victim.join(timeout=10)
     assert victim.exitcode == -signal.SIGTERM
-    with pytest.raises(RuntimeError, match="DataLoader worker"):
-        list(it)
 
 
 def test_signals_blocked_delivers_after_the_block():
