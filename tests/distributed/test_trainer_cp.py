@@ -43,3 +43,18 @@ def test_ral_steps_at_cp2_match_cp1(tmp_path_factory):
             assert math.isclose(a[k], b[k], rel_tol=rel, abs_tol=tol), f"step {a['step']} {k}: {a[k]} vs {b[k]}"
     assert any(abs(r["loss/attn"]) > 1e-7 for r in ref), "the attention term never acted: the test would be vacuous"
     assert any(abs(r["loss/policy"]) > 1e-5 for r in ref)
+
+
+def test_pp2_cp2_tied_embeddings_match_cp1(tmp_path_factory):
+    """Pipeline stages under CP: each stage's ranks split the sequence, the stages exchange their shares."""
+    root = tmp_path_factory.mktemp("trainer_pp_cp")
+    assets = tf.make_assets(root, "small")
+    ref = _run(root, assets, "small_cp1", 1, [])
+    got = _run(root, assets, "small_pp2_cp2", 4, ["parallel.context_parallel_size=2",
+                                                   "parallel.pipeline_model_parallel_size=2"])
+    assert len(ref) == len(got) == 2
+    for a, b in zip(ref, got):
+        for k in SAME_ROLLOUT:
+            assert math.isclose(a[k], b[k], rel_tol=1e-12), f"step {a['step']} {k}: {a[k]} != {b[k]} (rollouts differ)"
+        for k, rel, tol in TOLERANCES:
+            assert math.isclose(a[k], b[k], rel_tol=rel, abs_tol=tol), f"step {a['step']} {k}: {a[k]} vs {b[k]}"
