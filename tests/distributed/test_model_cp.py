@@ -6,7 +6,9 @@ lengths (right padding), every sequence of odd length (not a multiple of 2C: the
 the logits (each CP rank's share, put back in global order), the per-token loss at response positions
 (``loss_index``, the trainer's path) and without ``loss_index``, and the gradient of every trainable
 parameter (each CP rank's gradient is its tokens' part; summed over the CP group it is the whole gradient).
-Also: the vision tower's features, encoded in shares over the CP group, equal the unsplit ones.
+Also: a packed ``sequences`` stream of the text rows (an AttentionLayout padded to a multiple of 2C) split
+over CP gives the padded rows' per-token loss, and the vision tower's features, encoded in shares over the CP
+group, equal the unsplit ones.
 """
 
 from __future__ import annotations
@@ -88,6 +90,19 @@ def _worker(tp: int, cp: int) -> dict:
                 grads[n] = g
             res[name] = {"logits": logits[:, :length].detach(), "loss": loss.detach(), "all_loss": all_loss.detach(),
                          "grads": grads}
+        # a packed 'sequences' stream of the two text rows (padded to a multiple of 2C) gives the padded rows' loss
+        from megatron_ral.models.qwen25vl.attention_layout import AttentionLayout
+
+        text = dict(batches())["text"]
+        lengths = text["attention_mask"].sum(1).tolist()
+        layout = AttentionLayout.packed_sequences(lengths, pad_to_multiple=4)
+        rows = [text["input_ids"][i, :n] for i, n in enumerate(lengths)]
+        stream = layout.scatter(rows, dim=0)
+        labels = layout.scatter([torch.roll(text["input_ids"], -1, dims=1)[i, :n] for i, n in enumerate(lengths)], dim=0)
+        with torch.no_grad():
+            packed = model(input_ids=stream, layout=layout, labels=labels,
+                           loss_index=torch.arange(layout.length)[None])
+        res["packed_text"] = [packed[0, s.start:s.end] for s in layout.spans]
         # the vision tower's work split over the CP group gives the unsplit features
         if cp > 1:
             video = make_prompt([[2, ("video", (6, 4, 8)), 2, ("video", (2, 8, 4)), 3]], seed=5)
@@ -110,6 +125,11 @@ def _by_tp(outs):
 
 def _compare(ref: dict, got: dict, label: str) -> None:
     for preset in PRESETS:
+        lengths = [17, 13]
+        padded = ref[preset]["text"]["all_loss"]
+        for i, (n, packed) in enumerate(zip(lengths, got[preset].pop("packed_text"))):
+            torch.testing.assert_close(packed, padded[i, :n], rtol=1e-5, atol=1e-5, msg=f"{label} {preset} packed {i}")
+        ref[preset].pop("packed_text", None)
         for name, r in ref[preset].items():
             g = got[preset][name]
             scale = max(1.0, float(r["logits"].abs().max()))
