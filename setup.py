@@ -36,6 +36,8 @@ CONSOLE_SCRIPTS = [
     "megatron-ral-dump-attention = megatron_ral.cli.dump_attention:cli",
     "megatron-ral-evaluate = megatron_ral.cli.evaluate:cli",
     "megatron-ral-plan-memory = megatron_ral.cli.plan_memory:cli",
+    "megatron-ral-export-hf = megatron_ral.cli.export_hf:cli",
+    "megatron-ral-visualize-attention = megatron_ral.cli.visualize_attention:cli",
 ]
 
 setup(
@@ -50,6 +52,8 @@ setup(
         "video": ["nvidia-dali-cuda120>=2.2", "av>=12"],
         "gpu": ["transformer-engine[pytorch]"],
         "test": ["pytest>=8", "pytest-timeout"],
+        # pictures: tools/visualize_attention.py, the quickstart's curves.png (megatron_ral/logging/plots.py)
+        "plot": ["matplotlib"],
         # tools/bench/vs_trl.py only (the peer GRPO trainer it is compared with); never a core dependency.
         # Pinned: the comparison drives GRPOTrainer's batch building and loss directly.
         "bench": ["trl==1.16.0"],

@@ -18,6 +18,7 @@ usage: bash ${0##*/} [--out DIR] [--force]
   --out DIR   output directory (default: \$OUT, else $1 in the repository); relative to the current directory
   --force     use a non-empty DIR that this script did not create, deleting what is in it
 EOF
+  if [[ -n "${OUT_DIR_EXTRA_USAGE:-}" ]]; then echo "$OUT_DIR_EXTRA_USAGE"; fi  # the script's own options
 }
 
 out_dir_fail() {

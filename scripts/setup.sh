@@ -3,11 +3,12 @@
 #
 #   bash scripts/setup.sh            # idempotent: a no-op when .venv is up to date
 #   PYTHON=python3.11 bash scripts/setup.sh
-#   MEGATRON_RAL_EXTRAS=video,test,bench bash scripts/setup.sh   # what scripts/test.sh (and CI) asks for
+#   MEGATRON_RAL_EXTRAS=video,test,bench,plot bash scripts/setup.sh   # what scripts/test.sh (and CI) asks for
 #
-# Extras (setup.py): video,test by default; the test environment adds bench (TRL, for the loss-parity test
-# against TRL's GRPOTrainer), which the library itself never needs. Extras accumulate: a venv set up with
-# more extras is up to date for fewer, and a reinstall keeps the extras installed before.
+# Extras (setup.py): video,test,plot by default (plot: matplotlib, for the quickstart's curves.png); the
+# test environment adds bench (TRL, for the loss-parity test against TRL's GRPOTrainer), which the library
+# itself never needs. Extras accumulate: a venv set up with more extras is up to date for fewer, and a
+# reinstall keeps the extras installed before.
 #
 # Versions come from constraints.txt (the exact tested environment; setup.py keeps ranges). torch and
 # torchvision are installed first, pinned to their constraints.txt versions; otherwise pip resolves an
@@ -26,7 +27,7 @@ pin_of() {  # the constraints.txt line of a package, e.g. torch==2.14.1
 TORCH_PIN="$(pin_of torch)"
 TORCHVISION_PIN="$(pin_of torchvision)"
 MCORE_PIN="$(pin_of megatron-core)"
-EXTRAS="${MEGATRON_RAL_EXTRAS:-video,test}"
+EXTRAS="${MEGATRON_RAL_EXTRAS:-video,test,plot}"
 if [[ ! "$EXTRAS" =~ ^[a-z]+(,[a-z]+)*$ ]]; then
   echo "[setup] error: MEGATRON_RAL_EXTRAS must be a comma-separated list of setup.py extras, got '$EXTRAS'" >&2
   exit 2

@@ -8,7 +8,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 # The test environment has the [bench] extra too (TRL): the loss-parity test against TRL runs (and fails,
 # instead of skipping, when TRL is missing from an environment set up with it).
-export MEGATRON_RAL_EXTRAS="${MEGATRON_RAL_EXTRAS:-video,test,bench}"
+export MEGATRON_RAL_EXTRAS="${MEGATRON_RAL_EXTRAS:-video,test,bench,plot}"
 bash scripts/setup.sh
 export PYTHONUNBUFFERED=1
 # Tests run on CPU with gloo; keep thread counts small so multi-process tests share 2 cores well.

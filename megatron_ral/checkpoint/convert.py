@@ -373,7 +373,9 @@ def megatron_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, h
     """Convert a megatron-core torch_dist checkpoint (saved at any TP/PP) into an HF Qwen2.5-VL directory.
 
     The architecture comes from the HF config.json stored next to the checkpoint (or `hf_config`); its
-    tokenizer/processor files are copied too. Output is released-naming sharded safetensors + index.
+    tokenizer/processor files are copied too. Output is released-naming sharded safetensors + index. When the
+    checkpoint keeps its run's configuration (``run_config.yaml``), the processor configs carry the run's
+    vision budgets (``checkpoint.vision_budgets``).
     """
     ckpt_dir = Path(ckpt_dir)
     dist_dir = resolve_dist_dir(ckpt_dir)
@@ -396,5 +398,21 @@ def megatron_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, h
             writer.abort()
             raise
         copy_hf_side_files(cfg_dir, tmp)
+        _write_run_budgets(dist_dir, ckpt_dir, tmp)
     seconds = bar.finish()
     return ConversionResult(Path(out_dir), len(plans), total, seconds)
+
+
+def _write_run_budgets(dist_dir: Path, ckpt_dir: Path, out_dir: Path) -> None:
+    """The kept run configuration's vision budgets into the exported processor configs (when there is one)."""
+    import yaml
+
+    from megatron_ral.checkpoint.run_config import find_run_config
+    from megatron_ral.checkpoint.vision_budgets import write_vision_budgets
+
+    kept = find_run_config(dist_dir) or find_run_config(ckpt_dir)
+    if kept is None:
+        return
+    data = (yaml.safe_load(kept.read_text()) or {}).get("data")
+    if isinstance(data, dict):
+        write_vision_budgets(out_dir, data)

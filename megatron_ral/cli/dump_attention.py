@@ -12,7 +12,8 @@ TEXT) rendered with the checkpoint's chat template and the generation prompt, as
 builds it; the response is tokenised without special tokens and appended. Rank 0 saves
 {"rows": float32 [R, T], "prompt_length": P, "input_ids": int64 [T]}: row r is the head-mean attention
 of the response token at 0-based position P + r over positions 0 .. P + r - 1, renormalised (zero from
-P + r on).
+P + r on). The media budgets (fps, frames, pixels) are the ones the checkpoint was trained with (the
+configuration it keeps; ``--config`` replaces it); without one, the checkpoint's preprocessor configs.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ def parser() -> ToolParser:
     add_model_flags(p, dtype_default="auto", context_parallel=True)  # auto: bf16 on GPU (fp32 would run TE's unfused, quadratic-memory attention), fp32 on CPU
     p.add_argument("--response", required=True, help="response text appended after the generation prompt")
     p.add_argument("--out", required=True, help="output .pt file (written by rank 0; rows are always float32)")
+    p.add_argument("--config", default=None, help="training config whose data settings to use "
+                                                  "(default: the one the checkpoint keeps)")
     add_json(p, "the summary (out, rows shape, prompt_length)")
     return p
 
@@ -54,7 +57,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from megatron_ral.inference.prompts import build_prompt
 
-    prompt, processor = build_prompt(flags.model_dir, args.prompt, image=args.image, video=args.video)
+    from megatron_ral.cli.run_settings import load_settings, media_budget, settings_report
+
+    settings = load_settings(args.ckpt, args.config, dist_dir=flags.model_dir)
+    kind = "image" if args.image is not None else "video" if args.video is not None else None
+    budget = media_budget(settings.cfg.data, kind) if settings.base != "default" and kind else None
+    prompt, processor = build_prompt(flags.model_dir, args.prompt, image=args.image, video=args.video, budget=budget)
     response_ids = processor.tokenize(args.response)
     if not response_ids:
         raise UsageError("--response tokenises to no tokens")
@@ -64,7 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = dump_attention(model, prompt, response_ids)
         if info.rank == 0:
             check.write_file_atomically(args.out, "--out", lambda tmp: torch.save(out, tmp))
-            summary = {"out": args.out, "rows": list(out["rows"].shape), "prompt_length": out["prompt_length"]}
+            summary = {"out": args.out, "rows": list(out["rows"].shape), "prompt_length": out["prompt_length"],
+                       "settings": settings_report(settings)}
             if args.json:
                 print(json.dumps(summary))
             else:

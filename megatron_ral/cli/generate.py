@@ -2,7 +2,11 @@
 
     torchrun --nproc-per-node N tools/generate.py --ckpt CKPT --tp T --pp P --prompt TEXT
         [--image FILE | --video FILE] [--max-new-tokens K] [--greedy | --temperature X --top-p Y --top-k K]
-        [--seed S] [--dtype auto|fp32|bf16] [--pp-split A,B] [--json]
+        [--seed S] [--dtype auto|fp32|bf16] [--pp-split A,B] [--config RUN.yaml] [--json]
+
+The media budgets (fps, frames, pixels) and the sampling settings default to the ones the checkpoint was
+trained with (the configuration it keeps; ``--config`` replaces it; flags win); a checkpoint without one
+uses its preprocessor configs and the defaults below. ``--json`` states the settings and their sources.
 
 Every flag is checked before torch is imported; :func:`~megatron_ral.inference.prompts.build_prompt` then decodes
 the media and renders the chat prompt before the model is loaded, so every input error costs a fraction of a
@@ -31,7 +35,11 @@ def parser() -> ToolParser:
                     "(KV cache, TP/PP).\nAlso runs as a plain single process when TP x PP = 1.",
         epilog="Run under torchrun for TP x PP > 1: torchrun --nproc-per-node N tools/generate.py --tp T --pp P ...")
     add_model_flags(p)
-    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="response length cap")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"response length cap (default: the checkpoint's generation.max_new_tokens, else "
+                        f"{DEFAULT_MAX_NEW_TOKENS})")
+    p.add_argument("--config", default=None, help="training config whose data / generation settings to use "
+                                                  "(default: the one the checkpoint keeps)")
     p.add_argument("--greedy", action="store_true", help="argmax decoding (excludes the sampling flags)")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature, >= 0 (default 1.0)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (default 1.0 = off)")
@@ -44,21 +52,26 @@ def parser() -> ToolParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     check.sampling(greedy=args.greedy, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                   max_new_tokens=args.max_new_tokens)
+                   max_new_tokens=1 if args.max_new_tokens is None else args.max_new_tokens)
     flags = check_model_flags(args)
 
-    from megatron_ral.config.schema import GenerationConfig
+    from megatron_ral.cli.run_settings import load_settings, media_budget, settings_report
     from megatron_ral.inference.generate import generate
     from megatron_ral.inference.loading import load_model, stop_token_ids
     from megatron_ral.inference.prompts import build_prompt
 
-    config = GenerationConfig(
-        temperature=1.0 if args.temperature is None else args.temperature,
-        top_p=1.0 if args.top_p is None else args.top_p,
-        top_k=0 if args.top_k is None else args.top_k,
-        max_new_tokens=args.max_new_tokens,
-    )
-    prompt, processor = build_prompt(flags.model_dir, args.prompt, image=args.image, video=args.video)
+    settings = load_settings(args.ckpt, args.config, dist_dir=flags.model_dir)
+    kept = settings.base != "default"
+    if not kept:  # this tool's own defaults
+        settings.set("generation.max_new_tokens", DEFAULT_MAX_NEW_TOKENS, "default")
+    for flag, key in (("temperature", "temperature"), ("top_p", "top_p"), ("top_k", "top_k"),
+                      ("max_new_tokens", "max_new_tokens")):
+        if getattr(args, flag) is not None:
+            settings.set(f"generation.{key}", getattr(args, flag))
+    config = settings.cfg.generation
+    kind = "image" if args.image is not None else "video" if args.video is not None else None
+    budget = media_budget(settings.cfg.data, kind) if kept and kind else None
+    prompt, processor = build_prompt(flags.model_dir, args.prompt, image=args.image, video=args.video, budget=budget)
 
     def work(info):
         model = load_model(args.ckpt, flags.parallel(), dtype=torch_dtype(args.dtype))
@@ -69,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             text = processor.decode(ids, skip_special_tokens=True)
             if args.json:
                 print(json.dumps({"token_ids": ids, "text": text, "finish_reason": response.finish_reason,
-                                  "prompt_length": response.prompt_length}))
+                                  "prompt_length": response.prompt_length, "settings": settings_report(settings)}))
             else:
                 print(text)
             sys.stdout.flush()

@@ -16,6 +16,8 @@ from megatron_ral.errors import UsageError
 
 CODECS = ("vp9", "h264")  # data.synthetic.CODECS
 MIN_SIDE = 16
+KNOWN_TASKS = ("task_color_end", "task_direction", "task_count", "task_after", "image_color", "image_count",
+               "task_brief_small")  # data.synthetic.TASKS (checked before torch/numpy imports; a test compares)
 
 
 def parser() -> ToolParser:
@@ -32,6 +34,9 @@ def parser() -> ToolParser:
     p.add_argument("--video-fps", type=int, default=8, help="frame rate of the written videos")
     p.add_argument("--image-fraction", type=float, default=0.25, help="share of records that are images")
     p.add_argument("--heldout-fraction", type=float, default=0.1, help="share of records in test.json")
+    p.add_argument("--tasks", default=None, help=(
+        "comma-separated task names (default: the default mix; 'default' names it, e.g. default,task_brief_small "
+        "adds the small-region/short-moment task; data.synthetic.TASKS lists them)"))
     add_overwrite(p)
     add_json(p, "the summary (out, train, test, counts, codec)")
     return p
@@ -50,6 +55,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.fraction(args.image_fraction, "--image-fraction")
     if not 0 <= args.heldout_fraction < 1:
         raise UsageError(f"--heldout-fraction {args.heldout_fraction}: must be in [0, 1)")
+    tasks = None
+    if args.tasks is not None:
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        known = ("default",) + KNOWN_TASKS
+        bad = [t for t in tasks if t not in known]
+        if bad or not tasks:
+            raise UsageError(f"--tasks {args.tasks!r}: unknown task {bad[0] if bad else '(none)'}; known: {', '.join(known)}")
     check.output_dir(args.out, "--out", args.overwrite)
 
     from megatron_ral.checkpoint.output_dir import atomic_output_dir
@@ -58,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     spec = SyntheticSpec(height=args.height, width=args.width, video_fps=args.video_fps,
                          image_fraction=args.image_fraction, heldout_fraction=args.heldout_fraction)
     with atomic_output_dir(args.out, args.overwrite) as tmp:
-        summary = make_synthetic_dataset(str(tmp), args.n, codec=args.codec, seed=args.seed, spec=spec)
+        summary = make_synthetic_dataset(str(tmp), args.n, codec=args.codec, seed=args.seed, spec=spec, tasks=tasks)
     summary.update(out=args.out, train=os.path.join(args.out, "train.json"), test=os.path.join(args.out, "test.json"))
     if args.json:
         print(json.dumps(summary))

@@ -136,7 +136,16 @@ class AlgorithmConfig:
     gkd_jsd_beta: beta of gkd_divergence "jsd", in (0, 1).
     gkd_top_k: 0 = GKD exact over the whole vocabulary; k > 0 = over the teacher's top-k ids plus one bucket
         for the rest of each side's mass (a lower bound of the exact value, equal at k = vocabulary size).
-    teacher_hf_path / teacher_load: the teacher model for "ral_distill".
+    teacher_hf_path / teacher_load: the teacher model for "ral_distill": an HF directory (converted once into
+        RUN_DIR/teacher_mcore) or a Megatron checkpoint carrying its HF files (teacher_load wins when both are
+        given). It must share the student's vocabulary, tokenizer, special tokens, chat template and vision
+        patching (checked at start-up). It runs forward only on the student's ranks, at the student's TP size.
+    teacher_pipeline_layer_split: the teacher's LM layers per pipeline stage (its own split over the student's
+        stages); null = as even as possible (extra layers on the first stages).
+    teacher_placement: where the teacher's weights live between teacher passes: "device" (resident) or "host"
+        (host memory, moved in for each teacher pass; with exact GKD that is once per mini-batch).
+        The teacher's attention rows p_phi (gamma_attn > 0) are kept like p_old: old_policy_store,
+        old_policy_dtype, old_policy_offload.
     reward_accuracy_weight / reward_format_weight: r = w_acc * r_acc + w_fmt * r_fmt (paper: 0.9 / 0.1).
     reward_function: "package.module:function" replacing the Video-R1 reward: called as
         f(response_text, record, template) and returning a float (the total) or an object with float
@@ -171,6 +180,8 @@ class AlgorithmConfig:
     gkd_top_k: int = 0
     teacher_hf_path: str = ""
     teacher_load: str = ""
+    teacher_pipeline_layer_split: Optional[list[int]] = None
+    teacher_placement: str = "device"
     reward_accuracy_weight: float = 0.9
     reward_format_weight: float = 0.1
     reward_function: str = ""

@@ -25,15 +25,16 @@ class ModelDims:
     num_query_groups: int
 
 
-def model_dims_from_hf(hf_path: str | Path) -> ModelDims:
-    """Read layer/head counts from an HF Qwen2.5-VL ``config.json`` (top level or ``text_config``)."""
+def model_dims_from_hf(hf_path: str | Path, key: str = "model.hf_path") -> ModelDims:
+    """Read layer/head counts from an HF Qwen2.5-VL ``config.json`` (top level or ``text_config``); errors
+    name ``key``."""
     cfg_file = Path(hf_path) / "config.json"
     if not cfg_file.is_file():
-        raise ConfigError("model.hf_path", f"no config.json in {hf_path}")
+        raise ConfigError(key, f"no config.json in {hf_path}")
     try:
         cfg = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
-        raise ConfigError("model.hf_path", f"{cfg_file} is not valid JSON ({e})") from None
+        raise ConfigError(key, f"{cfg_file} is not valid JSON ({e})") from None
     text = cfg.get("text_config") or cfg
     try:
         heads = int(text["num_attention_heads"])
@@ -43,7 +44,46 @@ def model_dims_from_hf(hf_path: str | Path) -> ModelDims:
             num_query_groups=int(text.get("num_key_value_heads", heads)),
         )
     except KeyError as e:
-        raise ConfigError("model.hf_path", f"{cfg_file} lacks {e.args[0]}") from None
+        raise ConfigError(key, f"{cfg_file} lacks {e.args[0]}") from None
+
+
+def teacher_config_dir(algorithm) -> tuple[str, Path | None]:
+    """(the key naming the teacher, the directory of its config.json or None when not found): a Megatron
+    ``teacher_load`` carries it in itself, its newest ``iter_*`` checkpoint or its parent; else
+    ``teacher_hf_path``. File names only (the trainer reports a missing or broken checkpoint itself)."""
+    if algorithm.teacher_load:
+        load = Path(algorithm.teacher_load)
+        iters = sorted(load.glob("iter_*"), key=lambda p: p.name, reverse=True) if load.is_dir() else []
+        for d in [load, *[i for i in iters if i.is_dir() and not i.name.endswith((".tmp", ".old"))], load.parent]:
+            if (d / "config.json").is_file():
+                return "algorithm.teacher_load", d
+        return "algorithm.teacher_load", None
+    hf = Path(algorithm.teacher_hf_path) if algorithm.teacher_hf_path else None
+    return "algorithm.teacher_hf_path", hf if hf is not None and (hf / "config.json").is_file() else None
+
+
+def _check_teacher_layout(a, tp: int, pp: int) -> None:
+    """The teacher runs at the student's TP on the student's PP stages: TP must divide its heads and KV
+    heads, its pipeline split must have one entry >= 1 per stage and sum to its layers."""
+    split = a.teacher_pipeline_layer_split
+    if split is not None:
+        _check(len(split) == pp, "algorithm.teacher_pipeline_layer_split",
+               f"must have one entry per pipeline stage (PP={pp}), got {len(split)}")
+        _check(all(n >= 1 for n in split), "algorithm.teacher_pipeline_layer_split",
+               "every stage needs >= 1 teacher layer")
+    key, where = teacher_config_dir(a)
+    if where is None:
+        return
+    dims = model_dims_from_hf(where, key)
+    _check(dims.num_attention_heads % tp == 0 and dims.num_query_groups % tp == 0, key,
+           f"the teacher {where} has {dims.num_attention_heads} attention heads and {dims.num_query_groups} KV heads; "
+           f"it runs at the student's TP={tp}, which must divide both")
+    if split is not None:
+        _check(sum(split) == dims.num_layers, "algorithm.teacher_pipeline_layer_split",
+               f"must sum to the teacher's number of layers ({dims.num_layers}, {where}), got {sum(split)}")
+    else:
+        _check(dims.num_layers >= pp, key,
+               f"the teacher {where} has {dims.num_layers} layers, fewer than the {pp} pipeline stages")
 
 
 def _check(cond: bool, key: str, rule: str) -> None:
@@ -153,11 +193,16 @@ def validate(cfg: Config, world_size: int | None = None, dims: ModelDims | None 
     _one_of(a.gkd_divergence, ("reverse_kl", "forward_kl", "jsd"), "algorithm.gkd_divergence")
     _check(0 < a.gkd_jsd_beta < 1, "algorithm.gkd_jsd_beta", f"must be in (0, 1), got {a.gkd_jsd_beta}")
     _check(a.gkd_top_k >= 0, "algorithm.gkd_top_k", f"must be >= 0 (0 = exact over the vocabulary), got {a.gkd_top_k}")
+    _one_of(a.teacher_placement, ("device", "host"), "algorithm.teacher_placement")
     if a.name == "ral_distill":
         _check(bool(a.teacher_hf_path or a.teacher_load), "algorithm.teacher_hf_path",
                "ral_distill needs a teacher (teacher_hf_path or teacher_load)")
         _check(a.gkd_mu >= 0, "algorithm.gkd_mu", "must be >= 0")
         _check(a.gamma_attn >= 0, "algorithm.gamma_attn", "must be >= 0")
+        _check(a.gkd_mu > 0 or a.gamma_attn > 0, "algorithm.gkd_mu",
+               "ral_distill needs gkd_mu > 0 or gamma_attn > 0 (with both 0 nothing is learnt from the teacher; "
+               "use algorithm.name: ral)")
+        _check_teacher_layout(a, tp, pp)
     _check(a.reward_accuracy_weight >= 0 and a.reward_format_weight >= 0, "algorithm.reward_accuracy_weight",
            "reward weights must be >= 0")
 

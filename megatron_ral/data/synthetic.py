@@ -190,12 +190,65 @@ def image_count(rng, spec):
     return img, "How many squares are in the image?", "numerical", [], str(count), process
 
 
+def task_brief_small(rng, spec):
+    """The colour of a small square shown only in the middle third of the video, beside two large squares of
+    two other colours that stay the whole time: the answer is in a small region during a short moment, so
+    attending to the right vision tokens is what separates right from wrong (the large squares' colours are
+    wrong options)."""
+    n = max(_num_frames(rng, spec), 6)
+    target, d1, d2 = (str(c) for c in rng.choice(list(COLORS), size=3, replace=False))
+    frames = _canvas(spec, n)
+    big, small = spec.height // 3, max(spec.height // 6, 4)
+    half = spec.width // 2
+    # large distractors at the left and right edges, the small target somewhere in the middle band
+    for i in range(n):
+        _square(frames[i], spec.height // 8, 0, big, COLORS[d1])
+        _square(frames[i], spec.height - spec.height // 8 - big, spec.width - big, big, COLORS[d2])
+    y = int(rng.integers(0, spec.height - small))
+    x = int(rng.integers(big, max(spec.width - big - small, big + 1)))
+    start, stop = n // 3, max(2 * n // 3, n // 3 + 1)
+    for i in range(start, stop):
+        _square(frames[i], y, x, small, COLORS[target])
+    opts, letter = _mc(list(COLORS), target)
+    side = "left" if x + small // 2 < half else "right"
+    process = (
+        f"<think>Two large squares, {d1} and {d2}, stay at the edges the whole time. Between "
+        f"{start / spec.video_fps:.1f}s and {stop / spec.video_fps:.1f}s a small square appears on the {side} "
+        f"side; it is {target}. So the answer is option {letter}.</think>"
+    )
+    return frames, "What colour is the small square that appears only for a moment?", "multiple choice", opts, letter, process
+
+
 VIDEO_TASKS = (task_color_end, task_direction, task_count, task_after)
 IMAGE_TASKS = (image_color, image_count)
+# Opt-in tasks (make_synthetic_dataset(tasks=...)): not in the default mix, whose records and bytes stay fixed.
+EXTRA_VIDEO_TASKS = (task_brief_small,)
+TASKS = {f.__name__: f for f in VIDEO_TASKS + IMAGE_TASKS + EXTRA_VIDEO_TASKS}
+DEFAULT_TASKS = tuple(f.__name__ for f in VIDEO_TASKS + IMAGE_TASKS)
 
 
-def make_synthetic_dataset(out_dir: str, n: int, codec: str = "vp9", seed: int = 0, spec: SyntheticSpec | None = None) -> dict:
-    """Write `n` records (videos + an image subset) under `out_dir`; return a summary dict."""
+def resolve_tasks(names) -> tuple[tuple, tuple]:
+    """(video tasks, image tasks) for a list of task names ("default" stands for the default mix)."""
+    chosen: list = []
+    for name in names:
+        for n in (DEFAULT_TASKS if name == "default" else (name,)):
+            if n not in TASKS:
+                raise ValueError(f"unknown synthetic task {n!r}; known: default, {', '.join(sorted(TASKS))}")
+            if TASKS[n] not in chosen:
+                chosen.append(TASKS[n])
+    if not chosen:
+        raise ValueError("no synthetic task chosen")
+    return tuple(f for f in chosen if f not in IMAGE_TASKS), tuple(f for f in chosen if f in IMAGE_TASKS)
+
+
+def make_synthetic_dataset(out_dir: str, n: int, codec: str = "vp9", seed: int = 0, spec: SyntheticSpec | None = None,
+                           tasks=None) -> dict:
+    """Write `n` records (videos + an image subset) under `out_dir`; return a summary dict.
+
+    tasks: None = the default mix (VIDEO_TASKS + IMAGE_TASKS, the records of every earlier version); or task
+    names (see TASKS; "default" = the default mix): each record is an image with probability
+    spec.image_fraction when both kinds are chosen, then a uniform draw among the chosen tasks of its kind.
+    Every record's ``data_source`` is ``synthetic/<task name>``."""
     from PIL import Image
 
     if codec not in CODECS:
@@ -209,11 +262,14 @@ def make_synthetic_dataset(out_dir: str, n: int, codec: str = "vp9", seed: int =
     os.makedirs(os.path.join(out_dir, "videos"), exist_ok=True)
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     ext = CODECS[codec][1]
+    video_tasks, image_tasks = (VIDEO_TASKS, IMAGE_TASKS) if tasks is None else resolve_tasks(tasks)
     records = []
     for i in range(n):
         is_image = rng.random() < spec.image_fraction
-        tasks = IMAGE_TASKS if is_image else VIDEO_TASKS
-        task = tasks[int(rng.integers(len(tasks)))]
+        if not image_tasks or not video_tasks:
+            is_image = bool(image_tasks)
+        kind = image_tasks if is_image else video_tasks
+        task = kind[int(rng.integers(len(kind)))]
         media, problem, ptype, options, answer, process = task(rng, spec)
         if is_image:
             rel = f"images/{i:06d}.png"

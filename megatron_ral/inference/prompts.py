@@ -124,16 +124,19 @@ def concat_vision(prompts: list[PromptInput]) -> dict:
 
 
 def build_prompt(model_dir: str | os.PathLike, text: str, *, image: str | None = None, video: str | None = None,
-                 processor=None) -> tuple[PromptInput, object]:
+                 processor=None, budget: dict | None = None) -> tuple[PromptInput, object]:
     """One user turn (the image / video first, then ``text``) rendered with the checkpoint's chat
-    template and the generation prompt, as the data pipeline builds rollout prompts."""
+    template and the generation prompt, as the data pipeline builds rollout prompts. ``budget``: the
+    media's frame / pixel keywords of ``data.single.preprocess_single`` (default: the checkpoint's
+    preprocessor configs)."""
     from megatron_ral.data.processor import QwenVLProcessor
     from megatron_ral.data.single import preprocess_single
 
     model_dir = str(model_dir)
     processor = processor or QwenVLProcessor.from_pretrained(model_dir)
     if image is not None or video is not None:
-        inputs = preprocess_single(model_dir, image=image, video=video, prompt=text, processor=processor)
+        inputs = preprocess_single(model_dir, image=image, video=video, prompt=text, processor=processor,
+                                   **(budget or {}))
         return PromptInput.from_inputs(inputs), processor
     messages = [{"role": "user", "content": [{"type": "text", "text": text}]}]
     return PromptInput(processor.encode_prompt(messages, [])), processor

@@ -19,8 +19,11 @@ from megatron_ral.rl.rollout import decode_response, prompts_of
 
 @dataclass
 class EvalResult:
-    """accuracy / format: means over the evaluated records; by_type: accuracy per problem type;
-    samples: (problem_id, response text, accuracy) of this rank's records (for inspection)."""
+    """accuracy / format: means over the evaluated records; by_type: accuracy per problem type; by_source:
+    accuracy per record ``data_source`` (the synthetic task name);
+    samples: (problem_id, response text, accuracy) of this rank's records (for inspection);
+    predictions: one dict per record of this rank (``keep_predictions``): problem_id, problem_type, response,
+    answer (the parsed ``<answer>``), solution, accuracy, format."""
 
     accuracy: float
     format: float
@@ -28,27 +31,33 @@ class EvalResult:
     count: int
     skipped: int
     by_type: dict[str, float] = field(default_factory=dict)
+    by_source: dict[str, float] = field(default_factory=dict)
     samples: list = field(default_factory=list)
+    predictions: list = field(default_factory=list)
 
     def metrics(self, prefix: str = "eval") -> dict[str, float]:
         out = {f"{prefix}/accuracy": self.accuracy, f"{prefix}/format": self.format,
                f"{prefix}/reward": self.reward, f"{prefix}/count": float(self.count),
                f"{prefix}/skipped": float(self.skipped)}
         out.update({f"{prefix}/accuracy_by_type/{t}": v for t, v in self.by_type.items()})
+        out.update({f"{prefix}/accuracy_by_source/{t}": v for t, v in self.by_source.items()})
         return out
 
 
 def evaluate(model, loader, tokenizer, generation, *, template: str, stop_token_ids: list[int],
              suppress_token_ids: list[int], image_token_id: int, video_token_id: int, merge_size: int = 2,
              accuracy_weight: float = 0.9, format_weight: float = 0.1, owner: bool = True,
-             keep_samples: int = 0) -> EvalResult:
+             keep_samples: int = 0, keep_predictions: bool = False, show_progress: bool = False) -> EvalResult:
     """Greedy answers to every record of ``loader`` (a one-epoch prompt-mode VisionDataLoader of this
     data-parallel rank); ``owner`` marks the rank that contributes this data-parallel group's counts
-    (model-parallel rank 0). Collective over the world."""
+    (model-parallel rank 0). Collective over the world. ``show_progress``: a progress bar (batches) on stderr."""
+    from megatron_ral.logging.progress import progress
+    from megatron_ral.rl.rewards import extract_answer
+
     sums = MetricSums()
-    samples = []
+    samples, predictions = [], []
     stop = set(int(i) for i in stop_token_ids)
-    for batch in loader:
+    for batch in progress(loader, desc="evaluate", unit="batch", enabled=None if show_progress else False):
         prompts = prompts_of(batch, image_token_id, video_token_id, merge_size)
         responses = generate(model, prompts, generation, num_samples=1, greedy=True, stop_token_ids=stop_token_ids,
                              suppress_token_ids=suppress_token_ids)
@@ -60,15 +69,24 @@ def evaluate(model, loader, tokenizer, generation, *, template: str, stop_token_
                 sums.add("format", s.format)
                 sums.add("reward", s.total)
                 sums.add(f"type/{record.problem_type}", s.accuracy)
+                if record.data_source:
+                    sums.add(f"source/{record.data_source}", s.accuracy)
             if len(samples) < keep_samples:
                 samples.append((record.problem_id, text, s.accuracy))
+            if keep_predictions:
+                predictions.append({"problem_id": record.problem_id, "problem_type": record.problem_type,
+                                    "response": text, "answer": extract_answer(text),
+                                    "solution": record.answer,
+                                    "accuracy": s.accuracy, "format": s.format})
     skipped = loader.metrics().get("data/skipped_total", 0.0)
     sums.add("skipped", skipped if owner else 0.0, 0.0)
     total = sums.all_reduce()
     by_type = {t: total.mean(f"type/{t}") for t in PROBLEM_TYPES if total.counts.get(f"type/{t}", 0) > 0}
     return EvalResult(accuracy=total.mean("accuracy"), format=total.mean("format"), reward=total.mean("reward"),
                       count=int(total.counts.get("accuracy", 0)), skipped=int(total.total("skipped")),
-                      by_type=by_type, samples=samples)
+                      by_type=by_type, by_source={k[len("source/"):]: total.mean(k) for k in sorted(total.counts)
+                                                  if k.startswith("source/")}, samples=samples,
+                      predictions=predictions)
 
 
 def chance_accuracy(records: list, reference: list) -> float:

@@ -1,4 +1,4 @@
-"""Metric sums of one step and their reduction over every rank.
+"""Metric sums of one step and their reduction over every rank; phase timers and memory meters.
 
 Each rank adds (sum, count) pairs for what it *owns* (the caller decides: e.g. rollout metrics on
 model-parallel rank 0 of each data-parallel group, loss metrics on tensor-parallel rank 0 of the last
@@ -120,3 +120,45 @@ class Timer:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             self.seconds[name] += time.perf_counter() - t0
+
+
+def process_rss_bytes() -> int:
+    """Resident set size of this process (bytes)."""
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except ImportError:  # pragma: no cover - psutil is a megatron dist-checkpointing dependency
+        import os
+
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Memory of named phases in GiB, the largest over the calls of each name (``with meter("teacher"):``).
+
+    With CUDA: the peak of ``torch.cuda.max_memory_allocated`` inside the phase (the peak counter is reset
+    at the start of the phase). On CPU: how much the process's resident set grew over the phase (what the
+    phase allocated and kept, or left cached by the allocator; 0 if it shrank)."""
+
+    def __init__(self) -> None:
+        self.gib: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            before = process_rss_bytes()
+        try:
+            yield
+        finally:
+            if cuda:
+                torch.cuda.synchronize()
+                used = torch.cuda.max_memory_allocated()
+            else:
+                used = max(process_rss_bytes() - before, 0)
+            self.gib[name] = max(self.gib[name], used / 2**30)

@@ -1,17 +1,23 @@
-"""The no-grad passes over a rollout batch before the updates: old policy and reference.
+"""The no-grad passes over a rollout batch before the updates: old policy, reference and teacher.
 
-old pass   weights that generated the rollouts: old log-probs of the response tokens and, for RAL,
-           p_old (kept in an old-policy store, see ``attention.old_policy``); attention diagnostics
-           (entropy, vision mass) of the rollout policy come from the same capture.
-ref pass   the frozen initial weights (``rl.reference``): reference log-probs for the k3 KL term.
+old pass      weights that generated the rollouts: old log-probs of the response tokens and, for RAL,
+              p_old (kept in an old-policy store, see ``attention.old_policy``); attention diagnostics
+              (entropy, vision mass) of the rollout policy come from the same capture.
+ref pass      the frozen initial weights (``rl.reference``): reference log-probs for the k3 KL term.
+teacher pass  the distillation teacher (``distill.teacher``, a second model): on the same micro-batches
+              (same token ids, the teacher's own vision features), its last-layer attention rows p_phi
+              into a store like p_old, and what GKD keeps of its vocab-parallel logits at the response
+              positions (the top-k + tail, or the logits themselves for one mini-batch).
 
-Both write per-micro-batch tensors into the :class:`RolloutBatch` (last pipeline stage only) and return
-their metric sums.
+The old and reference passes write per-micro-batch tensors into the :class:`RolloutBatch`, the teacher
+pass into the store and dict it is given (last pipeline stage only); each returns its metric sums.
 """
 
 from __future__ import annotations
 
 import torch
+
+from typing import Callable
 
 from megatron_ral.attention.metrics import attention_entropy, attention_mass_shares
 from megatron_ral.rl.batch import MicroBatch, RolloutBatch
@@ -106,3 +112,35 @@ def reference_pass(ctx: PassContext, batch: RolloutBatch, reference) -> list[dic
 
     with reference.active():
         return run_pass(ctx, batch.micro_batches, consume, forward_only=True)
+
+
+def teacher_pass(ctx: PassContext, micro_batches: list[MicroBatch], rows_store=None, gkd_out: dict | None = None,
+                 gkd_targets: Callable | None = None) -> list[dict]:
+    """The teacher's no-grad forward over ``micro_batches`` (``ctx``: the teacher's chunks, vision features
+    and capture, the sampling temperature).
+
+    ``rows_store`` (an old-policy store, any mode): p_phi of every micro-batch not yet in it, from the
+    teacher's last-layer capture (its heads, reduced over TP). ``gkd_out``: ``gkd_targets(logits)`` of each
+    micro-batch, keyed by ``MicroBatch.index``, from the teacher's vocab-parallel logits at the response
+    positions [B, R, V/TP] (unscaled; e.g. its top-k + tail, or the logits themselves).
+    """
+    want_logits = gkd_out is not None
+
+    def capture_kwargs(mb):
+        if rows_store is None or mb.index in rows_store:
+            return None
+        qk = rows_store.config.mode == "qk"
+        return {"grad": False, "keep_rows": not qk, "keep_qk": qk}
+
+    def consume(mb, token_loss, result, logits=None):
+        if rows_store is not None and result is not None and result.active and mb.index not in rows_store:
+            if rows_store.config.mode == "qk":
+                rows_store.put(mb.index, result.qk)
+            else:
+                rows_store.put_rows(mb.index, result.rows)
+        if want_logits:
+            gkd_out[mb.index] = gkd_targets(logits.detach())
+        return None, {}
+
+    return run_pass(ctx, micro_batches, consume, forward_only=True, capture_kwargs=capture_kwargs,
+                    return_logits=want_logits)

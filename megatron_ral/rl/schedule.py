@@ -90,14 +90,17 @@ def _to_device(inputs: dict, device: torch.device) -> dict:
 
 
 def run_pass(ctx: PassContext, micro_batches: list[MicroBatch], consume: Consume, *, forward_only: bool,
-             capture_kwargs: Callable[[MicroBatch], dict | None] | None = None) -> list[dict]:
+             capture_kwargs: Callable[[MicroBatch], dict | None] | None = None,
+             return_logits: bool = False) -> list[dict]:
     """Run the schedule over ``micro_batches``; returns the metrics dict of each micro-batch (last stage).
 
     ``consume(mb, token_loss, capture_result)`` runs on the last stage: ``token_loss`` is the model's
     per-token loss [B, R] at the response positions (-log p of each response token under
     softmax(logits / T)); it returns
     (loss or None, metrics). ``capture_kwargs(mb)`` gives the keyword arguments of
-    ``AttentionCapture.capture`` for a micro-batch (None: no capture).
+    ``AttentionCapture.capture`` for a micro-batch (None: no capture). With ``return_logits`` the model
+    also returns its vocab-parallel logits at the response positions ([B, R, V/TP], unscaled; see
+    ``Qwen25VLModel.forward``) and ``consume`` is called as ``consume(mb, token_loss, result, logits)``.
     """
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -116,10 +119,15 @@ def run_pass(ctx: PassContext, micro_batches: list[MicroBatch], consume: Consume
         kwargs = capture_kwargs(mb) if (capture_kwargs is not None and ctx.capture is not None) else None
         block = ctx.capture.capture(mb.layout, **kwargs) if kwargs is not None else contextlib.nullcontext()
         with block as result:
-            output = model(**inputs, temperature=ctx.temperature)
+            output = model(**inputs, temperature=ctx.temperature, **({"return_logits": True} if return_logits else {}))
 
-        def loss_func(token_loss: Tensor):
-            loss, metrics = consume(mb, token_loss, result)
+        def loss_func(output):
+            if return_logits:  # the last stage returns (token_loss, logits); megatron hands the tuple over as is
+                token_loss, logits = output
+                loss, metrics = consume(mb, token_loss, result, logits)
+            else:
+                token_loss = output
+                loss, metrics = consume(mb, token_loss, result)
             if loss is None:
                 return token_loss.sum() * 0.0, metrics
             # the schedule scales the returned tensor in place: log the value before

@@ -1,4 +1,5 @@
-"""One RL step (GRPO / RAL): rollout -> score -> old / reference passes -> updates -> metrics.
+"""One RL step (GRPO / RAL / RAL + distillation): rollout -> score -> old / reference [/ teacher] passes ->
+updates -> metrics.
 
     result = rl_step(ctx, loader_batch, step, next_batch)
 
@@ -22,11 +23,12 @@ from megatron_ral.data.records import PROBLEM_TYPES
 from megatron_ral.rl.batch import plan_micro_batches
 from megatron_ral.rl.consistency import LogprobDiffWarning, consistency_sums
 from megatron_ral.rl.dynamic_sampling import GroupFilter, draw_groups, round_keys
-from megatron_ral.rl.metrics import MetricSums, Timer
+from megatron_ral.rl.metrics import MetricSums, PeakMemory, Timer
 from megatron_ral.rl.optim_step import uses_loss_scaling
 from megatron_ral.rl.passes import old_pass, reference_pass
 from megatron_ral.rl.rollout import RolloutSettings, generate_rollouts, global_prompt_keys, prompts_of
 from megatron_ral.rl.schedule import PassContext
+from megatron_ral.rl.teacher_phase import TeacherPhase, TeacherSetup
 from megatron_ral.rl.update import LossSettings, minibatch_normalisers, policy_update
 from megatron_ral.rl.vision import encode_prompts_vision
 
@@ -52,6 +54,7 @@ class RLContext:
     reference: object = None            # ReferenceWeights when kl_beta > 0
     old_policy: OldPolicyConfig | None = None   # p_old store when the attention term is on
     logprob_warning: LogprobDiffWarning | None = None   # warns once when generation and training disagree
+    teacher: TeacherSetup | None = None         # the distillation teacher (ral_distill)
     dp_rank: int = 0
     dp_size: int = 1
     dp_group: object = None
@@ -88,6 +91,26 @@ def _rollout_metrics(batch, sums: MetricSums) -> None:
                  batch.accuracy.shape[1])
 
 
+def _distill_metrics(total: MetricSums, n_updates: int, timer: Timer, meter: PeakMemory) -> dict:
+    """The distillation metrics of a step: the terms as in the loss (mean over the updates) and the mean
+    divergences to the teacher per response token over every update; the teacher's time and memory (the
+    largest over the ranks)."""
+    peak = torch.tensor([meter.gib["teacher"]], dtype=torch.float64)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_backend() == "nccl":
+            peak = peak.cuda()
+        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+    return {
+        "loss/gkd": total.total("loss/gkd") / n_updates,
+        "loss/distill_attn": total.total("loss/distill_attn") / n_updates,
+        "distill/gkd": total.total("distill/gkd") / max(total.total("distill/gkd_tokens"), 1.0),
+        "distill/attn_jsd_teacher": (total.total("distill/attn_jsd_teacher")
+                                     / max(total.total("distill/attn_tokens"), 1.0)),
+        "perf/teacher_s": timer.seconds["teacher"],
+        "perf/teacher_peak_mem_gib": float(peak.item()),
+    }
+
+
 def loss_scale_metrics(optimizer, loss_scale_skips: int, loss_scale: float) -> dict:
     """fp16 only: train/loss_scale (at the end of the step) and train/loss_scale_skips (overflowed updates)."""
     if not uses_loss_scaling(optimizer):
@@ -103,7 +126,7 @@ def _more(next_batch: Callable[[], Batch] | None) -> Batch:
 
 def rl_step(ctx: RLContext, loader_batch: Batch, step: int,
             next_batch: Callable[[], Batch] | None = None) -> StepResult:
-    timer = Timer()
+    timer, meter = Timer(), PeakMemory()
     t_step = time.perf_counter()
     model = ctx.model
     drawn_sums = MetricSums()    # rollout metrics over every drawn group (kept or not)
@@ -145,9 +168,12 @@ def rl_step(ctx: RLContext, loader_batch: Batch, step: int,
     with timer("ref_pass"):
         if ctx.reference is not None:
             reference_pass(passes, batch, ctx.reference)
+    # ... and the teacher (rows and top-k kept for the batch; exact GKD logits come per mini-batch below)
+    teacher = TeacherPhase(ctx.teacher, prompts, batch, timer, meter) if ctx.teacher is not None else None
 
     # 4. updates: epochs x mini-batches optimizer steps
     skipped, scale_skips, grad_norms, lrs, loss_scale = 0, 0, [], [], 1.0
+    teacher_before_updates = timer.seconds["teacher"]
     with timer("update"):
         update = 0
         for _epoch in range(ctx.epochs_per_rollout):
@@ -155,7 +181,8 @@ def rl_step(ctx: RLContext, loader_batch: Batch, step: int,
                 outcome, sums = policy_update(
                     passes, batch, mbs, ctx.optimizer, ctx.scheduler, ctx.loss, norms[mbs[0].minibatch], store,
                     use_old_logprobs=need_old,
-                    diagnostics=None if need_old else (model.image_token_id, model.video_token_id))
+                    diagnostics=None if need_old else (model.image_token_id, model.video_token_id),
+                    teacher=teacher.targets(mbs) if teacher is not None else None)
                 if update == 0:  # zero by construction on the first update (theta = theta_old)
                     for key in ("attn/jsd_old", "attn/jsd_tokens"):
                         sums.sums.pop(key, None)
@@ -170,6 +197,8 @@ def rl_step(ctx: RLContext, loader_batch: Batch, step: int,
                 update += 1
     if store is not None:
         store.clear()
+    if teacher is not None:
+        teacher.close()
 
     # 5. metrics, summed over the ranks that own them
     sums = MetricSums()
@@ -208,13 +237,15 @@ def rl_step(ctx: RLContext, loader_batch: Batch, step: int,
         "perf/gen_s": timer.seconds["gen"],
         "perf/old_pass_s": timer.seconds["old_pass"],
         "perf/ref_pass_s": timer.seconds["ref_pass"],
-        "perf/update_s": timer.seconds["update"],
+        "perf/update_s": timer.seconds["update"] - (timer.seconds["teacher"] - teacher_before_updates),
         "perf/gen_tokens_per_s": total.total("perf/gen_tokens") / max(timer.seconds["gen"], 1e-9),
         "perf/step_s": time.perf_counter() - t_step,
     })
     if ctx.logprob_warning is not None:
         ctx.logprob_warning.check(metrics["rollout/logprob_diff_max"], metrics["rollout/logprob_diff_mean"], step,
                                   emit=not dist.is_initialized() or dist.get_rank() == 0)
+    if ctx.teacher is not None:
+        metrics.update(_distill_metrics(total, n_updates, timer, meter))
     samples = [(r.problem_id, batch.texts[p][0], float(batch.rewards[p, 0])) for p, r in enumerate(batch.records[:2])]
     return StepResult(metrics=metrics, updates=n_updates, skipped_updates=skipped, loss_scale_skips=scale_skips,
                       samples=samples)

@@ -19,7 +19,8 @@ from megatron_ral.errors import UserError
 log = logging.getLogger("megatron_ral.train")
 
 CONSOLE_KEYS = ("reward/total", "reward/accuracy", "reward/format", "loss/sft", "loss/policy", "loss/kl",
-                "loss/attn", "attn/jsd_old", "response/length_mean", "perf/step_s")
+                "loss/attn", "attn/jsd_old", "distill/gkd", "distill/attn_jsd_teacher", "response/length_mean",
+                "perf/step_s")
 
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -75,7 +76,8 @@ def old_policy_config(algorithm):
 
 
 def build(cfg, info) -> Run:
-    """Model (DDP), reference weights, optimizer + LR schedule, processor and loaders of this rank."""
+    """Model (DDP), reference weights, optimizer + LR schedule, processor and loaders of this rank (and the
+    distillation teacher for ral_distill)."""
     from megatron.core import parallel_state as ps
 
     from megatron_ral.attention.capture import AttentionCapture
@@ -94,10 +96,12 @@ def build(cfg, info) -> Run:
     hf_dir = str(hf_files_dir(weights)) if not cfg.model.hf_path else cfg.model.hf_path
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     dp_group = ps.get_data_parallel_group()
+    # the teacher first: an incompatible one is refused before anything of the student is built
+    dtype = B.resolve_dtype(cfg.model.dtype)
+    teacher = build_teacher_setup(cfg, hf_dir, dtype) if cfg.algorithm.name == "ral_distill" else None
     chunks, model = B.build_policy(cfg, cfg.parallel, weights)
     data = B.build_data(cfg, hf_dir, dp_rank, dp_size)
     total = B.planned_steps(cfg, len(data.train.index))
-    dtype = B.resolve_dtype(cfg.model.dtype)
     optimizer, scheduler = B.build_optimizer(cfg.optimizer, chunks, dtype, cfg.parallel.use_distributed_optimizer,
                                              B.total_optimizer_steps(cfg.algorithm, total))
     run = Run(cfg=cfg, info=info, model_chunks=chunks, model=model, optimizer=optimizer, scheduler=scheduler,
@@ -107,8 +111,6 @@ def build(cfg, info) -> Run:
     if a.name == "sft":
         run.passes = PassContext(model=chunks)
         return run
-    if a.name == "ral_distill":
-        raise UserError("algorithm.name: 'ral_distill' (teacher distillation) is not available in this version")
     use_attention = a.name in ("ral", "ral_distill") and a.lambda_attn > 0
     tokenizer = data.processor.tokenizer
     rollout_owner, loss_owner = _owners(info)
@@ -128,11 +130,33 @@ def build(cfg, info) -> Run:
         reference=(ReferenceWeights(chunks, a.reference_placement, source=str(weights)) if a.kl_beta > 0 else None),
         old_policy=old_policy_config(a) if use_attention else None,
         logprob_warning=LogprobDiffWarning.for_dtype(a.logprob_diff_warn, DTYPE_NAMES[dtype]),
+        teacher=teacher,
         dp_rank=dp_rank, dp_size=dp_size, dp_group=dp_group, tp_group=ps.get_tensor_model_parallel_group(),
         cp_group=ps.get_context_parallel_group() if ps.get_context_parallel_world_size() > 1 else None,
         rollout_owner=rollout_owner, loss_owner=loss_owner,
     )
     return run
+
+
+def build_teacher_setup(cfg, student_hf_dir: str, dtype):
+    """The distillation teacher (checked against the student, built on this rank's stage) and what the loss
+    keeps of it: p_phi rows like p_old when gamma_attn > 0, GKD targets when gkd_mu > 0."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_ral.distill.teacher import TeacherConfig, build_teacher
+    from megatron_ral.rl.teacher_phase import TeacherSetup
+    from megatron_ral.rl.update import LossSettings
+
+    a = cfg.algorithm
+    teacher = build_teacher(TeacherConfig.from_config(a), cfg.parallel, student_hf_dir, cfg.training.run_dir,
+                            dtype=dtype, backend=cfg.model.layer_spec, attention_backend=cfg.model.attention_backend,
+                            rope_text_after_vision=cfg.model.rope_text_after_vision)
+    settings = LossSettings.from_config(a, cfg.generation, use_attention=False)
+    return TeacherSetup(
+        teacher=teacher,
+        rows=old_policy_config(a) if a.gamma_attn > 0 else None,
+        gkd=settings.gkd if a.gkd_mu > 0 else None, temperature=cfg.generation.temperature or 1.0,
+        tp_group=ps.get_tensor_model_parallel_group())
 
 
 # ---------------------------------------------------------------------------------------------- resume

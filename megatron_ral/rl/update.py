@@ -1,23 +1,30 @@
-"""The policy update: one optimizer step per mini-batch of a rollout batch (GRPO / RAL loss).
+"""The policy update: one optimizer step per mini-batch of a rollout batch (GRPO / RAL / RAL + distillation).
 
-Per mini-batch the loss composed from ``rl.losses`` is
+Per mini-batch the loss composed from ``rl.losses`` and ``distill`` is
 
     L = agg_pol[ clip_surrogate(rho, A) + beta * k3(logp, ref_logp) ]
         + lambda_attn * agg_attn[ A * D(p_theta^t || p_old^t) ]
+        + mu * agg_pol[ D_gkd(p_theta(.|y_<t) || p_phi(.|y_<t)) ]          (ral_distill, gkd_mu > 0)
+        + gamma_attn * agg_attn[ JSD(p_theta^t || p_phi^t) ]                (ral_distill, gamma_attn > 0)
 
-with the aggregations' normalisers counted over the global mini-batch (:func:`minibatch_normalisers`),
-so the loss does not depend on the micro-batch size or on the data-parallel size.
+(no advantage on the two distillation terms: pure imitation of the teacher phi on the student's own
+trajectories), with the aggregations' normalisers counted over the global mini-batch
+(:func:`minibatch_normalisers`), so the loss does not depend on the micro-batch size or on the
+data-parallel size.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from megatron_ral.attention.divergence import jsd
+from megatron_ral.distill.attention import attention_distill_loss
+from megatron_ral.distill.gkd import GKDConfig
+from megatron_ral.distill.losses import gkd_per_token
 from megatron_ral.rl import losses as L
 from megatron_ral.rl.batch import MicroBatch, RolloutBatch
 from megatron_ral.rl.metrics import MetricSums
@@ -39,16 +46,49 @@ class LossSettings:
     lambda_attn: float = 0.0
     attn_divergence: str = "jsd"
     attn_aggregation: str = "token_mean"
+    gkd_mu: float = 0.0
+    gamma_attn: float = 0.0
+    gkd: GKDConfig = GKDConfig()
 
     @classmethod
     def from_config(cls, algorithm, generation, use_attention: bool) -> "LossSettings":
+        distill = algorithm.name == "ral_distill"
         return cls(
             clip_eps=algorithm.clip_eps, clip_eps_high=algorithm.clip_eps_high, kl_beta=algorithm.kl_beta,
             kl_clamp=algorithm.kl_clamp,
             loss_aggregation=algorithm.loss_aggregation, max_new_tokens=generation.max_new_tokens,
             lambda_attn=algorithm.lambda_attn if use_attention else 0.0,
             attn_divergence=algorithm.attn_divergence, attn_aggregation=algorithm.attn_aggregation,
+            gkd_mu=algorithm.gkd_mu if distill else 0.0, gamma_attn=algorithm.gamma_attn if distill else 0.0,
+            gkd=GKDConfig(divergence=algorithm.gkd_divergence, jsd_beta=algorithm.gkd_jsd_beta,
+                          top_k=algorithm.gkd_top_k, temperature=generation.temperature or 1.0),
         )
+
+
+@dataclass
+class DistillInputs:
+    """The distillation terms' inputs of one micro-batch (last pipeline stage).
+
+    student_logits: the student's vocab-parallel logits at the response positions [B, R, V/TP] (with their
+        graph; unscaled) when gkd_mu > 0. teacher: the teacher's logits at the same positions, or its
+        ``TeacherTopK``. teacher_rows: p_phi [B, R, T] when gamma_attn > 0. tp_group: the group the
+        vocabulary is split over.
+    """
+
+    student_logits: torch.Tensor | None = None
+    teacher: object = None
+    teacher_rows: torch.Tensor | None = None
+    tp_group: object = None
+
+
+@dataclass
+class TeacherTargets:
+    """What the teacher pass left for the updates of one mini-batch: the p_phi store (gamma_attn > 0) and,
+    per micro-batch index, the teacher's GKD targets (logits or top-k + tail; gkd_mu > 0)."""
+
+    rows: object = None
+    gkd: dict = field(default_factory=dict)
+    tp_group: object = None
 
 
 def minibatch_normalisers(micro_batches: list[MicroBatch], dp_group=None) -> dict[int, dict[str, float]]:
@@ -71,13 +111,17 @@ def minibatch_normalisers(micro_batches: list[MicroBatch], dp_group=None) -> dic
 
 def minibatch_loss(mb: MicroBatch, logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
                    rows: torch.Tensor | None, p_old: torch.Tensor | None, norms: dict[str, float],
-                   s: LossSettings, per_row=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                   s: LossSettings, distill: DistillInputs | None = None,
+                   per_row=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """This micro-batch's share of the mini-batch loss, and its metric sums (detached 0-d tensors on the
     loss's device: reading them is left to the step, once, see ``MetricSums``).
 
+    ``rows``: the student's attention rows p_theta (used by the RAL term with ``p_old`` and by the attention
+    distillation term with ``distill.teacher_rows``). Each term is added only when its weight is > 0 and
+    its inputs are given; with gkd_mu = gamma_attn = 0 the loss is the GRPO / RAL loss.
     ``per_row`` (``CaptureResult.per_row``): maps per-row values of the captured rows to the batch's [B, R]
-    (under context parallelism ``rows`` / ``p_old`` are this rank's rows and the divergences are summed over
-    the CP group there); None: the rows are the batch's."""
+    (under context parallelism ``rows``, ``p_old`` and the teacher's rows are this rank's share of the rows
+    and the divergences are summed over the CP group there); None: the rows are the batch's."""
     dev = logp.device
     valid = (mb.response_mask & (mb.weight[:, None] > 0)).to(dev)
     adv = mb.advantages.to(dev)
@@ -106,30 +150,52 @@ def minibatch_loss(mb: MicroBatch, logp: torch.Tensor, old_logp: torch.Tensor, r
                 j = per_row(j)
             metrics["attn/jsd_old"] = torch.where(valid, j, torch.zeros_like(j)).sum()
             metrics["attn/jsd_tokens"] = valid.sum()
+    if distill is not None and s.gkd_mu > 0 and distill.student_logits is not None and distill.teacher is not None:
+        g = gkd_per_token(distill.student_logits, distill.teacher, s.gkd, distill.tp_group).to(logp.dtype)
+        lg = L.aggregate(g, w, d_pol)
+        loss = loss + s.gkd_mu * lg
+        metrics["loss/gkd"] = lg.detach()
+        metrics["distill/gkd"] = torch.where(valid, g.detach(), torch.zeros_like(g)).sum()
+        metrics["distill/gkd_tokens"] = valid.sum()
+    if distill is not None and s.gamma_attn > 0 and rows is not None and distill.teacher_rows is not None:
+        jt = attention_distill_loss(rows, distill.teacher_rows.to(rows.device, rows.dtype))  # JSD per token
+        if per_row is not None:
+            jt = per_row(jt)
+        wa = L.token_weights(valid, s.attn_aggregation)
+        ld = L.aggregate(jt, wa, norms[L.normaliser_kind(s.attn_aggregation)])
+        loss = loss + s.gamma_attn * ld
+        metrics["loss/distill_attn"] = ld.detach()
+        metrics["distill/attn_jsd_teacher"] = torch.where(valid, jt.detach(), torch.zeros_like(jt)).sum()
+        metrics["distill/attn_tokens"] = valid.sum()
     metrics["loss/total"] = loss.detach()
     return loss, metrics
 
 
 def policy_update(ctx: PassContext, batch: RolloutBatch, micro_batches: list[MicroBatch], optimizer, scheduler,
                   settings: LossSettings, norms: dict[str, float], store=None, use_old_logprobs: bool = True,
-                  diagnostics: tuple[int, int] | None = None) -> tuple[StepOutcome, MetricSums]:
+                  diagnostics: tuple[int, int] | None = None,
+                  teacher: TeacherTargets | None = None) -> tuple[StepOutcome, MetricSums]:
     """One optimizer step on the mini-batch made of ``micro_batches``.
 
     ``use_old_logprobs`` False (a single update per rollout batch) takes the old log-probs as the
     current ones detached (rho = 1): the same loss value and gradient without an old pass; this first
     forward's log-probs are kept as the batch's old log-probs (for the rollout consistency check).
     ``diagnostics`` (image, video token ids): also compute the attention diagnostics of the current
-    policy (a no-grad capture when the loss itself needs none).
+    policy (a no-grad capture when the loss itself needs none). ``teacher``: the teacher's targets of
+    these micro-batches for the distillation terms (the student's logits at the response positions are
+    then returned by its forward when gkd_mu > 0, its rows captured with gradients when gamma_attn > 0).
     """
     use_attention = settings.lambda_attn > 0 and store is not None
+    use_gkd = teacher is not None and settings.gkd_mu > 0
+    use_distill_attn = teacher is not None and settings.gamma_attn > 0 and teacher.rows is not None
     sums = MetricSums()
 
     def capture_kwargs(mb):
-        if use_attention:
+        if use_attention or use_distill_attn:
             return {"grad": True}
         return {"grad": False} if diagnostics is not None and has_diagnostic_sequences(batch, mb) else None
 
-    def consume(mb, token_loss, result):
+    def consume(mb, token_loss, result, logits=None):
         logp = mb.token_logprobs(token_loss)
         if use_old_logprobs:
             old = batch.old_logprobs[mb.index]
@@ -139,8 +205,17 @@ def policy_update(ctx: PassContext, batch: RolloutBatch, micro_batches: list[Mic
         rows = result.rows if (result is not None and result.active) else None
         p_old = store.get(mb.index, device=logp.device) if (use_attention and rows is not None) else None
         per_row = result.per_row if rows is not None else None
+        distill = None
+        if teacher is not None:
+            distill = DistillInputs(
+                student_logits=logits if use_gkd else None,
+                teacher=teacher.gkd.get(mb.index) if use_gkd else None,
+                teacher_rows=teacher.rows.get(mb.index, device=logp.device) if (use_distill_attn and rows is not None)
+                else None,
+                tp_group=teacher.tp_group)
         loss, metrics = minibatch_loss(mb, logp, old, batch.ref_logprobs.get(mb.index),
-                                       rows if use_attention else None, p_old, norms, settings, per_row)
+                                       rows if (use_attention or use_distill_attn) else None, p_old, norms, settings,
+                                       distill, per_row)
         if diagnostics is not None and rows is not None and has_diagnostic_sequences(batch, mb):
             with torch.no_grad():
                 metrics.update(attention_diagnostics(rows.detach(), mb, *diagnostics, diagnostic_sequences(batch, mb),
@@ -150,7 +225,8 @@ def policy_update(ctx: PassContext, batch: RolloutBatch, micro_batches: list[Mic
     zero_grads(ctx.model, optimizer)
     for model in ctx.model:
         model.train()
-    outputs = run_pass(ctx, micro_batches, consume, forward_only=False, capture_kwargs=capture_kwargs)
+    outputs = run_pass(ctx, micro_batches, consume, forward_only=False, capture_kwargs=capture_kwargs,
+                       return_logits=use_gkd)
     for m in outputs:
         for k, v in m.items():
             sums.add(k, v, 0.0)

@@ -4,7 +4,8 @@ and TP2 x CP2 against TP=2 (4 against 2), on the 'tiny' (GQA 2:1, untied) and 's
 Batches: an image prompt, a video prompt (second_per_grid_ts != 1) and a text-only pair of rows of different
 lengths (right padding), every sequence of odd length (not a multiple of 2C: the model pads it). For each:
 the logits (each CP rank's share, put back in global order), the per-token loss at response positions
-(``loss_index``, the trainer's path) and without ``loss_index``, and the gradient of every trainable
+(``loss_index``, the trainer's path) with the logits there (``return_logits``, the distillation's path) and
+without ``loss_index``, and the gradient of every trainable
 parameter (each CP rank's gradient is its tokens' part; summed over the CP group it is the whole gradient).
 Also: a packed ``sequences`` stream of the text rows (an AttentionLayout padded to a multiple of 2C) split
 over CP gives the padded rows' per-token loss, and the vision tower's features, encoded in shares over the CP
@@ -78,8 +79,9 @@ def _worker(tp: int, cp: int) -> dict:
                     full[:, CPShare(cp, r, None, padded).indices()] = part
                 logits = full
             all_loss = model(**inputs, labels=b["labels"])
-            loss = model(**inputs, labels=b["labels"], loss_index=b["loss_index"], temperature=0.7)
-            (loss.sum() + 0.5 * all_loss.sum()).backward()
+            loss, resp_logits = model(**inputs, labels=b["labels"], loss_index=b["loss_index"], temperature=0.7,
+                                      return_logits=True)
+            (loss.sum() + 0.5 * all_loss.sum() + 1e-3 * resp_logits.square().sum()).backward()
             grads = {}
             for n, p in model.named_parameters():
                 if p.grad is None:
@@ -89,7 +91,7 @@ def _worker(tp: int, cp: int) -> dict:
                     dist.all_reduce(g, group=cp_group)
                 grads[n] = g
             res[name] = {"logits": logits[:, :length].detach(), "loss": loss.detach(), "all_loss": all_loss.detach(),
-                         "grads": grads}
+                         "resp_logits": resp_logits.detach(), "grads": grads}
         # a packed 'sequences' stream of the two text rows (padded to a multiple of 2C) gives the padded rows' loss
         from megatron_ral.models.qwen25vl.attention_layout import AttentionLayout
 
@@ -134,7 +136,7 @@ def _compare(ref: dict, got: dict, label: str) -> None:
             g = got[preset][name]
             scale = max(1.0, float(r["logits"].abs().max()))
             assert float((g["logits"] - r["logits"]).abs().max()) <= 1e-5 * scale, (label, preset, name, "logits")
-            for key in ("loss", "all_loss"):
+            for key in ("loss", "all_loss", "resp_logits"):
                 torch.testing.assert_close(g[key], r[key], rtol=1e-5, atol=1e-5, msg=f"{label} {preset} {name} {key}")
             assert set(g["grads"]) == set(r["grads"]) and len(r["grads"]) >= 10
             for n, rg in r["grads"].items():

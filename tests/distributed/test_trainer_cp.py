@@ -84,3 +84,32 @@ def test_cp2_resume_is_bit_exact(tmp_path_factory):
     full, resumed = comparable(full), comparable(resumed)
     assert sorted(full) == sorted(resumed) == [1, 2, 3]
     assert resumed[3] == full[3]
+
+
+def test_ral_distill_steps_at_cp2_match_cp1(tmp_path_factory):
+    """The teacher follows the student's path under CP (its sequence split, its vision frames shared out, its
+    rows dealt out like the student's, its response logits put together for GKD): the distillation terms and
+    metrics at CP=2 equal CP=1's."""
+    root = tmp_path_factory.mktemp("trainer_cp_distill")
+    student, teacher = tf.make_assets(root, "tiny"), tf.make_assets(root, "small", seed=3)
+    distill = {"name": "ral_distill", "gkd_mu": 0.2, "gamma_attn": 5.0, "lambda_attn": 1.0, "kl_beta": 0.04,
+               "teacher_load": teacher["mcore"]}
+
+    def run(name: str, world: int, overrides: list[str]) -> list[dict]:
+        cfg = tf.write_config(root / f"{name}.yaml", student, root / name, algorithm=distill,
+                              checkpoint={"save_final": False},
+                              training={"prompts_per_step": 4, "micro_batch_size": 2, "train_steps": 2,
+                                        "run_dir": str(root / name), "eval_at_end": False})
+        return run_distributed(tf.run_training, world, str(cfg), overrides, timeout=900)[0]
+
+    ref = run("cp1", 1, [])
+    got = run("cp2", 2, ["parallel.context_parallel_size=2"])
+    assert len(ref) == len(got) == 2
+    keys = TOLERANCES + (("distill/gkd", 1e-5, 0.0), ("distill/attn_jsd_teacher", 1e-5, 0.0),
+                         ("loss/gkd", 1e-5, 0.0), ("loss/distill_attn", 1e-5, 0.0))
+    for a, b in zip(ref, got):
+        for k in SAME_ROLLOUT:
+            assert math.isclose(a[k], b[k], rel_tol=1e-12), f"step {a['step']} {k}: {a[k]} != {b[k]} (rollouts differ)"
+        for k, rel, tol in keys:
+            assert math.isclose(a[k], b[k], rel_tol=rel, abs_tol=tol), f"step {a['step']} {k}: {a[k]} vs {b[k]}"
+    assert all(r["loss/distill_attn"] > 0 and r["loss/gkd"] > 0 for r in ref)

@@ -76,3 +76,49 @@ def bad_inputs(tmp_path_factory, tiny_checkpoint) -> dict[str, str]:
     paths.update(hf=str(hf), mc=str(mc), root=str(root))
     return paths
 
+
+
+# A short single-process SFT run whose data and generation settings all differ from the tools' defaults
+# (frames, pixel budgets, template, response cap): the tools must read them from the checkpoint.
+TRAINED_SETTINGS = {"data.template": "answer_only", "data.fps": 2.0, "data.max_frames": 4,
+                    "data.video_min_pixels": 3136, "data.video_max_pixels": 3136, "data.image_min_pixels": 3136,
+                    "data.image_max_pixels": 6272, "generation.max_new_tokens": 6}
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_checkpoint) -> dict:
+    """{"run_dir", "data", "hf", "metrics"} of a 2-step SFT run of the tiny checkpoint with a final
+    held-out evaluation (the trainer's ``eval/accuracy``), its checkpoint in RUN_DIR/checkpoints."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from megatron_ral.data.synthetic import make_synthetic_dataset
+
+    hf, mc = tiny_checkpoint
+    root = tmp_path_factory.mktemp("trained_run")
+    data, run_dir = root / "data", root / "run"
+    make_synthetic_dataset(str(data), 20, seed=7)
+    cfg = {"model": {"load": str(mc), "dtype": "fp32"},
+           "data": {"train_files": [str(data / "train.json")], "eval_files": [str(data / "test.json")],
+                    "media_root": str(data), "num_workers": 0},
+           "algorithm": {"name": "sft"},
+           "optimizer": {"lr": 1e-3},
+           "training": {"prompts_per_step": 4, "micro_batch_size": 2, "train_steps": 2, "run_dir": str(run_dir),
+                        "eval_at_end": True},
+           "checkpoint": {"save_interval": 0},
+           "logging": {"wandb_mode": "disabled", "progress": False}}
+    for dotted, value in TRAINED_SETTINGS.items():
+        section, key = dotted.split(".")
+        cfg.setdefault(section, {})[key] = value
+    (root / "sft.yaml").write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", MEGATRON_RAL_PROGRESS="0", HF_HUB_OFFLINE="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, "-m", "megatron_ral.train", "--config", str(root / "sft.yaml")],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {"run_dir": run_dir, "data": data, "hf": hf, "metrics": metrics}

@@ -32,6 +32,7 @@ def test_quickstart_learns_in_reduced_form(tmp_path):
     assert 0.0 <= s["accuracy_rl"] <= 1.0
     assert (Path(s["run_dir"]) / "metrics.jsonl").is_file() and Path(s["heldout_data"]).is_file()
     assert Path(s["checkpoint_dir"]).name == "iter_0000024"
+    assert Path(s["curves"]) == (out / "curves.png").resolve() and Path(s["curves"]).stat().st_size > 10_000
 
     # the export is the final checkpoint: same weights tensor by tensor (through the converter's own mapping)
     from safetensors.torch import load_file

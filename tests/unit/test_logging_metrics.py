@@ -44,28 +44,43 @@ def test_progress_passes_items_through(monkeypatch):
     assert list(progress(range(3), enabled=False)) == [0, 1, 2]
 
 
-def test_wandb_service_killed_by_the_job_signal_does_not_stop_the_run(tmp_path, monkeypatch, caplog):
+_KILLED_SERVICE = """
+import json, logging, signal, sys, time
+from pathlib import Path
+import psutil
+from megatron_ral.config.schema import LoggingConfig
+from megatron_ral.logging import MetricsSink
+out = Path(sys.argv[1])
+sink = MetricsSink(out, LoggingConfig(wandb_mode="offline"), {"a": 1}, rank=0)
+assert sink._wandb is not None, "wandb did not start: nothing to test"
+sink.log(1, {"x": 1.0})
+service = [c for c in psutil.Process().children(recursive=True) if "wandb" in " ".join(c.cmdline()).lower()]
+assert service, "no wandb service process found"
+for c in service:
+    c.send_signal(signal.SIGTERM)
+psutil.wait_procs(service, timeout=10)
+time.sleep(0.2)
+sink.log(2, {"x": 2.0})
+sink.close()
+assert sink._wandb is None
+print("closed")
+"""
+
+
+def test_wandb_service_killed_by_the_job_signal_does_not_stop_the_run(tmp_path):
     """SLURM signals every process of a job step, wandb's service process included: its death must not turn a
-    preempted run's save-and-exit-0 into a crash (seen on a real SLURM job: wandb.finish raised)."""
-    import signal
-    import time
+    preempted run's save-and-exit-0 into a crash (seen on a real SLURM job: wandb.finish raised). In a child
+    process: wandb's global state after its service died would disturb later tests in this one."""
+    import os
+    import subprocess
+    import sys
 
-    import psutil
-
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.setenv("WANDB_DISABLE_SERVICE", "false")
-    sink = MetricsSink(tmp_path, LoggingConfig(wandb_mode="offline"), {"a": 1}, rank=0)
-    assert sink._wandb is not None, "wandb did not start: nothing to test"
-    sink.log(1, {"x": 1.0})
-    service = [c for c in psutil.Process().children(recursive=True) if "wandb" in " ".join(c.cmdline()).lower()]
-    assert service, "no wandb service process found"
-    for c in service:
-        c.send_signal(signal.SIGTERM)
-    psutil.wait_procs(service, timeout=10)
-    time.sleep(0.2)
-    with caplog.at_level(logging.WARNING):
-        sink.log(2, {"x": 2.0})
-        sink.close()                                  # no exception
+    # its own wandb service (a service started by this process is announced in WANDB_SERVICE* variables)
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE" and not (k.startswith("WANDB") and "SERVICE" in k)}
+    env["WANDB_DISABLE_SERVICE"] = "false"
+    r = subprocess.run([sys.executable, "-c", _KILLED_SERVICE, str(tmp_path)], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip().endswith("closed"), r.stderr[-2000:]
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
-    assert sink._wandb is None
+    assert "metrics go to metrics.jsonl only" in r.stderr

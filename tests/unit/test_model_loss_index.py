@@ -50,3 +50,36 @@ def test_loss_at_selected_positions_equals_full_path(preset, temperature):
     assert grads[0].keys() == grads[1].keys() and any("output_layer" in n or "word_embeddings" in n for n in grads[0])
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_return_logits_gives_the_loss_and_the_unscaled_logits_it_came_from(preset, temperature):
+    """``return_logits``: the same per-token loss, beside the vocab-parallel logits at the response positions
+    (the full path's logits gathered there, not divided by T), whose graph reaches the parameters; the loss
+    is -log_softmax(logits / T) at the labels (float64 reference)."""
+    model = seeded_megatron_model(preset, seed=6)
+    prompts = standard_prompts()
+    seqs = [with_response(prompts[k], random_response(n, seed=10 + i))
+            for i, (k, n) in enumerate([("image", 4), ("text", 6)])]
+    batch = padded_batch(seqs, "right", pad_id=0)
+    ids = batch["input_ids"]
+    labels = torch.zeros_like(ids)
+    labels[:, :-1] = ids[:, 1:]
+    index = torch.stack([(torch.tensor(len(prompts[k])) - 1 + torch.arange(6)).clamp(max=ids.shape[1] - 1)
+                         for k in ("image", "text")])
+    with torch.no_grad():
+        full = model(**batch)                                        # (B, S, V) logits, unscaled
+        plain = model(**batch, labels=labels, temperature=temperature, loss_index=index)
+    loss, logits = model(**batch, labels=labels, temperature=temperature, loss_index=index, return_logits=True)
+    assert logits.shape == (*index.shape, model.padded_vocab_size)
+    torch.testing.assert_close(loss.detach(), plain, rtol=0, atol=0)
+    torch.testing.assert_close(logits.detach(), full.gather(1, index[..., None].expand(-1, -1, full.shape[-1])),
+                               rtol=1e-6, atol=1e-6)
+    log_probs = torch.log_softmax(logits.detach().double() / temperature, dim=-1)
+    ref = -log_probs.gather(-1, labels.gather(1, index)[..., None])[..., 0]
+    torch.testing.assert_close(loss.detach().double(), ref, rtol=1e-5, atol=1e-5)
+    model.zero_grad()
+    logits.logsumexp(-1).sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "output_layer" in n
+               or "word_embeddings" in n)

@@ -237,27 +237,39 @@ class Qwen25VLModel(MegatronModule):
         logits, _ = lm.output_layer(rows, weight=weight, runtime_gather_output=False)
         return logits
 
-    def _token_loss(self, logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
-        """Per-token -log softmax(logits / T)[label] of vocab-parallel logits (padded vocabulary masked)."""
-        logits = self.mask_padded_vocab(logits).float()
+    @staticmethod
+    def _token_loss(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
+                    keep_input: bool = False) -> torch.Tensor:
+        """Per-token -log softmax(logits / T)[label] of vocab-parallel logits (padded vocabulary masked already);
+        ``keep_input``: leave ``logits`` untouched (megatron's cross-entropy shifts its input in place)."""
+        scaled = logits.float()
         if temperature != 1.0:
-            logits = logits / temperature
-        return tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
+            scaled = scaled / temperature
+        elif keep_input and scaled is logits:
+            scaled = scaled.clone()
+        return tensor_parallel.vocab_parallel_cross_entropy(scaled, labels)
 
     def _cp_token_loss(self, hidden: torch.Tensor, labels: torch.Tensor, loss_index: torch.Tensor, share: CPShare,
-                       temperature: float) -> torch.Tensor:
+                       temperature: float, return_logits: bool = False):
         """Per-token loss (B, R) at the global positions ``loss_index`` from this CP rank's decoder output
         ``hidden`` (S/C, B, H): each rank computes the output layer and the loss at the positions it holds, the
-        (B, R) tensors are summed over the CP group (gradient: identity, see ``context_parallel``)."""
+        (B, R) tensors are summed over the CP group (gradient: identity, see ``context_parallel``). With
+        ``return_logits`` also the (B, R, V/TP) logits, put together the same way (every CP rank holds them all,
+        as at CP = 1; the all-reduce moves B x R x V/TP values)."""
         index = loss_index.to(hidden.device).long()
         local = share.local_index(index)
         owned = local >= 0
         b_idx, r_idx = owned.nonzero(as_tuple=True)
         rows = hidden[local[owned], b_idx]  # (n, H)
         targets = labels.to(hidden.device).gather(1, index)[owned]
-        loss = self._token_loss(self._output_layer(rows[:, None]), targets[:, None], temperature)[:, 0]
+        logits = self.mask_padded_vocab(self._output_layer(rows[:, None]))  # (n, 1, V/TP)
+        loss = self._token_loss(logits, targets[:, None], temperature, keep_input=return_logits)[:, 0]
         full = torch.zeros(index.shape, dtype=loss.dtype, device=loss.device).index_put((b_idx, r_idx), loss)
-        return reduce_from_cp(full, share.group)
+        token_loss = reduce_from_cp(full, share.group)
+        if not return_logits:
+            return token_loss
+        every = logits.new_zeros(*index.shape, logits.shape[-1]).index_put((b_idx, r_idx), logits[:, 0])
+        return token_loss, reduce_from_cp(every, share.group)
 
     def mask_padded_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         """Set the logits of padded vocabulary entries (index >= vocab_size) to the dtype minimum."""
@@ -311,7 +323,8 @@ class Qwen25VLModel(MegatronModule):
         temperature: float = 1.0,
         loss_index: torch.Tensor | None = None,
         layout=None,
-    ) -> torch.Tensor:
+        return_logits: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, S, V) — vocab-sharded over TP unless gathered — or per-token loss (B, S)
         when ``labels`` are given; on non-last pipeline stages the hidden states (S, B, H).
 
@@ -330,6 +343,11 @@ class Qwen25VLModel(MegatronModule):
         ``layout`` (an ``AttentionLayout``, local layer spec): the batch is that layout's stream (input_ids
         (b, L); one row for packed ``sequences`` / ``groups``); its position ids are used unless
         ``position_ids`` are given, its visibility rule replaces ``attention_mask`` (which must be None).
+        ``return_logits`` (with ``labels``, last stage): return ``(token_loss, logits)``, the logits being the
+        vocab-parallel (B, R, V/TP) logits the loss was computed from (at ``loss_index`` when given), padded
+        vocabulary entries masked, *not* divided by ``temperature`` (a consumer scales them itself, as the
+        distillation losses do with the same temperature); they keep the graph, so a loss on them
+        back-propagates like the per-token loss.
 
         Context parallelism (CP = C > 1, no ``inference_context``): every CP rank passes the whole batch
         (right padding or a layout; a left-padded mask is refused); a sequence whose length is not a multiple
@@ -400,13 +418,15 @@ class Qwen25VLModel(MegatronModule):
         if not self.post_process:
             return output
         if selective and share is not None:
-            return self._cp_token_loss(output, labels, loss_index, share, temperature)
+            return self._cp_token_loss(output, labels, loss_index, share, temperature, return_logits)
         if selective:
             output = self.output_logits(output, loss_index)
             labels = labels.gather(1, loss_index.to(labels.device))
         if labels is None:
             return self.mask_padded_vocab(output)
-        return self._token_loss(output, labels, temperature)
+        logits = self.mask_padded_vocab(output)
+        token_loss = self._token_loss(logits, labels, temperature, keep_input=return_logits)
+        return (token_loss, logits) if return_logits else token_loss
 
     def _cp_inputs(self, input_ids, position_ids, labels, layout):
         """(CPShare, input_ids, position_ids, labels) of a context-parallel forward: the stream right-padded to a
