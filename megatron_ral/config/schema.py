@@ -56,6 +56,13 @@ class ParallelConfig:
         None splits evenly (then PP must divide the layer count).
     sequence_parallel: needs TP > 1 and the Transformer Engine layer spec (CUDA).
     use_distributed_optimizer: shard optimizer state over data-parallel ranks (megatron-core).
+    context_parallel_size: C > 1 splits every training sequence (SFT, old / reference passes, updates) over C
+        ranks with megatron's load-balanced split (2C chunks; rank i holds chunks i and 2C - 1 - i). A sequence
+        whose length is not a multiple of 2C is right-padded to one. The vision tower's frames are split over
+        the same ranks. Rollouts treat the C ranks as extra data-parallel generators (each generates a share
+        of the prompts). Packing under CP: training.packing none or sequences (groups is refused).
+    cp_comm_type: Transformer Engine's context-parallel kernel ("p2p", "all_gather", "a2a", "a2a+p2p"; None =
+        TE's default p2p). The local layer spec ignores it (with a warning): it all-gathers K and V.
     """
 
     tensor_model_parallel_size: int = 1
@@ -64,6 +71,7 @@ class ParallelConfig:
     sequence_parallel: bool = False
     pipeline_layer_split: Optional[list[int]] = None
     use_distributed_optimizer: bool = True
+    cp_comm_type: Optional[str] = None
 
 
 @dataclass
@@ -247,6 +255,9 @@ class TrainingConfig:
     max_consecutive_skips: a step whose loss or gradient is not finite is skipped (no update); this many
         skipped steps in a row stop the run with an error (the last good checkpoint is kept).
     run_dir: metrics.jsonl, wandb / TensorBoard files and (by default) checkpoints go here.
+    packing: how the training passes lay out their sequences: "none" (right-padded micro-batches), "sequences"
+        (whole sequences packed in one stream) or "groups" (a prompt shared by its G responses). Under context
+        parallelism (parallel.context_parallel_size > 1) "none" and "sequences" are supported, "groups" is not.
     """
 
     seed: int = 1234
@@ -262,6 +273,7 @@ class TrainingConfig:
     max_eval_records: Optional[int] = None
     max_consecutive_skips: int = 3
     run_dir: str = "runs/default"
+    packing: str = "none"
 
 
 @dataclass

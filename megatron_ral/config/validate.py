@@ -12,6 +12,8 @@ from megatron_ral.config.schema import Config
 ALGORITHMS = ("sft", "grpo", "ral", "ral_distill")
 RL_ALGORITHMS = ("grpo", "ral", "ral_distill")
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+PACKINGS = ("none", "sequences", "groups")
+CP_COMM_TYPES = (None, "p2p", "all_gather", "a2a", "a2a+p2p")  # Transformer Engine's context-parallel kernels
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,7 @@ def validate(cfg: Config, world_size: int | None = None, dims: ModelDims | None 
     _check(tp >= 1, "parallel.tensor_model_parallel_size", "must be >= 1")
     _check(pp >= 1, "parallel.pipeline_model_parallel_size", "must be >= 1")
     _check(cp >= 1, "parallel.context_parallel_size", "must be >= 1")
+    _one_of(p.cp_comm_type, CP_COMM_TYPES, "parallel.cp_comm_type")
     if world_size is not None:
         _check(world_size % (tp * pp * cp) == 0, "parallel.tensor_model_parallel_size",
                f"world size {world_size} must be divisible by TP*PP*CP = {tp}*{pp}*{cp} = {tp * pp * cp}")
@@ -221,8 +224,6 @@ def validate(cfg: Config, world_size: int | None = None, dims: ModelDims | None 
         _check(a.gkd_mu > 0 or a.gamma_attn > 0, "algorithm.gkd_mu",
                "ral_distill needs gkd_mu > 0 or gamma_attn > 0 (with both 0 nothing is learnt from the teacher; "
                "use algorithm.name: ral)")
-        _check(cp == 1, "parallel.context_parallel_size",
-               "ral_distill captures attention rows, which context parallelism does not support")
         _check_teacher_layout(a, tp, pp)
     _check(a.reward_accuracy_weight >= 0 and a.reward_format_weight >= 0, "algorithm.reward_accuracy_weight",
            "reward weights must be >= 0")
@@ -258,6 +259,11 @@ def validate(cfg: Config, world_size: int | None = None, dims: ModelDims | None 
     _check(t.eval_interval >= 0, "training.eval_interval", "must be >= 0 (0 = no evaluation during training)")
     _check(t.max_eval_records is None or t.max_eval_records >= 1, "training.max_eval_records", "must be >= 1 or null")
     _check(t.max_consecutive_skips >= 1, "training.max_consecutive_skips", "must be >= 1")
+    _one_of(t.packing, PACKINGS, "training.packing")
+    if cp > 1:
+        _check(t.packing != "groups", "training.packing",
+               f"'groups' (shared-prompt streams) is not supported under context parallelism "
+               f"(parallel.context_parallel_size={cp}); use 'none' or 'sequences'")
     if world_size is not None:
         dp = world_size // (tp * pp * cp) if world_size % (tp * pp * cp) == 0 else None
         if dp:
