@@ -37,7 +37,8 @@ In the model
 ``AttentionCapture(model, CaptureConfig(), tp_group)`` installs the hook on the last layer of the last
 pipeline stage and, within ``with capture.capture(layout) as result:`` around one forward, leaves p in
 ``result.rows``; ``response_layout`` / ``packed_response_layout`` build the layout of a padded or packed
-batch of prompt + response sequences.
+batch of prompt + response sequences, ``stream_response_layout`` that of a packed training stream (packed
+sequences or shared-prompt groups; rows in the padded batch's shape).
 
 Other pieces
 ------------
@@ -53,12 +54,14 @@ from megatron_ral.attention.capture import (
     CaptureResult,
     packed_response_layout,
     response_layout,
+    stream_response_layout,
 )
 from megatron_ral.attention.divergence import aggregate_tokens, divergence, jsd, kl_divergence
 from megatron_ral.attention.layout import (
     RowLayout,
     gather_rows,
     response_row_layout,
+    sample_keys,
     segment_ids_from_cu_seqlens,
 )
 from megatron_ral.attention.metrics import attention_entropy, attention_mass_shares, attention_metrics
@@ -77,6 +80,7 @@ __all__ = [
     "CaptureResult",
     "packed_response_layout",
     "response_layout",
+    "stream_response_layout",
     "CapturedQK",
     "ChunkConfig",
     "OldPolicyConfig",
@@ -94,5 +98,6 @@ __all__ = [
     "kl_divergence",
     "make_old_policy_store",
     "response_row_layout",
+    "sample_keys",
     "segment_ids_from_cu_seqlens",
 ]

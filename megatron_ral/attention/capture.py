@@ -35,7 +35,11 @@ pipeline schedule, open the block inside the ``forward_step`` function around th
 
 Layouts. :func:`response_layout` covers padded batches (left or right padding, given by the
 ``(B, S)`` padding mask the model takes); :func:`packed_response_layout` a packed THD stream
-(one batch entry, several samples back to back, each row seeing only its own sample). Any other
+(one batch entry, several samples back to back, each row seeing only its own sample);
+:func:`stream_response_layout` a packed training stream of ``models.qwen25vl.attention_layout`` (packed
+``sequences`` or shared-prompt ``groups``), whose rows come out in the padded batch's shape [B, R, T]:
+row r of sample b over exactly the keys that sample sees (its prompt and its own earlier tokens, never
+another response), equal to the padded path's rows. Any other
 :class:`~megatron_ral.attention.layout.RowLayout` can be passed directly.
 
 Context parallelism. Under CP each rank's forward holds a share of the sequence (its queries and keys);
@@ -180,6 +184,30 @@ def packed_response_layout(
     return RowLayout(row_index=row_index[None], key_valid=(seg >= 0)[None], segment_ids=seg[None])
 
 
+def stream_response_layout(sample_stream_index: list[Tensor], prompt_lengths: list[int],
+                           response_lengths: list[int]) -> RowLayout:
+    """Rows of the response tokens of samples packed in one stream, in the padded batch's coordinates.
+
+    ``sample_stream_index[b]`` (int64 [n_b]): the stream position of each token of sample b (its prompt's
+    tokens, then its response's; for a shared-prompt group the prompt positions are the same for every
+    response of the group); the sample's first ``prompt_lengths[b]`` tokens are its prompt. Rows [B, R] and
+    keys [B, T] (T = the longest sample) are those of :func:`response_layout` on the right-padded samples;
+    ``stream_index`` maps them to the stream."""
+    if not len(sample_stream_index) == len(prompt_lengths) == len(response_lengths):
+        raise ValueError("one stream index, prompt length and response length per sample")
+    lengths = [int(ix.numel()) for ix in sample_stream_index]
+    for b, (n, p, r) in enumerate(zip(lengths, prompt_lengths, response_lengths)):
+        if n != p + r:
+            raise ValueError(f"sample {b}: {n} stream positions for prompt {p} + response {r} tokens")
+    layout = response_layout(list(prompt_lengths), list(response_lengths), seq_len=max(lengths, default=0))
+    stream_index = torch.zeros(len(lengths), max(lengths, default=0), dtype=torch.long)
+    for b, ix in enumerate(sample_stream_index):
+        stream_index[b, : ix.numel()] = ix.long()
+        if ix.numel():
+            stream_index[b, ix.numel():] = int(ix[0])  # padding keys (invalid): any in-range position
+    return RowLayout(layout.row_index, layout.row_valid, layout.key_valid, None, stream_index)
+
+
 # ---------------------------------------------------------------------------------------- model side
 def _unwrap(model):
     """The Qwen25VLModel inside wrappers (DDP, Float16Module: ``.module``) or virtual-pipeline lists."""
@@ -306,8 +334,10 @@ class AttentionCapture:
                 f"attention capture needs a full-sequence forward (got {query.shape[0]} queries for "
                 f"{key.shape[0]} keys: a KV-cache step?)"
             )
-        if layout.batch_size != query.shape[1]:
-            raise ValueError(f"layout has {layout.batch_size} samples, the forward has {query.shape[1]}")
+        if layout.captured_batch_size != query.shape[1]:
+            what = "a packed stream (1 batch entry)" if layout.stream_index is not None else \
+                f"{layout.batch_size} samples"
+            raise ValueError(f"layout has {what}, the forward has {query.shape[1]}")
         if want_grad and keep_rows and not torch.is_grad_enabled():
             raise RuntimeError(
                 "attention capture with gradients reached the last layer with autograd disabled (a no_grad "

@@ -10,6 +10,14 @@ the keys ``i`` with
     i <= t  and  key_valid[b, i]  and  segment_ids[b, i] == segment_ids[b, t]
 
 and its attention policy is then restricted to the same keys with ``i < t`` (own position dropped).
+
+Packed streams (``stream_index`` set). A packed training stream (``models.qwen25vl.attention_layout``)
+holds several samples in one batch entry, a shared-prompt group's prompt once for all its responses. Its
+rows are still described per sample, in the padded coordinates above (key i of sample b = token i of that
+sample alone), so the rows p [B, R, T] are those of the padded batch; ``stream_index[b, i]`` says where key
+i of sample b sits in the stream, whose Q and K ([L, 1, H, d]) the capture receives.
+:func:`sample_keys` gathers each sample's keys from the stream (a group's prompt keys once per response,
+their gradients summed back) and :func:`gather_rows` its query rows.
 """
 
 from __future__ import annotations
@@ -33,23 +41,50 @@ class RowLayout:
         segment_ids: int64 [B, T] or None (one sequence per batch entry). Packed sequences: tokens of
             the same sample share an id; a row sees only keys of its own segment. Build it from
             cu_seqlens with :func:`segment_ids_from_cu_seqlens`.
+        stream_index: int64 [B, T] or None. When set, the captured Q and K are one packed stream
+            [L, 1, H, d] and key i of sample b is stream token ``stream_index[b, i]`` (any in-range value
+            where ``key_valid`` is False); the other fields keep the per-sample coordinates.
     """
 
     row_index: Tensor
     row_valid: Tensor | None = None
     key_valid: Tensor | None = None
     segment_ids: Tensor | None = None
+    stream_index: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
         return self.row_index.shape[0]
 
     @property
+    def captured_batch_size(self) -> int:
+        """Batch entries of the captured Q/K: 1 for a packed stream, else B."""
+        return 1 if self.stream_index is not None else self.batch_size
+
+    @property
+    def num_sample_keys(self) -> int | None:
+        """T of a packed stream's samples (None: the keys are the captured K's own positions)."""
+        return None if self.stream_index is None else int(self.stream_index.shape[1])
+
+    def unpacked(self) -> "RowLayout":
+        """The same rows over per-sample keys (``stream_index`` dropped): the layout of :func:`sample_keys`'s K."""
+        return RowLayout(self.row_index, self.row_valid, self.key_valid, self.segment_ids)
+
+    @property
     def num_rows(self) -> int:
         return self.row_index.shape[1]
 
     def validate(self, num_keys: int) -> None:
-        """Raise ValueError with a clear message if shapes or values do not fit ``num_keys`` keys."""
+        """Raise ValueError with a clear message if shapes or values do not fit ``num_keys`` keys (the
+        captured K's length: the stream's for a packed layout)."""
+        if self.stream_index is not None:
+            si = self.stream_index
+            if si.dim() != 2 or si.shape[0] != self.row_index.shape[0]:
+                raise ValueError(f"stream_index must be [B, T] with B = {self.row_index.shape[0]}, got {tuple(si.shape)}")
+            if si.numel() and (int(si.min()) < 0 or int(si.max()) >= num_keys):
+                raise ValueError(f"stream_index values must lie in [0, {num_keys}) (the stream's length); got "
+                                 f"[{int(si.min())}, {int(si.max())}]")
+            num_keys = int(si.shape[1])
         if self.row_index.dim() != 2:
             raise ValueError(f"row_index must be [B, R], got shape {tuple(self.row_index.shape)}")
         if self.row_index.dtype not in (torch.int64, torch.int32):
@@ -72,7 +107,8 @@ class RowLayout:
         def mv(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.to(device)
 
-        return RowLayout(mv(self.row_index), mv(self.row_valid), mv(self.key_valid), mv(self.segment_ids))
+        return RowLayout(mv(self.row_index), mv(self.row_valid), mv(self.key_valid), mv(self.segment_ids),
+                         mv(self.stream_index))
 
     def policy_key_mask(self, num_keys: int) -> Tensor:
         """bool [B, R, T]: keys that carry policy mass for each row (allowed, before the row, row valid)."""
@@ -147,13 +183,36 @@ def response_row_layout(
     return RowLayout(row_index=row_index, row_valid=row_valid, key_valid=key_valid)
 
 
+def _stream_positions(layout: RowLayout, x: Tensor, index: Tensor) -> Tensor:
+    """x [L, 1, H, d] of a packed stream at per-sample positions ``index`` [B, n] -> [n, B, H, d]."""
+    if x.shape[1] != 1:
+        raise ValueError(f"a packed stream has one batch entry, got shape {tuple(x.shape)}")
+    return x[:, 0].index_select(0, index.transpose(0, 1).reshape(-1)).view(index.shape[1], index.shape[0],
+                                                                          *x.shape[2:])
+
+
+def sample_keys(k: Tensor, layout: RowLayout) -> tuple[Tensor, RowLayout]:
+    """(K [T, B, H_kv, d], layout over it) from captured K: for a packed stream each sample's keys gathered
+    from the stream (differentiable: a key shared by several samples gets their gradients summed); otherwise
+    ``k`` and ``layout`` unchanged."""
+    if layout.stream_index is None:
+        return k, layout
+    index = layout.stream_index.to(k.device).long()
+    return _stream_positions(layout, k, index), layout.unpacked()
+
+
 def gather_rows(x: Tensor, layout: RowLayout) -> Tensor:
-    """Select the captured rows from a full [T, B, H, d] tensor: returns [R, B, H, d] (differentiable).
+    """Select the captured rows from a full [T, B, H, d] tensor (a packed stream [L, 1, H, d] when
+    ``layout.stream_index`` is set): returns [R, B, H, d] (differentiable).
 
     Invalid rows are gathered from their (arbitrary, in-range) ``row_index`` and masked later.
     """
     if x.dim() != 4:
         raise ValueError(f"expected [T, B, H, d], got shape {tuple(x.shape)}")
+    if layout.stream_index is not None:
+        si = layout.stream_index.to(x.device).long()
+        rows = si.gather(1, layout.row_index.to(x.device).long().clamp(0, si.shape[1] - 1))  # [B, R]
+        return _stream_positions(layout, x, rows)
     idx = layout.row_index.long().clamp(0, x.shape[0] - 1).transpose(0, 1)  # [R, B]
     idx = idx[:, :, None, None].expand(-1, -1, x.shape[2], x.shape[3])
     return torch.gather(x, 0, idx)

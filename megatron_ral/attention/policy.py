@@ -44,7 +44,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from megatron_ral.attention.layout import RowLayout, allowed_keys
+from megatron_ral.attention.layout import RowLayout, allowed_keys, sample_keys
 
 
 @dataclass(frozen=True)
@@ -98,8 +98,10 @@ def _plan(layout: RowLayout, num_rows: int, rows: int) -> list[tuple[int, int, i
     valid = layout.row_valid.tolist() if layout.row_valid is not None else None
     chunks, firsts = [], []
     for b in range(batch):
-        for r0 in range(0, num_rows, rows):
-            r1 = min(num_rows, r0 + rows)
+        # rows past sample b's last valid one (a shorter response's padding) are no chunk's
+        last = num_rows if valid is None else max((r + 1 for r in range(num_rows) if valid[b][r]), default=0)
+        for r0 in range(0, last, rows):
+            r1 = min(last, r0 + rows)
             pos = [positions[b][r] for r in range(r0, r1) if valid is None or valid[b][r]]
             if not pos:
                 continue
@@ -270,7 +272,8 @@ def attention_policy(
 
     Args:
         q: [R, B, H_local, d] post-RoPE queries of the captured rows only (see ``layout.gather_rows``).
-        k: [T, B, H_kv_local, d] post-RoPE keys of the whole sequence (H_local divisible by H_kv_local).
+        k: [T, B, H_kv_local, d] post-RoPE keys of the whole sequence (H_local divisible by H_kv_local);
+            for a packed layout (``layout.stream_index``) the stream's keys [L, 1, H_kv_local, d].
         layout: row key indices and masks (:class:`RowLayout`).
         softmax_scale: logit scale; default 1/sqrt(d).
         tp_group: tensor-parallel group whose ranks hold the other heads; None for a single rank.
@@ -284,6 +287,9 @@ def attention_policy(
     """
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"q must be [R, B, H, d] and k [T, B, H_kv, d]; got {tuple(q.shape)}, {tuple(k.shape)}")
+    if layout.stream_index is not None:  # a packed stream: each sample's keys, in the padded coordinates
+        layout.validate(k.shape[0])
+        k, layout = sample_keys(k, layout)
     num_rows, batch, hq, d = q.shape
     num_keys, kb, hkv, kd = k.shape
     if kb != batch or kd != d:

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from megatron_ral.attention.layout import RowLayout
+from megatron_ral.attention.layout import RowLayout, sample_keys
 
 
 class _SumOverGroup(torch.autograd.Function):
@@ -38,7 +38,11 @@ def attention_policy_reference(
     softmax_scale: float | None = None,
     tp_group: dist.ProcessGroup | None = None,
 ) -> Tensor:
-    """p [B, R, T] computed by materialising all heads' probabilities (q [R,B,H,d], k [T,B,Hkv,d])."""
+    """p [B, R, T] computed by materialising all heads' probabilities (q [R,B,H,d], k [T,B,Hkv,d], or the
+    stream's [L,1,Hkv,d] for a packed layout)."""
+    if layout.stream_index is not None:
+        layout.validate(k.shape[0])
+        k, layout = sample_keys(k, layout)
     num_rows, batch, hq, d = q.shape
     num_keys, _, hkv, _ = k.shape
     n_rep = hq // hkv

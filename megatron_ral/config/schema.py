@@ -234,7 +234,20 @@ class TrainingConfig:
     """The loop.
 
     prompts_per_step: records per step, global (RL: prompts per rollout batch, each sampled G times; SFT: the
-        global batch size). micro_batch_size: sequences per micro-batch (pipeline micro-batches).
+        global batch size). micro_batch_size: sequences per micro-batch (pipeline micro-batches) with
+        ``packing: none``.
+    packing: how the training passes (old, reference, updates; SFT) lay out their sequences:
+        "none" (right-padded micro-batches of micro_batch_size sequences, each prompt repeated for each of its
+        responses), "sequences" (whole sequences packed back to back into streams of at most
+        max_tokens_per_micro_batch tokens, first-fit by length so micro-batches are balanced; each sequence
+        sees only itself and keeps its own M-RoPE positions) or "groups" (RL: a prompt and its responses in one
+        stream, [prompt, r_1, ..., r_G]: each response sees its prompt and itself, the prompt runs once per
+        group; a group over the budget is split into sub-streams that each carry the prompt). "auto" (default):
+        "groups" for RL, "sequences" for SFT, "none" under the Transformer Engine layer spec (its THD path is
+        not wired) and under context parallelism (set it explicitly there; "groups" is refused under CP).
+        Every value gives the same losses and gradients (the normalisers are global); only the cost differs.
+    max_tokens_per_micro_batch: token budget of a packed stream (packing "sequences" / "groups"); a single
+        sequence (or a prompt with one response) longer than the budget runs alone in its stream.
     train_steps: steps to run (0 = ``epochs`` passes over data.train_files).
     eval_interval: evaluate (greedy, data.eval_files) every N steps (0 = never during training);
         eval_at_start / eval_at_end add evaluations before the first and after the last step.
@@ -250,6 +263,8 @@ class TrainingConfig:
     seed: int = 1234
     prompts_per_step: int = 8
     micro_batch_size: int = 1
+    packing: str = "auto"
+    max_tokens_per_micro_batch: int = 4096
     train_steps: int = 0
     epochs: int = 1
     eval_interval: int = 0

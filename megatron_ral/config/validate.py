@@ -95,6 +95,28 @@ def _one_of(value: object, options: tuple, key: str) -> None:
     _check(value in options, key, f"must be one of {', '.join(map(str, options))}; got {value!r}")
 
 
+PACKINGS = ("auto", "none", "sequences", "groups")
+
+
+def _check_packing(cfg: Config) -> None:
+    """training.packing and its budget; a packed layout needs the local layer spec and, for "groups", an RL
+    algorithm (G responses share a prompt) and no context parallelism."""
+    t = cfg.training
+    _one_of(t.packing, PACKINGS, "training.packing")
+    _check(t.max_tokens_per_micro_batch >= 1, "training.max_tokens_per_micro_batch",
+           f"must be >= 1, got {t.max_tokens_per_micro_batch}")
+    if t.packing in ("sequences", "groups"):
+        _check(cfg.model.layer_spec != "te", "training.packing",
+               f"{t.packing!r} needs the local layer spec (model.layer_spec: local or auto without Transformer "
+               "Engine); the Transformer Engine spec does not read packed layouts: use training.packing: none there")
+    if t.packing == "groups":
+        _check(cfg.algorithm.name != "sft", "training.packing",
+               "'groups' shares a prompt across its G responses; SFT has one target per prompt: use sequences or none")
+        _check(cfg.parallel.context_parallel_size == 1, "training.packing",
+               "'groups' is not supported under context parallelism (parallel.context_parallel_size > 1): use "
+               "sequences or none")
+
+
 def validate(cfg: Config, world_size: int | None = None, dims: ModelDims | None = None,
              cuda_available: bool | None = None) -> Config:
     """Check every rule; return ``cfg`` unchanged when it passes.
@@ -231,6 +253,7 @@ def validate(cfg: Config, world_size: int | None = None, dims: ModelDims | None 
     t = cfg.training
     _check(t.prompts_per_step >= 1, "training.prompts_per_step", "must be >= 1")
     _check(t.micro_batch_size >= 1, "training.micro_batch_size", "must be >= 1")
+    _check_packing(cfg)
     _check(t.train_steps >= 0, "training.train_steps", "must be >= 0")
     _check(t.epochs >= 1, "training.epochs", "must be >= 1")
     _check(t.eval_interval >= 0, "training.eval_interval", "must be >= 0 (0 = no evaluation during training)")

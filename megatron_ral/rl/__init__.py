@@ -15,6 +15,7 @@ The loop's phases (what one training step does, in order):
     build        model (DDP), optimizer, LR schedule and loaders from the config
     rollout      G sampled responses per prompt with the current weights, decoded and scored
     batch        RolloutBatch (one step's rollouts) and the micro-batches every pass shares
+    packing      the same micro-batches as packed streams (training.packing: sequences, shared-prompt groups)
     vision       vision features once per prompt per step
     schedule     one pass over micro-batches through megatron-core's pipeline schedule
     passes       old-policy pass (log-probs, p_old), reference pass (log-probs), teacher pass (p_phi, GKD targets)

@@ -10,7 +10,10 @@ on the last pipeline stage only.
 responses first) are split into mini-batches (optimizer steps) and micro-batches (pipeline
 micro-batches of ``micro_batch_size`` sequences); the old pass, the reference pass and the updates all
 iterate over the same :class:`MicroBatch` objects, so per-micro-batch results are keyed by
-``MicroBatch.index``.
+``MicroBatch.index``. ``rl.packing`` plans the same mini-batches as packed streams instead (a micro-batch
+then carries a :class:`PackedStream`); every per-sequence tensor of a micro-batch ([B], [B, R], the
+capture's rows [B, R, T]) keeps the padded layout's meaning either way, so the losses, their normalisers,
+the p_old store and the metrics do not depend on the packing.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from torch import Tensor
 
 from megatron_ral.attention.capture import response_layout
 from megatron_ral.attention.layout import RowLayout
+from megatron_ral.models.qwen25vl.attention_layout import AttentionLayout
 from megatron_ral.models.qwen25vl.vision import VisionEmbeddings
 
 
@@ -35,13 +39,35 @@ class SequenceRef:
 
 
 @dataclass
-class MicroBatch:
-    """B right-padded sequences (prompt + response) and everything a pass needs about them.
+class PackedStream:
+    """The model input of a packed micro-batch: one stream row (b = 1) and where its losses are.
 
+    ``layout``: the stream's :class:`AttentionLayout` (spans, visibility, per-token M-RoPE positions);
+    ``input_ids`` [1, L]; ``loss_index`` [1, N]: the stream position predicting each response token (N = the
+    micro-batch's response tokens, sequence by sequence; a group's prompt's last position once per response);
+    ``labels`` [1, N]: those tokens (``labels_at_index``)."""
+
+    layout: AttentionLayout
+    input_ids: Tensor
+    loss_index: Tensor
+    labels: Tensor
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.shape[1])
+
+
+@dataclass
+class MicroBatch:
+    """B sequences (prompt + response) and everything a pass needs about them.
+
+    ``input_ids`` / ``attention_mask`` / ``labels`` are the sequences right-padded ([B, S]); the model runs
+    on them unless ``packed`` holds a stream (then they serve the per-sequence diagnostics only).
     Rows of the per-token tensors ``[B, R]`` are the response tokens (row r = response token r);
-    ``gather_index[b, r]`` is the position whose next-token loss is response token r's (P_b - 1 + r).
+    ``gather_index[b, r]`` is the padded position whose next-token loss is response token r's (P_b - 1 + r).
     ``advantages`` [B] and ``weight`` [B] (0 for a sequence kept only so that a rank has work) are per
-    sequence. ``vision_rows`` maps each sequence to the prompt whose vision features it uses.
+    sequence. ``vision_rows`` lists the prompts whose vision features the model input holds, in order
+    (one per padded row; once per packed sequence or group).
     """
 
     index: int
@@ -61,6 +87,7 @@ class MicroBatch:
     video_grid_thw: Tensor | None = None
     second_per_grid_ts: Tensor | None = None
     vision_rows: list[int] = field(default_factory=list)
+    packed: PackedStream | None = None
     host_inputs: dict = field(default_factory=dict, repr=False)  # derived model inputs, see rl.schedule
 
     @property
@@ -70,6 +97,32 @@ class MicroBatch:
     @property
     def seq_length(self) -> int:
         return int(self.input_ids.shape[1])
+
+    @property
+    def forward_shape(self) -> tuple[int, int]:
+        """(batch, sequence) of the model forward: (B, S) padded, (1, L) packed."""
+        if self.packed is not None:
+            return 1, self.packed.length
+        return self.size, self.seq_length
+
+    @property
+    def token_positions(self) -> int:
+        """Token positions the model computes for this micro-batch (padding included)."""
+        b, s = self.forward_shape
+        return b * s
+
+    def to_rows(self, values: Tensor) -> Tensor:
+        """Values the model gives at the loss positions -> ``[B, R, ...]`` aligned like ``response_mask``:
+        padded ``[B, R, ...]`` as they are; packed ``[1, N, ...]`` scattered to the valid rows, 0 on padding
+        rows (differentiable)."""
+        if self.packed is None:
+            return values
+        n = self.packed.loss_index.shape[1]
+        if values.dim() < 2 or tuple(values.shape[:2]) != (1, n):
+            raise ValueError(f"expected values at the {n} packed loss positions [1, {n}, ...], got {tuple(values.shape)}")
+        b, r = torch.nonzero(self.response_mask, as_tuple=True)  # row-major: the order of the loss positions
+        out = values.new_zeros(tuple(self.response_mask.shape) + tuple(values.shape[2:]))
+        return out.index_put((b.to(values.device), r.to(values.device)), values[0])
 
     @property
     def num_tokens(self) -> int:
@@ -82,7 +135,13 @@ class MicroBatch:
 
     def token_logprobs(self, token_loss: Tensor) -> Tensor:
         """Response-aligned log-probs [B, R] from the model's per-token loss at ``gather_index`` (the model
-        computes the output layer there only: ``loss_index=gather_index``)."""
+        computes the output layer there only: ``loss_index=gather_index``; packed: at ``packed.loss_index``,
+        [1, N], scattered to the rows, 0 on padding rows)."""
+        if self.packed is not None:
+            if tuple(token_loss.shape) != tuple(self.packed.loss_index.shape):
+                raise ValueError(f"expected the per-token loss at the packed loss positions "
+                                 f"{tuple(self.packed.loss_index.shape)}, got {tuple(token_loss.shape)}")
+            return self.to_rows(-token_loss)
         if tuple(token_loss.shape) != tuple(self.gather_index.shape):
             raise ValueError(f"expected the per-token loss at the response positions {tuple(self.gather_index.shape)}, "
                              f"got {tuple(token_loss.shape)}")
@@ -181,10 +240,10 @@ def build_micro_batch(index: int, minibatch: int, refs: list[SequenceRef], promp
     )
 
 
-def plan_micro_batches(batch: RolloutBatch, num_minibatches: int, micro_batch_size: int, pad_token_id: int,
-                       drop_zero_std_groups: bool = False) -> list[MicroBatch]:
-    """Split the P x G sequences (prompt-major) into ``num_minibatches`` contiguous mini-batches of
-    near-equal size, each into micro-batches of at most ``micro_batch_size`` sequences.
+def minibatch_members(batch: RolloutBatch, num_minibatches: int,
+                      drop_zero_std_groups: bool = False) -> list[tuple[list[SequenceRef], list[float]]]:
+    """(sequences, weights) of each of ``num_minibatches`` contiguous mini-batches of near-equal size of the
+    P x G sequences (prompt-major), whatever the micro-batch layout.
 
     With ``drop_zero_std_groups`` the responses of groups whose rewards are all equal are left out (they
     have A = 0). A mini-batch left with no sequence keeps one with weight 0, so that every rank runs
@@ -195,12 +254,22 @@ def plan_micro_batches(batch: RolloutBatch, num_minibatches: int, micro_batch_si
         raise ValueError("a rollout batch needs at least one sequence")
     kept = [r for r in refs if not (drop_zero_std_groups and bool(batch.zero_std[r.prompt]))]
     chunks = [list(c) for c in np.array_split(np.arange(len(kept)), num_minibatches)] if kept else []
-    out: list[MicroBatch] = []
+    out = []
     for m in range(num_minibatches):
         members = [kept[i] for i in chunks[m]] if kept and m < len(chunks) else []
         weights = [1.0] * len(members)
         if not members:
             members, weights = [refs[0]], [0.0]
+        out.append((members, weights))
+    return out
+
+
+def plan_micro_batches(batch: RolloutBatch, num_minibatches: int, micro_batch_size: int, pad_token_id: int,
+                       drop_zero_std_groups: bool = False) -> list[MicroBatch]:
+    """Split the P x G sequences into the mini-batches of :func:`minibatch_members`, each into right-padded
+    micro-batches of at most ``micro_batch_size`` sequences (``training.packing: none``)."""
+    out: list[MicroBatch] = []
+    for m, (members, weights) in enumerate(minibatch_members(batch, num_minibatches, drop_zero_std_groups)):
         for start in range(0, len(members), micro_batch_size):
             part = members[start: start + micro_batch_size]
             out.append(build_micro_batch(len(out), m, part, batch.prompts, batch.responses, batch.advantages,

@@ -139,7 +139,7 @@ def teacher_pass(ctx: PassContext, micro_batches: list[MicroBatch], rows_store=N
             else:
                 rows_store.put_rows(mb.index, result.rows)
         if want_logits:
-            gkd_out[mb.index] = gkd_targets(logits.detach())
+            gkd_out[mb.index] = gkd_targets(mb.to_rows(logits.detach()))  # [B, R, V/TP] (packed: scattered)
         return None, {}
 
     return run_pass(ctx, micro_batches, consume, forward_only=True, capture_kwargs=capture_kwargs,

@@ -68,7 +68,15 @@ def host_inputs(mb: MicroBatch, model) -> tuple[Tensor, Tensor | None]:
 def model_inputs(mb: MicroBatch, vision: list, pre_process: bool, model=None) -> dict:
     """Keyword arguments of Qwen25VLModel.forward for a micro-batch (vision features on the first stage).
     With ``model`` (this stage's Qwen25VLModel) the position ids and the attention mask are computed on
-    the host (:func:`host_inputs`); without, the model derives them from the padding mask."""
+    the host (:func:`host_inputs`); without, the model derives them from the padding mask. A packed
+    micro-batch gives its stream with the stream's layout, which carries the M-RoPE positions (host tensors)."""
+    if mb.packed is not None:
+        inputs = {"input_ids": mb.packed.input_ids, "layout": mb.packed.layout,
+                  "position_ids": mb.packed.layout.position_ids, "labels": mb.packed.labels,
+                  "loss_index": mb.packed.loss_index, "labels_at_index": True}
+        if pre_process and vision:
+            inputs["vision_embeddings"] = micro_batch_vision(mb, vision)
+        return inputs
     inputs = {
         "input_ids": mb.input_ids,
         "attention_mask": mb.attention_mask,
@@ -95,12 +103,13 @@ def run_pass(ctx: PassContext, micro_batches: list[MicroBatch], consume: Consume
     """Run the schedule over ``micro_batches``; returns the metrics dict of each micro-batch (last stage).
 
     ``consume(mb, token_loss, capture_result)`` runs on the last stage: ``token_loss`` is the model's
-    per-token loss [B, R] at the response positions (-log p of each response token under
-    softmax(logits / T)); it returns
+    per-token loss at the response positions (-log p of each response token under softmax(logits / T);
+    [B, R] padded, [1, N] packed: ``mb.token_logprobs`` maps either to [B, R]); it returns
     (loss or None, metrics). ``capture_kwargs(mb)`` gives the keyword arguments of
     ``AttentionCapture.capture`` for a micro-batch (None: no capture). With ``return_logits`` the model
-    also returns its vocab-parallel logits at the response positions ([B, R, V/TP], unscaled; see
-    ``Qwen25VLModel.forward``) and ``consume`` is called as ``consume(mb, token_loss, result, logits)``.
+    also returns its vocab-parallel logits at the response positions ([B, R, V/TP] padded, [1, N, V/TP]
+    packed: ``mb.to_rows`` maps either to [B, R, V/TP]; unscaled; see ``Qwen25VLModel.forward``) and
+    ``consume`` is called as ``consume(mb, token_loss, result, logits)``.
     """
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -135,8 +144,10 @@ def run_pass(ctx: PassContext, micro_batches: list[MicroBatch], consume: Consume
 
         return output, loss_func
 
-    seq_len = max(mb.seq_length for mb in micro_batches)
-    mbs = max(mb.size for mb in micro_batches)
+    # (pipeline buffers; megatron exchanges each micro-batch's shape: variable_seq_lengths) a packed pass's
+    # micro-batches are streams of at most the token budget, one row each
+    seq_len = max(mb.forward_shape[1] for mb in micro_batches)
+    mbs = max(mb.forward_shape[0] for mb in micro_batches)
     grad_ctx = torch.no_grad() if forward_only else contextlib.nullcontext()
     with grad_ctx:
         out = get_forward_backward_func()(

@@ -15,9 +15,10 @@ import torch
 from megatron_ral.data.collate import Batch
 from megatron_ral.inference.prompts import PromptInput
 from megatron_ral.rl import losses as L
-from megatron_ral.rl.batch import RolloutBatch, plan_micro_batches
+from megatron_ral.rl.batch import RolloutBatch
 from megatron_ral.rl.metrics import MetricSums
 from megatron_ral.rl.optim_step import StepOutcome, optimizer_step, zero_grads
+from megatron_ral.rl.packing import PackingSettings, plan_step_micro_batches
 from megatron_ral.rl.rollout import prompts_of
 from megatron_ral.rl.schedule import PassContext, run_pass
 from megatron_ral.rl.update import losses_finite, minibatch_normalisers
@@ -41,11 +42,13 @@ def sft_batch(batch: Batch, image_token_id: int, video_token_id: int, merge_size
 
 
 def sft_step(ctx: PassContext, batch: Batch, optimizer, scheduler, micro_batch_size: int, pad_token_id: int,
-             dp_group=None) -> tuple[StepOutcome, MetricSums]:
-    """One optimizer step of target-token cross-entropy on a loader batch (this data-parallel rank's part)."""
+             dp_group=None, packing: PackingSettings | None = None) -> tuple[StepOutcome, MetricSums]:
+    """One optimizer step of target-token cross-entropy on a loader batch (this data-parallel rank's part),
+    in right-padded micro-batches of ``micro_batch_size`` sequences or, with ``packing`` ("sequences"),
+    packed streams of at most its token budget."""
     inner = ctx.model[0].module if hasattr(ctx.model[0], "module") else ctx.model[0]
     rollout = sft_batch(batch, inner.image_token_id, inner.video_token_id)
-    rollout.micro_batches = plan_micro_batches(rollout, 1, micro_batch_size, pad_token_id)
+    rollout.micro_batches = plan_step_micro_batches(rollout, 1, micro_batch_size, pad_token_id, packing=packing)
     norms = minibatch_normalisers(rollout.micro_batches, dp_group)[0]
     ctx = PassContext(model=ctx.model, vision=encode_prompts_vision(inner, rollout.prompts), capture=None,
                       temperature=1.0)

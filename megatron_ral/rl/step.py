@@ -20,11 +20,11 @@ import torch.distributed as dist
 from megatron_ral.attention.old_policy import OldPolicyConfig, make_old_policy_store
 from megatron_ral.data.collate import Batch
 from megatron_ral.data.records import PROBLEM_TYPES
-from megatron_ral.rl.batch import plan_micro_batches
 from megatron_ral.rl.consistency import LogprobDiffWarning, consistency_sums
 from megatron_ral.rl.dynamic_sampling import GroupFilter, draw_groups, round_keys
 from megatron_ral.rl.metrics import MetricSums, PeakMemory, Timer
 from megatron_ral.rl.optim_step import uses_loss_scaling
+from megatron_ral.rl.packing import PackingSettings, plan_step_micro_batches
 from megatron_ral.rl.passes import old_pass, reference_pass
 from megatron_ral.rl.rollout import RolloutSettings, generate_rollouts, global_prompt_keys, prompts_of
 from megatron_ral.rl.schedule import PassContext
@@ -51,6 +51,7 @@ class RLContext:
     epochs_per_rollout: int
     micro_batch_size: int
     group_filter: GroupFilter = field(default_factory=GroupFilter)   # zero-variance groups: drop / refill
+    packing: PackingSettings | None = None   # packed streams (training.packing); None: padded micro-batches
     reference: object = None            # ReferenceWeights when kl_beta > 0
     old_policy: OldPolicyConfig | None = None   # p_old store when the attention term is on
     logprob_warning: LogprobDiffWarning | None = None   # warns once when generation and training disagree
@@ -149,10 +150,11 @@ def rl_step(ctx: RLContext, loader_batch: Batch, step: int,
     batch = drawn.batch
     prompts = batch.prompts
 
-    # 2. the step's micro-batches: mini-batch m of the (prompt-major) sequences, micro_batch_size each
+    # 2. the step's micro-batches: mini-batch m of the (prompt-major) sequences, micro_batch_size each or
+    #    packed streams of at most the token budget
     minibatches = ctx.updates_per_rollout // ctx.epochs_per_rollout
-    batch.micro_batches = plan_micro_batches(batch, minibatches, ctx.micro_batch_size, ctx.pad_token_id,
-                                             ctx.group_filter.drop_zero_std)
+    batch.micro_batches = plan_step_micro_batches(batch, minibatches, ctx.micro_batch_size, ctx.pad_token_id,
+                                                  ctx.group_filter.drop_zero_std, ctx.packing)
     norms = minibatch_normalisers(batch.micro_batches, ctx.dp_group)
     passes = PassContext(model=ctx.passes.model, vision=encode_prompts_vision(model, prompts),
                          capture=ctx.passes.capture, temperature=ctx.passes.temperature)
@@ -203,6 +205,8 @@ def rl_step(ctx: RLContext, loader_batch: Batch, step: int,
     # 5. metrics, summed over the ranks that own them
     sums = MetricSums()
     sums.merge(drawn_sums)
+    if ctx.rollout_owner:
+        sums.add("perf/token_positions", float(sum(mb.token_positions for mb in batch.micro_batches)), 0.0)
     if ctx.loss_owner:
         sums.merge(loss_sums)
         sums.merge(consistency_sums(batch))    # generator vs old pass (or the first update's forward)
@@ -239,6 +243,7 @@ def rl_step(ctx: RLContext, loader_batch: Batch, step: int,
         "perf/ref_pass_s": timer.seconds["ref_pass"],
         "perf/update_s": timer.seconds["update"] - (timer.seconds["teacher"] - teacher_before_updates),
         "perf/gen_tokens_per_s": total.total("perf/gen_tokens") / max(timer.seconds["gen"], 1e-9),
+        "perf/token_positions": total.total("perf/token_positions"),  # of one pass over the batch (padding included)
         "perf/step_s": time.perf_counter() - t_step,
     })
     if ctx.logprob_warning is not None:

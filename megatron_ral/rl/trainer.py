@@ -51,6 +51,7 @@ class Run:
     dp_group: object
     rl: object = None                  # RLContext (RL algorithms)
     passes: object = None              # PassContext (SFT)
+    packing: object = None             # PackingSettings of the training passes (None: padded micro-batches)
     consecutive_skips: int = 0
     last_saved_step: int = -1
     loader_iter: object = None
@@ -108,6 +109,9 @@ def build(cfg, info) -> Run:
               data=data, hf_dir=hf_dir, save_dir=cfg.checkpoint.save_dir or str(run_dir / "checkpoints"),
               weights_source=str(weights), total_steps=total, dp_rank=dp_rank, dp_size=dp_size, dp_group=dp_group)
     a = cfg.algorithm
+    run.packing = packing_settings(cfg, model)
+    log.info("training passes: packing %s", "none" if run.packing is None else
+             f"{run.packing.kind} (at most {run.packing.max_tokens} tokens per micro-batch)")
     if a.name == "sft":
         run.passes = PassContext(model=chunks)
         return run
@@ -127,6 +131,7 @@ def build(cfg, info) -> Run:
         suppress_token_ids=[model.image_token_id, model.video_token_id], pad_token_id=data.processor.pad_token_id,
         updates_per_rollout=a.updates_per_rollout, epochs_per_rollout=a.epochs_per_rollout,
         micro_batch_size=cfg.training.micro_batch_size, group_filter=GroupFilter.from_config(a),
+        packing=run.packing,
         reference=(ReferenceWeights(chunks, a.reference_placement, source=str(weights)) if a.kl_beta > 0 else None),
         old_policy=old_policy_config(a) if use_attention else None,
         logprob_warning=LogprobDiffWarning.for_dtype(a.logprob_diff_warn, DTYPE_NAMES[dtype]),
@@ -136,6 +141,22 @@ def build(cfg, info) -> Run:
         rollout_owner=rollout_owner, loss_owner=loss_owner,
     )
     return run
+
+
+def packing_settings(cfg, model):
+    """The training passes' packing (``training.packing`` resolved for this model's layer spec), None for
+    padded micro-batches."""
+    from megatron_ral.rl.packing import PackingSettings, resolve_packing
+
+    cp = cfg.parallel.context_parallel_size
+    try:
+        kind = resolve_packing(cfg.training.packing, cfg.algorithm.name, model.backend, cp)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if kind == "none":
+        return None
+    return PackingSettings(kind, cfg.training.max_tokens_per_micro_batch, model.rope_config,
+                           pad_to_multiple=2 * cp if cp > 1 else 1)
 
 
 def build_teacher_setup(cfg, student_hf_dir: str, dtype):
@@ -267,7 +288,7 @@ def _sft_step(run: Run, batch):
 
     t0 = time.perf_counter()
     outcome, sums = sft_step(run.passes, batch, run.optimizer, run.scheduler, run.cfg.training.micro_batch_size,
-                             run.data.processor.pad_token_id, run.dp_group)
+                             run.data.processor.pad_token_id, run.dp_group, packing=run.packing)
     _, loss_owner = _owners(run.info)
     owned = MetricSums()
     if loss_owner:

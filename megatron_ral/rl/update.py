@@ -137,18 +137,27 @@ def minibatch_loss(mb: MicroBatch, logp: torch.Tensor, old_logp: torch.Tensor, r
         metrics["loss/kl"] = L.aggregate(kl.detach(), w, d_pol)
     loss = L.aggregate(per_token, w, d_pol)
     if rows is not None and p_old is not None and s.lambda_attn > 0:
-        attn = L.attention_loss(rows, p_old.to(rows.device, rows.dtype), adv, s.attn_divergence)
         if per_row is not None:
-            attn = per_row(attn)
+            # context parallelism: rows and p_old are this rank's share of the rows; per_row sums over the group
+            attn = per_row(L.attention_loss(rows, p_old.to(rows.device, rows.dtype), adv, s.attn_divergence))
+        else:
+            # over the counted rows only ([N, T] of the [B, R, T] rows; padding rows carry no loss), indexed from
+            # the host mask (no device read)
+            b_idx, r_idx = (i.to(rows.device) for i in torch.nonzero(mb.response_mask & (mb.weight[:, None] > 0),
+                                                                      as_tuple=True))
+            p_v, old_v = rows[b_idx, r_idx], p_old.to(rows.device, rows.dtype)[b_idx, r_idx]
+            attn_v = L.attention_loss(p_v[None], old_v[None], adv.to(rows.dtype)[b_idx][None], s.attn_divergence)[0]
+            attn = attn_v.new_zeros(valid.shape).index_put((b_idx, r_idx), attn_v)
         wa = L.token_weights(valid, s.attn_aggregation)
         la = L.aggregate(attn, wa, norms[L.normaliser_kind(s.attn_aggregation)])
         loss = loss + s.lambda_attn * la
         metrics["loss/attn"] = la.detach()
         with torch.no_grad():
-            j = jsd(rows.detach(), p_old.to(rows.device, rows.dtype))
             if per_row is not None:
-                j = per_row(j)
-            metrics["attn/jsd_old"] = torch.where(valid, j, torch.zeros_like(j)).sum()
+                j = per_row(jsd(rows.detach(), p_old.to(rows.device, rows.dtype)))
+                metrics["attn/jsd_old"] = torch.where(valid, j, torch.zeros_like(j)).sum()
+            else:
+                metrics["attn/jsd_old"] = jsd(p_v.detach(), old_v).sum()
             metrics["attn/jsd_tokens"] = valid.sum()
     if distill is not None and s.gkd_mu > 0 and distill.student_logits is not None and distill.teacher is not None:
         g = gkd_per_token(distill.student_logits, distill.teacher, s.gkd, distill.tp_group).to(logp.dtype)
@@ -208,7 +217,7 @@ def policy_update(ctx: PassContext, batch: RolloutBatch, micro_batches: list[Mic
         distill = None
         if teacher is not None:
             distill = DistillInputs(
-                student_logits=logits if use_gkd else None,
+                student_logits=mb.to_rows(logits) if use_gkd else None,  # [B, R, V/TP] (packed: scattered)
                 teacher=teacher.gkd.get(mb.index) if use_gkd else None,
                 teacher_rows=teacher.rows.get(mb.index, device=logp.device) if (use_distill_attn and rows is not None)
                 else None,

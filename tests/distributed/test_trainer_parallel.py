@@ -1,5 +1,6 @@
 """Three RAL steps give the same rollouts and losses at every layout: TP=2, PP=2 (tied embeddings across
-stages) and DP=2 against TP=1, and the loss does not depend on the micro-batch size."""
+stages) and DP=2 against TP=1 (each with the default packing, shared-prompt groups), and the loss does not
+depend on the micro-batch layout (padded micro-batches of one sequence)."""
 
 from __future__ import annotations
 
@@ -52,7 +53,9 @@ def test_tp2_and_dp2_and_micro_batch_size_match_tp1(assets):
     ref = _run(assets, "tiny", "tp1", 1, [])
     _assert_same(ref, _run(assets, "tiny", "tp2", 2, ["parallel.tensor_model_parallel_size=2"]), "TP=2")
     _assert_same(ref, _run(assets, "tiny", "dp2", 2, []), "DP=2")
-    _assert_same(ref, _run(assets, "tiny", "mbs1", 1, ["training.micro_batch_size=1"]), "micro_batch_size=1")
+    # the default packing (shared-prompt groups) against padded micro-batches of one sequence
+    _assert_same(ref, _run(assets, "tiny", "mbs1", 1, ["training.packing=none", "training.micro_batch_size=1"]),
+                 "padded, micro_batch_size=1")
 
 
 def test_pp2_tied_embeddings_match_tp1(assets):

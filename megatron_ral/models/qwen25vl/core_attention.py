@@ -22,15 +22,19 @@ Which keys are visible:
   query's *global* token index. Without a layout the stream is plain causal.
 
 The masked cases run in query blocks: a block of consecutive queries reads only the key ranges its queries
-can see (its causal run, plus the prompts of its responses), with an additive 0/-inf mask of that block
-alone; nothing of size [local queries, global keys] is ever built. The backward recomputes each block's
-forward (so no block's mask or scores are kept between forward and backward); this costs one extra
-attention forward on these paths, not on the plain one.
+can see (its causal run, plus the prompts of its responses), with a boolean mask of that block alone;
+nothing of size [local queries, global keys] is ever built. Without CP, a span that sees no prompt (a packed
+sequence, a group's prompt, the tail padding) is one block of plain causal attention over its own keys
+(torch's fused causal kernel, no mask: as fast per token as the padded path); a response's queries run in
+blocks over their prompt and their own keys. The backward recomputes each block's forward (so no block's
+mask or scores are kept between forward and backward); this costs one extra attention forward on these
+paths, not on the plain one.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +48,7 @@ from megatron_ral.models.qwen25vl.context_parallel import gather_sequence_cp  # 
 from megatron_ral.models.qwen25vl.sdpa_attention import SDPADotProductAttention
 
 DEFAULT_QUERY_BLOCK = 512
+MASK_CACHE_ELEMENTS = 64 * 2**20  # bool mask elements a layout keeps for its masked blocks (64 MiB)
 
 
 @dataclass
@@ -67,6 +72,8 @@ class _Block:
     prefix_start: torch.Tensor     # [qb]
     prefix_end: torch.Tensor       # [qb]
     keys: tuple[int, int] | torch.Tensor  # one key range [lo, hi) or the global key indices read
+    causal: bool = False           # plain causal attention of the queries over keys [lo, hi), the same tokens
+    mask: torch.Tensor | None = None  # the block's bool mask, kept with the layout when small (else rebuilt)
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -90,12 +97,24 @@ def query_blocks(layout: AttentionLayout, cp_size: int, cp_rank: int, block: int
     causal_l, p_start_l, p_end_l = causal.tolist(), p_start.tolist(), p_end.tolist()
     dev_vis = layout.visibility(device)
     # runs of local queries that are contiguous in the stream: (local start, global start, length)
-    if cp_size == 1:
+    blocks = []
+    if cp_size == 1 and layout.kind != "none":
+        # each span apart: one causal block if it sees no prompt, else query blocks over prompt + itself
+        runs = []
+        ends = [(sp.start, sp.end) for sp in layout.spans]
+        if ends[-1][1] < layout.length:
+            ends.append((ends[-1][1], layout.length))  # the tail padding: a causal run of its own
+        for a, b in ends:
+            if p_end_l[a] > p_start_l[a]:
+                runs.append((a, a, b - a))
+                continue
+            blocks.append(_Block(q=slice(a, b), t=torch.arange(a, b, device=device), causal_start=dev_vis[0][a:b],
+                                 prefix_start=dev_vis[1][a:b], prefix_end=dev_vis[2][a:b], keys=(a, b), causal=True))
+    elif cp_size == 1:
         runs = [(0, 0, layout.length)]
     else:
         chunk = layout.length // (2 * cp_size)
         runs = [(0, cp_rank * chunk, chunk), (chunk, (2 * cp_size - 1 - cp_rank) * chunk, chunk)]
-    blocks = []
     for local0, global0, n in runs:
         for off in range(0, n, block):
             a, b = global0 + off, global0 + min(off + block, n)
@@ -108,8 +127,17 @@ def query_blocks(layout: AttentionLayout, cp_size: int, cp_rank: int, block: int
                                  t=torch.arange(a, b, device=device),
                                  causal_start=dev_vis[0][a:b], prefix_start=dev_vis[1][a:b],
                                  prefix_end=dev_vis[2][a:b], keys=keys))
+    blocks.sort(key=lambda blk: blk.q.start)
+    # the masks depend on the layout only: built once for every layer and pass when they are small
+    masked = [blk for blk in blocks if not blk.causal]
+    if sum(blk.t.numel() * _num_keys(blk) for blk in masked) <= MASK_CACHE_ELEMENTS:
+        blocks = [dataclasses.replace(blk, mask=_block_mask(blk)) if not blk.causal else blk for blk in blocks]
     layout._cache[key] = blocks
     return blocks
+
+
+def _num_keys(blk: _Block) -> int:
+    return blk.keys[1] - blk.keys[0] if isinstance(blk.keys, tuple) else int(blk.keys.numel())
 
 
 def _block_keys(x: torch.Tensor, blk: _Block) -> torch.Tensor:
@@ -120,8 +148,8 @@ def _block_keys(x: torch.Tensor, blk: _Block) -> torch.Tensor:
     return x.index_select(2, blk.keys)
 
 
-def _block_bias(blk: _Block, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask [qb, keys] of a block: 0 where visible, -inf elsewhere (every row sees itself)."""
+def _block_mask(blk: _Block) -> torch.Tensor:
+    """bool mask [qb, keys] of a block, True = visible (every row sees itself)."""
     if isinstance(blk.keys, tuple):
         j = torch.arange(blk.keys[0], blk.keys[1], device=blk.t.device)
     else:
@@ -129,13 +157,16 @@ def _block_bias(blk: _Block, dtype: torch.dtype) -> torch.Tensor:
     j = j[None, :]
     visible = ((j >= blk.causal_start[:, None]) & (j <= blk.t[:, None])) | (
         (j >= blk.prefix_start[:, None]) & (j < blk.prefix_end[:, None]))
-    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
+    return visible
 
 
 def _block_attention(q, k, v, blk: _Block, scale: float) -> torch.Tensor:
-    return F.scaled_dot_product_attention(
-        q, _block_keys(k, blk), _block_keys(v, blk), attn_mask=_block_bias(blk, q.dtype), scale=scale,
-        enable_gqa=k.shape[1] != q.shape[1])
+    """Attention of a block's queries q over the keys/values it reads (k/v: the block's own, or all)."""
+    gqa = k.shape[1] != q.shape[1]
+    if blk.causal:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    mask = blk.mask if blk.mask is not None else _block_mask(blk)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
 class _BlockedAttention(torch.autograd.Function):
@@ -147,7 +178,7 @@ class _BlockedAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, blocks, scale):
         out = torch.empty_like(q)
         for blk in blocks:
-            out[:, :, blk.q] = _block_attention(q[:, :, blk.q], k, v, blk, scale)
+            out[:, :, blk.q] = _block_attention(q[:, :, blk.q], _block_keys(k, blk), _block_keys(v, blk), blk, scale)
         ctx.save_for_backward(q, k, v)
         ctx.blocks, ctx.scale = blocks, scale
         return out
@@ -161,9 +192,7 @@ class _BlockedAttention(torch.autograd.Function):
                 qb = q[:, :, blk.q].detach().requires_grad_(True)
                 kb = _block_keys(k, blk).detach().requires_grad_(True)
                 vb = _block_keys(v, blk).detach().requires_grad_(True)
-                out = F.scaled_dot_product_attention(
-                    qb, kb, vb, attn_mask=_block_bias(blk, q.dtype), scale=ctx.scale,
-                    enable_gqa=k.shape[1] != q.shape[1])
+                out = _block_attention(qb, kb, vb, blk, ctx.scale)
                 gq, gk, gv = torch.autograd.grad(out, (qb, kb, vb), grad_out[:, :, blk.q])
             dq[:, :, blk.q] = gq
             if isinstance(blk.keys, tuple):

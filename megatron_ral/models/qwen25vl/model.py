@@ -323,6 +323,7 @@ class Qwen25VLModel(MegatronModule):
         temperature: float = 1.0,
         loss_index: torch.Tensor | None = None,
         layout=None,
+        labels_at_index: bool = False,
         return_logits: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, S, V) — vocab-sharded over TP unless gathered — or per-token loss (B, S)
@@ -340,6 +341,9 @@ class Qwen25VLModel(MegatronModule):
         ``labels``): compute the output layer and the loss only at these positions and return the loss
         (B, R) of ``labels.gather(1, loss_index)`` (the output layer over a 152k vocabulary is most of a
         small model's cost; a trainer needs the response positions only). Without sequence parallelism.
+        ``labels_at_index`` (with ``loss_index``): ``labels`` are already the targets at ``loss_index`` (same
+        shape), so one position may carry several targets (a shared prompt's last token predicts the first
+        token of each of its responses).
         ``layout`` (an ``AttentionLayout``, local layer spec): the batch is that layout's stream (input_ids
         (b, L); one row for packed ``sequences`` / ``groups``); its position ids are used unless
         ``position_ids`` are given, its visibility rule replaces ``attention_mask`` (which must be None).
@@ -421,7 +425,11 @@ class Qwen25VLModel(MegatronModule):
             return self._cp_token_loss(output, labels, loss_index, share, temperature, return_logits)
         if selective:
             output = self.output_logits(output, loss_index)
-            labels = labels.gather(1, loss_index.to(labels.device))
+            if not labels_at_index:
+                labels = labels.gather(1, loss_index.to(labels.device))
+            elif tuple(labels.shape) != tuple(loss_index.shape):
+                raise ValueError(f"labels_at_index: labels {tuple(labels.shape)} must have loss_index's shape "
+                                 f"{tuple(loss_index.shape)}")
         if labels is None:
             return self.mask_padded_vocab(output)
         logits = self.mask_padded_vocab(output)

@@ -1,0 +1,77 @@
+"""Three RAL steps with each ``training.packing`` value give the metrics of ``none`` (the padded path): the same
+rollouts, and losses, attention metrics and gradient norms within 1e-5 relative; the packed runs really
+packed (fewer token positions per pass; groups over the budget split into sub-streams)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+import trainer_fixture as tf
+from megatron_ral.testing.spawn import run_distributed
+
+pytestmark = pytest.mark.distributed
+
+SAME_ROLLOUT = ("reward/total", "reward/accuracy", "response/length_mean")
+# as in test_trainer_parallel: (metric, relative tolerance, absolute tolerance of the terms' scale)
+TOLERANCES = (
+    ("loss/policy", 1e-5, 1e-5), ("loss/total", 1e-5, 1e-5), ("loss/kl", 1e-5, 1e-9),
+    ("loss/attn", 1e-5, 1e-9), ("attn/jsd_old", 1e-5, 1e-7), ("attn/entropy", 1e-5, 0.0),
+    ("attn/vision_mass", 1e-5, 0.0), ("train/grad_norm", 1e-5, 0.0),
+)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("packing")
+    return {"root": root, "tiny": tf.make_assets(root, "tiny")}
+
+
+def _run(assets, name: str, overrides: list[str]) -> list[dict]:
+    root = assets["root"]
+    cfg = tf.write_config(root / f"{name}.yaml", assets["tiny"], root / name, checkpoint={"save_final": False})
+    return run_distributed(tf.run_training, 1, str(cfg), overrides, timeout=900)[0]
+
+
+def _assert_same(ref: list[dict], got: list[dict], label: str) -> None:
+    assert len(ref) == len(got) == 3, (len(ref), len(got))
+    for a, b in zip(ref, got):
+        for k in SAME_ROLLOUT:
+            assert math.isclose(a[k], b[k], rel_tol=1e-12), f"{label} step {a['step']} {k}: {a[k]} != {b[k]}"
+        for k, rel, tol in TOLERANCES:
+            assert math.isclose(a[k], b[k], rel_tol=rel, abs_tol=tol), f"{label} step {a['step']} {k}: {a[k]} vs {b[k]}"
+    assert any(abs(r["loss/attn"]) > 1e-7 for r in ref), "the attention term never acted: the test would be vacuous"
+
+
+def test_each_packing_gives_the_metrics_of_none(assets):
+    ref = _run(assets, "none", ["training.packing=none", "training.micro_batch_size=3"])
+    positions = {}
+    # prompts of ~150 tokens with 4 responses of <= 12 tokens: a budget of 400 holds two groups, 200 splits a
+    # group of long responses into sub-streams
+    for name, overrides in (
+        ("sequences", ["training.packing=sequences", "training.max_tokens_per_micro_batch=300"]),
+        ("groups", ["training.packing=groups", "training.max_tokens_per_micro_batch=400"]),
+        ("groups_split", ["training.packing=groups", "training.max_tokens_per_micro_batch=200"]),
+    ):
+        got = _run(assets, name, overrides)
+        _assert_same(ref, got, name)
+        positions[name] = [r["perf/token_positions"] for r in got]
+    print({"none": [r["perf/token_positions"] for r in ref], **positions})
+    # packed passes compute fewer positions; a group split over the budget repeats its prompt per sub-stream
+    for step in range(3):
+        assert positions["groups"][step] <= positions["groups_split"][step] <= positions["sequences"][step] \
+            < ref[step]["perf/token_positions"]
+    assert sum(positions["groups"]) < sum(positions["groups_split"]) < sum(positions["sequences"])
+
+
+def test_sft_packed_sequences_give_the_metrics_of_none(assets):
+    """SFT (target cross-entropy over the global batch's target tokens) in packed sequences = padded."""
+    sft = ["algorithm.name=sft", "training.train_steps=2", "training.prompts_per_step=4"]
+    ref = _run(assets, "sft_none", sft + ["training.packing=none", "training.micro_batch_size=1"])
+    got = _run(assets, "sft_sequences", sft + ["training.packing=sequences", "training.max_tokens_per_micro_batch=400"])
+    assert len(ref) == len(got) == 2
+    for a, b in zip(ref, got):
+        assert a["loss/sft"] > 0
+        for k in ("loss/sft", "train/grad_norm"):
+            assert math.isclose(a[k], b[k], rel_tol=1e-5), f"SFT step {a['step']} {k}: {a[k]} vs {b[k]}"
