@@ -38,7 +38,8 @@ def test_cp2_image_rows_on_rank0_equal_hf(tmp_path):
     resp = processor.tokenize(RESPONSE)
     total = len(prompt) + len(resp)
     assert total % 4 != 0  # the split pads the sequence
-    assert summary == {"out": str(out_file), "rows": [len(resp), total], "prompt_length": len(prompt)}
+    assert {k: summary[k] for k in ("out", "rows", "prompt_length")} == {
+        "out": str(out_file), "rows": [len(resp), total], "prompt_length": len(prompt)}
     assert out["input_ids"].tolist() == prompt.input_ids.tolist() + resp
     ref = hf_attention_rows(load_hf_model(hf_dir), prompt, resp)
     assert (out["rows"].double() - ref).abs().max().item() <= 1e-5
