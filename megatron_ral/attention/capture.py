@@ -42,8 +42,16 @@ row r of sample b over exactly the keys that sample sees (its prompt and its own
 another response), equal to the padded path's rows. Any other
 :class:`~megatron_ral.attention.layout.RowLayout` can be passed directly.
 
-Not supported: context parallelism (Q/K are split along the sequence), and KV-cache decode steps
-(the hook needs the full-sequence forward: as many queries as keys).
+Context parallelism. Under CP each rank's forward holds a share of the sequence (its queries and keys);
+the capture all-gathers the last layer's K over the CP group (differentiable: the gradient of every key
+goes back to the rank that holds it), shares the response tokens' Q rows from the ranks that hold them and
+computes an even share of the rows (rows c, c + C, ... on CP rank c) against the whole key sequence:
+``result.rows`` is then the compact [B, R_c, T] of those rows and ``result.cp``
+(:class:`~megatron_ral.attention.cp_rows.CPRows`) says which batch rows they are; per-row values go back to
+the batch's [B, R] with ``result.per_row(x)`` (summed over the CP group; identity elsewhere). T is the
+padded length of the split (a multiple of 2 * CP; the tail keys are invalid).
+
+Not supported: KV-cache decode steps (the hook needs the full-sequence forward: as many queries as keys).
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from megatron_ral.attention.cp_rows import CPRows, dealt_rows, pad_keys
 from megatron_ral.attention.layout import RowLayout, gather_rows, segment_ids_from_cu_seqlens
 from megatron_ral.attention.old_policy import CapturedQK
 from megatron_ral.attention.policy import ChunkConfig, attention_policy
@@ -93,12 +102,20 @@ class CaptureResult:
         qk: the captured post-RoPE Q rows [R, B, H_local, d], K [T, B, H_kv_local, d] (detached), the
             layout and softmax scale, when asked with ``keep_qk=True`` (for the "qk" old-policy store).
         calls: how many times the hook ran (1 after a forward on an active rank).
+        cp: under context parallelism, which batch rows ``rows`` (and ``qk``) hold (the compact rows of this
+            CP rank); None otherwise.
     """
 
     active: bool
     rows: Tensor | None = None
     qk: CapturedQK | None = None
     calls: int = 0
+    cp: CPRows | None = None
+
+    def per_row(self, x: Tensor) -> Tensor:
+        """Per-row values [B, R_c] computed from ``rows`` as the batch's [B, R] (under CP: scattered and summed
+        over the CP group, differentiable; otherwise ``x`` itself)."""
+        return x if self.cp is None else self.cp.full(x)
 
 
 # ---------------------------------------------------------------------------------------- layouts
@@ -223,9 +240,13 @@ def _tp_group_default():
 
     if not parallel_state.model_parallel_is_initialized():
         return None
-    if parallel_state.get_context_parallel_world_size() > 1:
-        raise NotImplementedError("attention capture does not support context parallelism (Q/K split along the sequence)")
     return parallel_state.get_tensor_model_parallel_group()
+
+
+def _cp_group_default():
+    from megatron_ral.models.qwen25vl.context_parallel import context_parallel_state
+
+    return context_parallel_state()[2]
 
 
 class AttentionCapture:
@@ -238,14 +259,18 @@ class AttentionCapture:
         config: implementation and chunking.
         tp_group: tensor-parallel group of the heads; default megatron's TP group (None if megatron's
             parallel state is not initialised: a single rank).
+        cp_group: context-parallel group the sequence is split over; default megatron's (None at CP = 1).
     """
 
     _UNSET = object()
 
-    def __init__(self, model, config: CaptureConfig = CaptureConfig(), tp_group=_UNSET) -> None:
+    def __init__(self, model, config: CaptureConfig = CaptureConfig(), tp_group=_UNSET, cp_group=_UNSET) -> None:
         self.model = _unwrap(model)
         self.config = config
         self.tp_group = _tp_group_default() if tp_group is AttentionCapture._UNSET else tp_group
+        self.cp_group = _cp_group_default() if cp_group is AttentionCapture._UNSET else cp_group
+        if self.cp_group is not None and dist.get_world_size(self.cp_group) == 1:
+            self.cp_group = None
         self.core = self.model.last_layer_core_attention()
         if self.core is not None and not hasattr(type(self.core), "capture_hook"):
             raise ValueError(
@@ -301,6 +326,8 @@ class AttentionCapture:
 
     def _on_forward(self, result, layout, query, key, softmax_scale, want_grad, keep_rows, keep_qk) -> None:
         if query.dim() == 3:  # packed THD: [t, heads, d] -> one batch entry
+            if self.cp_group is not None:
+                raise NotImplementedError("attention capture of THD-packed input under context parallelism")
             query, key = query.unsqueeze(1), key.unsqueeze(1)
         if query.shape[0] != key.shape[0]:
             raise RuntimeError(
@@ -311,20 +338,35 @@ class AttentionCapture:
             what = "a packed stream (1 batch entry)" if layout.stream_index is not None else \
                 f"{layout.batch_size} samples"
             raise ValueError(f"layout has {what}, the forward has {query.shape[1]}")
-        layout.validate(key.shape[0])
-        host = layout  # as given (the trainer's is on the host): attention_policy plans its chunks from it
-        layout = layout.to(query.device)
         if want_grad and keep_rows and not torch.is_grad_enabled():
             raise RuntimeError(
                 "attention capture with gradients reached the last layer with autograd disabled (a no_grad "
                 "region such as activation recompute); capture with grad=False or disable that recompute"
             )
         with contextlib.nullcontext() if want_grad else torch.no_grad():
-            q_rows = gather_rows(query, layout)
+            if self.cp_group is not None:
+                q_rows, key, host, result.cp = self._cp_rows_and_keys(query, key, layout)
+            else:
+                layout.validate(key.shape[0])
+                host = layout  # as given (the trainer's is on the host): attention_policy plans its chunks from it
+                q_rows = gather_rows(query, layout.to(query.device))
             if keep_qk:
                 result.qk = CapturedQK(q=q_rows.detach(), k=key.detach(), layout=host, softmax_scale=softmax_scale)
             if keep_rows:
                 result.rows = self._policy(q_rows, key, host, softmax_scale, want_grad)
+
+    def _cp_rows_and_keys(self, query: Tensor, key: Tensor, layout: RowLayout):
+        """The query rows this CP rank computes (dealt out evenly over the group, see ``cp_rows``), the whole key
+        sequence (all-gathered, differentiable), the compact layout over it and the :class:`CPRows`."""
+        from megatron_ral.models.qwen25vl.context_parallel import CPShare, gather_sequence_cp
+
+        size = dist.get_world_size(self.cp_group)
+        share = CPShare(size, dist.get_rank(self.cp_group), self.cp_group, key.shape[0] * size)
+        keys = gather_sequence_cp(key, self.cp_group)
+        layout = pad_keys(layout, share.length)
+        layout.validate(share.length)
+        q_rows, rows, compact = dealt_rows(query, layout, share)  # layout where it is (the host, for the trainer)
+        return q_rows, keys, compact, rows
 
     def _policy(self, q_rows: Tensor, key: Tensor, layout: RowLayout, scale: float, want_grad: bool) -> Tensor:
         group = self.tp_group

@@ -1,4 +1,4 @@
-"""Attention rows of a given prompt + response on any TP/PP layout (the library side of tools/dump_attention.py).
+"""Attention rows of a given prompt + response on any TP/PP/CP layout (the library side of tools/dump_attention.py).
 
     rows = capture_rows_forward(model, [batch], [layout])      # last stage: [p of each micro-batch]
     out = dump_attention(model, prompt, response_ids)          # rank 0: {"rows", "prompt_length", "input_ids"}
@@ -27,7 +27,8 @@ def capture_rows_forward(
 
     ``batches``: the model's keyword inputs (input_ids [B, S], optional attention_mask and vision
     inputs), the same on every rank; ``layouts``: the rows of each. Returns the list of rows on the
-    last pipeline stage (every TP rank), None on the other stages.
+    last pipeline stage (every TP rank), None on the other stages. Under context parallelism every CP rank
+    gets the batch's whole rows, over the padded key sequence (a multiple of 2 * CP: keys past S are 0).
     """
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -46,7 +47,8 @@ def capture_rows_forward(
             output = chunk(**batch)
 
         def collect(output_tensor, non_loss_data=True):
-            return result.rows
+            # under context parallelism each CP rank holds the rows of its response tokens: put them together
+            return result.rows if result.cp is None or result.rows is None else result.cp.full_rows(result.rows)
 
         return output, collect
 
@@ -110,7 +112,7 @@ def dump_attention(model, prompt, response_ids: list[int], config: CaptureConfig
             batch[key] = value.to(dev)
     layout = response_layout([plen], [response.numel()])
     rows = capture_rows_forward(model, [batch], [layout], config)
-    local = None if rows is None else rows[0][0].float()
+    local = None if rows is None else rows[0][0].float()[:, : input_ids.numel()]  # (CP: keys past the padding)
     gathered = rows_to_rank0(local, (response.numel(), input_ids.numel()))
     if gathered is None:
         return None

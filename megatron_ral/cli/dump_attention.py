@@ -2,10 +2,12 @@
 policy rows of a response continuation (RAL's p_theta), computed by ``attention.dump``. It lives beside
 generation's command line, whose model flags and checks it shares (and whose package imports no torch).
 
-    torchrun --nproc-per-node N tools/dump_attention.py --ckpt CKPT --tp T --pp P --prompt TEXT
+    torchrun --nproc-per-node N tools/dump_attention.py --ckpt CKPT --tp T --pp P [--cp C] --prompt TEXT
         [--image FILE | --video FILE] --response TEXT --out FILE.pt [--dtype auto|fp32|bf16] [--json]
 
-Also runs as a plain single process (N = T x P = 1). The prompt is one user turn (media first, then
+Also runs as a plain single process (N = T x P x C = 1). ``--cp C`` splits the sequence over C context-parallel
+ranks (the training path for long videos: each rank holds a share of the tokens, the rows of the response
+tokens it holds are computed against the whole key sequence and put back together); the file is the same. The prompt is one user turn (media first, then
 TEXT) rendered with the checkpoint's chat template and the generation prompt, as tools/preprocess.py
 builds it; the response is tokenised without special tokens and appended. Rank 0 saves
 {"rows": float32 [R, T], "prompt_length": P, "input_ids": int64 [T]}: row r is the head-mean attention
@@ -30,9 +32,9 @@ from megatron_ral.cli.model_flags import add_model_flags, check_model_flags, run
 def parser() -> ToolParser:
     p = ToolParser(prog=prog_name("dump_attention.py"),
                    description="Dump the last-layer attention-policy rows of a response continuation (RAL's "
-                               "p_theta).\nAlso runs as a plain single process when TP x PP = 1.",
-                   epilog="Run under torchrun for TP x PP > 1.")
-    add_model_flags(p, dtype_default="auto")  # auto: bf16 on GPU (fp32 would run TE's unfused, quadratic-memory attention), fp32 on CPU
+                               "p_theta).\nAlso runs as a plain single process when TP x PP x CP = 1.",
+                   epilog="Run under torchrun for TP x PP x CP > 1.")
+    add_model_flags(p, dtype_default="auto", context_parallel=True)  # auto: bf16 on GPU (fp32 would run TE's unfused, quadratic-memory attention), fp32 on CPU
     p.add_argument("--response", required=True, help="response text appended after the generation prompt")
     p.add_argument("--out", required=True, help="output .pt file (written by rank 0; rows are always float32)")
     p.add_argument("--config", default=None, help="training config whose data settings to use "

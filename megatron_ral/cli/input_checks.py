@@ -186,23 +186,27 @@ def parse_pp_split(text: str | None, pp: int) -> list[int] | None:
     return split
 
 
-def process_count(tp: int, pp: int) -> None:
-    """--tp/--pp against the launcher's process count: one process per model-parallel rank (TP x PP)."""
+def process_count(tp: int, pp: int, cp: int = 1) -> None:
+    """--tp/--pp (/--cp) against the launcher's process count: one process per model-parallel rank (TP x PP x CP)."""
     from megatron_ral.platform.launch_env import rank_and_world
 
     if tp < 1 or pp < 1:
         raise UsageError(f"--tp and --pp must be >= 1, got --tp {tp} --pp {pp}")
+    if cp < 1:
+        raise UsageError(f"--cp must be >= 1, got --cp {cp}")
     world = rank_and_world()[1]
-    if world != tp * pp:
-        launch = f"torchrun --nproc-per-node {tp * pp}" if tp * pp > 1 else "it as a single process"
-        raise UsageError(f"{world} process(es) but --tp {tp} x --pp {pp} = {tp * pp}; run {launch}")
+    n = tp * pp * cp
+    if world != n:
+        launch = f"torchrun --nproc-per-node {n}" if n > 1 else "it as a single process"
+        shown = f"--tp {tp} x --pp {pp}" + (f" x --cp {cp}" if cp > 1 else "")
+        raise UsageError(f"{world} process(es) but {shown} = {n}; run {launch}")
 
 
 def layout(tp: int, pp: int, pp_split: str | None, *, num_layers: int | None = None,
-           num_heads: int | None = None, num_kv_heads: int | None = None) -> list[int] | None:
-    """Check --tp/--pp/--pp-split against the process count and the model's sizes; return the parsed
+           num_heads: int | None = None, num_kv_heads: int | None = None, cp: int = 1) -> list[int] | None:
+    """Check --tp/--pp/--pp-split (/--cp) against the process count and the model's sizes; return the parsed
     split (None: even)."""
-    process_count(tp, pp)
+    process_count(tp, pp, cp)
     split = parse_pp_split(pp_split, pp)
     if num_heads is not None and num_heads % tp:
         raise UsageError(f"--tp {tp}: must divide the model's {num_heads} attention heads")

@@ -24,6 +24,7 @@ class ModelFlags:
     tp: int
     pp: int
     pp_split: list[int] | None
+    cp: int = 1
 
     def parallel(self):
         """The ParallelConfig of the run (an uneven PP split balanced when none was given)."""
@@ -32,13 +33,17 @@ class ModelFlags:
 
         split = self.pp_split if self.pp_split is not None else balanced_layer_split(self.num_layers, self.pp)
         return ParallelConfig(tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp,
-                              pipeline_layer_split=split)
+                              context_parallel_size=self.cp, pipeline_layer_split=split)
 
 
-def add_model_flags(p: ToolParser, dtype_default: str = "auto") -> None:
-    """--ckpt, --tp, --pp, --pp-split, --dtype, --prompt, --image / --video."""
+def add_model_flags(p: ToolParser, dtype_default: str = "auto", context_parallel: bool = False) -> None:
+    """--ckpt, --tp, --pp, --pp-split, --dtype, --prompt, --image / --video (and --cp for a tool whose forward
+    splits the sequence over context-parallel ranks)."""
     add_ckpt(p)
     add_layout(p)
+    if context_parallel:
+        p.add_argument("--cp", type=int, default=1,
+                       help="context parallel size: the sequence is split over CP ranks (processes = TP x PP x CP)")
     add_dtype(p, dtype_default)
     p.add_argument("--prompt", required=True, help="user text (after the image / video)")
     add_media(p)
@@ -49,14 +54,15 @@ def check_model_flags(args) -> ModelFlags:
     from megatron_ral.checkpoint.locate import find_hf_config_dir, megatron_checkpoint, processor_dir
     from megatron_ral.models.qwen25vl.arch import arch_from_config, load_hf_config
 
-    check.process_count(args.tp, args.pp)  # first: the same answer on every rank of a mis-launched job
+    cp = getattr(args, "cp", 1)
+    check.process_count(args.tp, args.pp, cp)  # first: the same answer on every rank of a mis-launched job
     dist_dir = megatron_checkpoint(args.ckpt, "--ckpt")
     model_dir = processor_dir(find_hf_config_dir(dist_dir, args.ckpt), "--ckpt")
     arch = arch_from_config(load_hf_config(model_dir), str(model_dir / "config.json"))
     split = check.layout(args.tp, args.pp, args.pp_split, num_layers=arch.num_layers,
-                         num_heads=arch.num_attention_heads, num_kv_heads=arch.num_query_groups)
+                         num_heads=arch.num_attention_heads, num_kv_heads=arch.num_query_groups, cp=cp)
     check.media_files(args.image, args.video)
-    return ModelFlags(args.ckpt, model_dir, arch.num_layers, args.tp, args.pp, split)
+    return ModelFlags(args.ckpt, model_dir, arch.num_layers, args.tp, args.pp, split, cp)
 
 
 def torch_dtype(name: str):

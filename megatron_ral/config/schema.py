@@ -56,6 +56,13 @@ class ParallelConfig:
         None splits evenly (then PP must divide the layer count).
     sequence_parallel: needs TP > 1 and the Transformer Engine layer spec (CUDA).
     use_distributed_optimizer: shard optimizer state over data-parallel ranks (megatron-core).
+    context_parallel_size: C > 1 splits every training sequence (SFT, old / reference passes, updates) over C
+        ranks with megatron's load-balanced split (2C chunks; rank i holds chunks i and 2C - 1 - i). A sequence
+        whose length is not a multiple of 2C is right-padded to one. The vision tower's frames are split over
+        the same ranks. Rollouts treat the C ranks as extra data-parallel generators (each generates a share
+        of the prompts). Packing under CP: training.packing none or sequences (groups is refused).
+    cp_comm_type: Transformer Engine's context-parallel kernel ("p2p", "all_gather", "a2a", "a2a+p2p"; None =
+        TE's default p2p). The local layer spec ignores it (with a warning): it all-gathers K and V.
     """
 
     tensor_model_parallel_size: int = 1
@@ -64,6 +71,7 @@ class ParallelConfig:
     sequence_parallel: bool = False
     pipeline_layer_split: Optional[list[int]] = None
     use_distributed_optimizer: bool = True
+    cp_comm_type: Optional[str] = None
 
 
 @dataclass

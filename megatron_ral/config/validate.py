@@ -12,6 +12,7 @@ from megatron_ral.config.schema import Config
 ALGORITHMS = ("sft", "grpo", "ral", "ral_distill")
 RL_ALGORITHMS = ("grpo", "ral", "ral_distill")
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+CP_COMM_TYPES = (None, "p2p", "all_gather", "a2a", "a2a+p2p")  # Transformer Engine's context-parallel kernels
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,11 @@ def _check_packing(cfg: Config) -> None:
         _check(cfg.model.layer_spec != "te", "training.packing",
                f"{t.packing!r} needs the local layer spec (model.layer_spec: local or auto without Transformer "
                "Engine); the Transformer Engine spec does not read packed layouts: use training.packing: none there")
+    if t.packing == "sequences":
+        _check(cfg.parallel.context_parallel_size == 1, "training.packing",
+               "'sequences' under context parallelism (parallel.context_parallel_size > 1) is not wired into the "
+               "trainer yet (the model and the core attention take packed streams under CP; the trainer's packed "
+               "micro-batches do not split over CP ranks): use none")
     if t.packing == "groups":
         _check(cfg.algorithm.name != "sft", "training.packing",
                "'groups' shares a prompt across its G responses; SFT has one target per prompt: use sequences or none")
@@ -127,6 +133,7 @@ def validate(cfg: Config, world_size: int | None = None, dims: ModelDims | None 
     _check(tp >= 1, "parallel.tensor_model_parallel_size", "must be >= 1")
     _check(pp >= 1, "parallel.pipeline_model_parallel_size", "must be >= 1")
     _check(cp >= 1, "parallel.context_parallel_size", "must be >= 1")
+    _one_of(p.cp_comm_type, CP_COMM_TYPES, "parallel.cp_comm_type")
     if world_size is not None:
         _check(world_size % (tp * pp * cp) == 0, "parallel.tensor_model_parallel_size",
                f"world size {world_size} must be divisible by TP*PP*CP = {tp}*{pp}*{cp} = {tp * pp * cp}")
@@ -221,8 +228,6 @@ def validate(cfg: Config, world_size: int | None = None, dims: ModelDims | None 
         _check(a.gkd_mu > 0 or a.gamma_attn > 0, "algorithm.gkd_mu",
                "ral_distill needs gkd_mu > 0 or gamma_attn > 0 (with both 0 nothing is learnt from the teacher; "
                "use algorithm.name: ral)")
-        _check(cp == 1, "parallel.context_parallel_size",
-               "ral_distill captures attention rows, which context parallelism does not support")
         _check_teacher_layout(a, tp, pp)
     _check(a.reward_accuracy_weight >= 0 and a.reward_format_weight >= 0, "algorithm.reward_accuracy_weight",
            "reward weights must be >= 0")

@@ -22,7 +22,8 @@ the frequencies of the new positions only (computed once per forward by megatron
 MultimodalRotaryEmbedding and rotation function). Cached keys are thus rotated exactly once.
 
 Under the Transformer Engine spec an unmasked (causal) prefill still runs TE's own kernel on the
-rotated query and keys (flash / fused attention for the long prompt); decode steps run the grouped
+rotated query and keys (flash / fused attention for the long prompt; not under context parallelism, where
+each CP rank generates its own prompts); decode steps run the grouped
 attention above, which applies the padding mask TE would ignore. Ragged prompts are not prefilled
 left-padded under TE (that would need the mask, hence this module's fp32 scores over the whole prompt):
 the session prefills them per group of equal length (``session.DecodeSession``).
@@ -90,9 +91,13 @@ class NewTokenRotary:
         self.freqs: torch.Tensor | None = None
 
     def set_positions(self, position_ids: torch.Tensor) -> None:
-        """position_ids (3, B, sq) of the tokens being fed."""
+        """position_ids (3, B, sq) of the tokens being fed (never split over context-parallel ranks:
+        generation runs every CP rank as a whole replica)."""
+        from megatron_ral.models.qwen25vl.context_parallel import unsplit_rotary
+
         lm = self.language_model
-        self.freqs = lm.rotary_pos_emb(position_ids, lm.mrope_section)
+        with unsplit_rotary(lm.rotary_pos_emb):
+            self.freqs = lm.rotary_pos_emb(position_ids, lm.mrope_section)
 
 
 class DecodeAttention(torch.nn.Module):
@@ -164,7 +169,9 @@ def decode_attention(model, rotary: NewTokenRotary | None = None):
     pairs = _swappable(model)
     if rotary is not None and not pairs:
         raise RuntimeError("the rotated-key cache needs every layer's core attention (no capture hook set)")
-    prefill_with_original = getattr(model, "backend", "local") == "te"
+    # (not under context parallelism: TE's kernel would run its CP exchange between replicas that generate
+    # different prompts)
+    prefill_with_original = getattr(model, "backend", "local") == "te" and model.config.context_parallel_size == 1
     lm = model.language_model
     saved_type = lm.position_embedding_type
     try:

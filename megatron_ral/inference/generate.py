@@ -212,7 +212,11 @@ def generate(
         raise ValueError(f"{len(prompt_keys)} prompt keys for {len(prompts)} prompts")
     # padded rows need a core attention that applies the padding mask (the project's decode attention
     # does for every spec; TE's own, used only when a capture hook is set, does not)
-    allow_padding = rotated_cache_supported(model) or getattr(model, "backend", "local") != "te"
+    rotated = rotated_cache_supported(model)
+    allow_padding = rotated or getattr(model, "backend", "local") != "te"
+    if model.config.context_parallel_size > 1 and not rotated:
+        raise NotImplementedError("generation under context parallelism needs the decode attention (no capture hook "
+                                  "set on the last layer, attention_dropout 0): each CP rank generates on its own")
     chunks = plan_chunks([len(p) for p in prompts], num_samples, config.max_new_tokens, config.kv_cache_tokens,
                          allow_padding=allow_padding)
     results: list[list[Response | None]] = [[None] * num_samples for _ in prompts]

@@ -198,15 +198,11 @@ def optimizer_shard_elements(params: list[ParamEntry], dp_cp: int, distributed_o
 
 
 def dtype_groups(params: list[ParamEntry], settings: Settings) -> list[tuple[int, list[ParamEntry]]]:
-    """The trainable parameters by storage dtype (bytes), as megatron's DDP gives each dtype its own buffer:
-    the local spec's norm weights stay fp32 in a 16-bit model."""
+    """The trainable parameters by storage dtype (bytes), as megatron's DDP gives each dtype its own buffer. Every
+    parameter, the local spec's norm weights included, takes the model dtype (the provider casts the norms: a
+    16-bit model with fp32 norms made the distributed optimizer pair parameters with the wrong state at save)."""
     trainable = [p for p in params if p.trainable]
-    b = settings.dtype_bytes
-    if settings.spec == "local" and b < FP32:
-        groups = [(b, [p for p in trainable if not p.norm]), (FP32, [p for p in trainable if p.norm])]
-    else:
-        groups = [(b, trainable)]
-    return [(nbytes, g) for nbytes, g in groups if g]
+    return [(settings.dtype_bytes, trainable)] if trainable else []
 
 
 @dataclass(frozen=True)

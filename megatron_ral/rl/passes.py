@@ -33,15 +33,22 @@ def diagnostic_sequences(batch: RolloutBatch, mb: MicroBatch, prompts: int = DIA
     return torch.tensor([batch.prompt_keys[r.prompt] < prompts for r in mb.refs], dtype=torch.bool)
 
 
+def _pad_keys(mask: torch.Tensor, keys: int) -> torch.Tensor:
+    """A [B, S] key mask over ``keys`` >= S keys (the tail padding of a context-parallel split: False)."""
+    return torch.nn.functional.pad(mask, (0, keys - mask.shape[1]), value=False) if keys > mask.shape[1] else mask
+
+
 def has_diagnostic_sequences(batch: RolloutBatch, mb: MicroBatch, prompts: int = DIAGNOSTIC_PROMPTS) -> bool:
     """Whether :func:`diagnostic_sequences` selects any sequence (decided on the host, no tensor read)."""
     return any(batch.prompt_keys[r.prompt] < prompts for r in mb.refs)
 
 
 def attention_diagnostics(rows: torch.Tensor, mb: MicroBatch, image_token_id: int, video_token_id: int,
-                          sequences: torch.Tensor | None = None) -> dict:
+                          sequences: torch.Tensor | None = None, per_row=None) -> dict:
     """Sums over the counted response tokens (of ``sequences`` [B] when given): attention entropy and
-    vision / text / response mass, as 0-d tensors on the rows' device (read once per step)."""
+    vision / text / response mass, as 0-d tensors on the rows' device (read once per step). ``per_row``
+    (``CaptureResult.per_row``) maps per-row values of the captured rows to the batch's [B, R] (context
+    parallelism: this rank's rows summed over the CP group)."""
     valid = mb.response_mask & (mb.weight[:, None] > 0)
     if sequences is not None:
         valid = valid & sequences[:, None]
@@ -50,9 +57,14 @@ def attention_diagnostics(rows: torch.Tensor, mb: MicroBatch, image_token_id: in
     resp = torch.zeros_like(keys)
     for b, (p, r) in enumerate(zip(mb.prompt_lengths, mb.response_lengths)):
         resp[b, p: p + r] = True
-    shares = attention_mass_shares(rows.float(), mb.vision_mask(image_token_id, video_token_id).to(rows.device),
-                                   resp.to(rows.device))
+    width = rows.shape[-1]
+    shares = attention_mass_shares(
+        rows.float(), _pad_keys(mb.vision_mask(image_token_id, video_token_id), width).to(rows.device),
+        _pad_keys(resp, width).to(rows.device))
     ent = attention_entropy(rows.float())
+    if per_row is not None:
+        shares = {k: per_row(v) for k, v in shares.items()}
+        ent = per_row(ent)
 
     def total(x):
         return torch.where(valid, x, torch.zeros_like(x)).sum()
@@ -85,7 +97,7 @@ def old_pass(ctx: PassContext, batch: RolloutBatch, store, image_token_id: int, 
                     store.put_rows(mb.index, result.rows)
             if result.rows is not None and has_diagnostic_sequences(batch, mb):
                 metrics = attention_diagnostics(result.rows, mb, image_token_id, video_token_id,
-                                                diagnostic_sequences(batch, mb))
+                                                diagnostic_sequences(batch, mb), result.per_row)
         return None, metrics
 
     return run_pass(ctx, batch.micro_batches, consume, forward_only=True, capture_kwargs=capture_kwargs)

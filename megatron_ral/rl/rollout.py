@@ -4,7 +4,12 @@
 
 Every rank of a model-parallel group generates the same tokens (the last stage samples and broadcasts);
 each prompt's samples are seeded from (run seed, step, the prompt's index in the global batch, sample
-index), so they do not depend on the tensor/pipeline/data-parallel layout. The image/video placeholder
+index), so they do not depend on the tensor/pipeline/data/context-parallel layout.
+
+Context parallelism: the weights are replicated over the CP group and generation does not split sequences,
+so the C ranks of a CP group are C independent generators: CP rank c generates the prompts c, c + C, ...
+of the group's batch (with the KV-cache path as usual) and the responses are all-gathered, so every CP
+rank ends up with the whole rollout batch (the training passes then split each sequence over the group). The image/video placeholder
 ids are never sampled (a response is fed back with the prompt's vision features, so a placeholder in it
 would have no feature).
 """
@@ -86,16 +91,50 @@ def score_group(texts: list[list[str]], records: list, settings: RolloutSettings
     return out
 
 
+def _generate_shared(model, prompts: list[PromptInput], prompt_keys: list[int], settings: RolloutSettings, step: int,
+                     stop_token_ids: list[int], suppress_token_ids: list[int], stats: GenerationStats,
+                     cp_group) -> list[list]:
+    """Responses [prompt][sample] of every prompt; under a CP group of C ranks this rank generates prompts
+    c, c + C, ... and the responses of all are all-gathered over the group."""
+    import torch.distributed as dist
+
+    size = dist.get_world_size(cp_group) if cp_group is not None else 1
+    rank = dist.get_rank(cp_group) if size > 1 else 0
+    mine = list(range(rank, len(prompts), size))
+    local = []
+    if mine:
+        local = generate(
+            model, [prompts[i] for i in mine], settings.generation, num_samples=settings.group_size,
+            seed=row_seed(settings.seed, step), stop_token_ids=stop_token_ids, suppress_token_ids=suppress_token_ids,
+            stats=stats, prompt_keys=[prompt_keys[i] for i in mine],
+        )
+    if size == 1:
+        return local
+    gathered: list = [None] * size
+    dist.all_gather_object(gathered, [[_host(r) for r in row] for row in local], group=cp_group)
+    responses: list = [None] * len(prompts)
+    for r, rows in enumerate(gathered):
+        for i, row in zip(range(r, len(prompts), size), rows):
+            responses[i] = row
+    return responses
+
+
+def _host(response):
+    """A response with its tensors in host memory (for the gather over the CP group)."""
+    import dataclasses
+
+    return dataclasses.replace(response, token_ids=response.token_ids.cpu(), logprobs=response.logprobs.cpu())
+
+
 def generate_rollouts(model, prompts: list[PromptInput], records: list, prompt_keys: list[int], tokenizer,
                       settings: RolloutSettings, step: int, stop_token_ids: list[int],
-                      suppress_token_ids: list[int]) -> RolloutBatch:
-    """Sample G responses per prompt, decode and score them, compute group advantages."""
+                      suppress_token_ids: list[int], cp_group=None) -> RolloutBatch:
+    """Sample G responses per prompt, decode and score them, compute group advantages. ``cp_group``: the
+    context-parallel group, whose ranks share the prompts out between them (see the module docstring)."""
     stats = GenerationStats()
     t0 = time.perf_counter()
-    responses = generate(
-        model, prompts, settings.generation, num_samples=settings.group_size, seed=row_seed(settings.seed, step),
-        stop_token_ids=stop_token_ids, suppress_token_ids=suppress_token_ids, stats=stats, prompt_keys=prompt_keys,
-    )
+    responses = _generate_shared(model, prompts, prompt_keys, settings, step, stop_token_ids, suppress_token_ids,
+                                 stats, cp_group)
     seconds = time.perf_counter() - t0
     stop = set(int(i) for i in stop_token_ids)
     texts = [[decode_response(tokenizer, r.token_ids, stop) for r in row] for row in responses]

@@ -10,6 +10,11 @@ Loss scaling. megatron divides each micro-batch loss by the number of micro-batc
 gradients over data-parallel ranks. The trainer's losses are already normalised by the global
 mini-batch (see ``rl.losses``), so :func:`run_pass` multiplies them by ``num_microbatches x dp_size``:
 the gradient is then exactly the gradient of the sum of the micro-batch losses over all ranks.
+
+Context parallelism (C ranks per sequence) needs no further factor: every CP rank holds the whole loss
+(its per-token terms summed over the CP group, whose backward is the identity: each rank's gradient is its
+own tokens' part), megatron's schedule multiplies the loss by C and DDP averages over DP x C, so the C
+parts add up to the unsplit gradient; ``dp_size`` is the data-parallel size without CP.
 """
 
 from __future__ import annotations

@@ -60,8 +60,9 @@ class RLContext:
     dp_size: int = 1
     dp_group: object = None
     tp_group: object = None
+    cp_group: object = None             # context-parallel group (None at CP = 1): generators sharing the prompts
     rollout_owner: bool = True          # model-parallel rank 0 of its data-parallel group
-    loss_owner: bool = True             # tensor-parallel rank 0 of the last pipeline stage
+    loss_owner: bool = True             # tensor-parallel (and context-parallel) rank 0 of the last pipeline stage
 
 
 @dataclass
@@ -137,7 +138,7 @@ def rl_step(ctx: RLContext, loader_batch: Batch, step: int,
         prompts = prompts_of(source, model.image_token_id, model.video_token_id)
         keys = round_keys(global_prompt_keys(len(prompts), ctx.dp_rank, ctx.dp_size), k, len(prompts) * ctx.dp_size)
         out = generate_rollouts(model, prompts, source.records, keys, ctx.tokenizer, ctx.rollout, step,
-                                ctx.stop_token_ids, ctx.suppress_token_ids)
+                                ctx.stop_token_ids, ctx.suppress_token_ids, ctx.cp_group)
         if ctx.rollout_owner:
             _rollout_metrics(out, drawn_sums)
         return out

@@ -59,10 +59,12 @@ class Run:
 
 
 def _owners(info) -> tuple[bool, bool]:
-    """(rollout owner: model-parallel rank 0 of the DP group, loss owner: TP rank 0 of the last stage)."""
+    """(rollout owner: model-parallel rank 0 of the DP group, loss owner: TP rank 0 of the last stage), both
+    on context-parallel rank 0 only (the CP ranks of a group hold the same rollouts and, reduced over the
+    group, the same losses)."""
     from megatron.core import parallel_state as ps
 
-    tp0 = ps.get_tensor_model_parallel_rank() == 0
+    tp0 = ps.get_tensor_model_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
     return tp0 and ps.is_pipeline_first_stage(ignore_virtual=True), tp0 and ps.is_pipeline_last_stage(ignore_virtual=True)
 
 
@@ -135,6 +137,7 @@ def build(cfg, info) -> Run:
         logprob_warning=LogprobDiffWarning.for_dtype(a.logprob_diff_warn, DTYPE_NAMES[dtype]),
         teacher=teacher,
         dp_rank=dp_rank, dp_size=dp_size, dp_group=dp_group, tp_group=ps.get_tensor_model_parallel_group(),
+        cp_group=ps.get_context_parallel_group() if ps.get_context_parallel_world_size() > 1 else None,
         rollout_owner=rollout_owner, loss_owner=loss_owner,
     )
     return run

@@ -111,13 +111,17 @@ def minibatch_normalisers(micro_batches: list[MicroBatch], dp_group=None) -> dic
 
 def minibatch_loss(mb: MicroBatch, logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
                    rows: torch.Tensor | None, p_old: torch.Tensor | None, norms: dict[str, float],
-                   s: LossSettings, distill: DistillInputs | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                   s: LossSettings, distill: DistillInputs | None = None,
+                   per_row=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """This micro-batch's share of the mini-batch loss, and its metric sums (detached 0-d tensors on the
     loss's device: reading them is left to the step, once, see ``MetricSums``).
 
     ``rows``: the student's attention rows p_theta (used by the RAL term with ``p_old`` and by the attention
     distillation term with ``distill.teacher_rows``). Each term is added only when its weight is > 0 and
-    its inputs are given; with gkd_mu = gamma_attn = 0 the loss is the GRPO / RAL loss."""
+    its inputs are given; with gkd_mu = gamma_attn = 0 the loss is the GRPO / RAL loss.
+    ``per_row`` (``CaptureResult.per_row``): maps per-row values of the captured rows to the batch's [B, R]
+    (under context parallelism ``rows``, ``p_old`` and the teacher's rows are this rank's share of the rows
+    and the divergences are summed over the CP group there); None: the rows are the batch's."""
     dev = logp.device
     valid = (mb.response_mask & (mb.weight[:, None] > 0)).to(dev)
     adv = mb.advantages.to(dev)
@@ -133,19 +137,27 @@ def minibatch_loss(mb: MicroBatch, logp: torch.Tensor, old_logp: torch.Tensor, r
         metrics["loss/kl"] = L.aggregate(kl.detach(), w, d_pol)
     loss = L.aggregate(per_token, w, d_pol)
     if rows is not None and p_old is not None and s.lambda_attn > 0:
-        # over the counted rows only ([N, T] of the [B, R, T] rows; padding rows carry no loss), indexed from
-        # the host mask (no device read)
-        b_idx, r_idx = (i.to(rows.device) for i in torch.nonzero(mb.response_mask & (mb.weight[:, None] > 0),
-                                                                  as_tuple=True))
-        p_v, old_v = rows[b_idx, r_idx], p_old.to(rows.device, rows.dtype)[b_idx, r_idx]
-        attn_v = L.attention_loss(p_v[None], old_v[None], adv.to(rows.dtype)[b_idx][None], s.attn_divergence)[0]
-        attn = attn_v.new_zeros(valid.shape).index_put((b_idx, r_idx), attn_v)
+        if per_row is not None:
+            # context parallelism: rows and p_old are this rank's share of the rows; per_row sums over the group
+            attn = per_row(L.attention_loss(rows, p_old.to(rows.device, rows.dtype), adv, s.attn_divergence))
+        else:
+            # over the counted rows only ([N, T] of the [B, R, T] rows; padding rows carry no loss), indexed from
+            # the host mask (no device read)
+            b_idx, r_idx = (i.to(rows.device) for i in torch.nonzero(mb.response_mask & (mb.weight[:, None] > 0),
+                                                                      as_tuple=True))
+            p_v, old_v = rows[b_idx, r_idx], p_old.to(rows.device, rows.dtype)[b_idx, r_idx]
+            attn_v = L.attention_loss(p_v[None], old_v[None], adv.to(rows.dtype)[b_idx][None], s.attn_divergence)[0]
+            attn = attn_v.new_zeros(valid.shape).index_put((b_idx, r_idx), attn_v)
         wa = L.token_weights(valid, s.attn_aggregation)
         la = L.aggregate(attn, wa, norms[L.normaliser_kind(s.attn_aggregation)])
         loss = loss + s.lambda_attn * la
         metrics["loss/attn"] = la.detach()
         with torch.no_grad():
-            metrics["attn/jsd_old"] = jsd(p_v.detach(), old_v).sum()
+            if per_row is not None:
+                j = per_row(jsd(rows.detach(), p_old.to(rows.device, rows.dtype)))
+                metrics["attn/jsd_old"] = torch.where(valid, j, torch.zeros_like(j)).sum()
+            else:
+                metrics["attn/jsd_old"] = jsd(p_v.detach(), old_v).sum()
             metrics["attn/jsd_tokens"] = valid.sum()
     if distill is not None and s.gkd_mu > 0 and distill.student_logits is not None and distill.teacher is not None:
         g = gkd_per_token(distill.student_logits, distill.teacher, s.gkd, distill.tp_group).to(logp.dtype)
@@ -156,6 +168,8 @@ def minibatch_loss(mb: MicroBatch, logp: torch.Tensor, old_logp: torch.Tensor, r
         metrics["distill/gkd_tokens"] = valid.sum()
     if distill is not None and s.gamma_attn > 0 and rows is not None and distill.teacher_rows is not None:
         jt = attention_distill_loss(rows, distill.teacher_rows.to(rows.device, rows.dtype))  # JSD per token
+        if per_row is not None:
+            jt = per_row(jt)
         wa = L.token_weights(valid, s.attn_aggregation)
         ld = L.aggregate(jt, wa, norms[L.normaliser_kind(s.attn_aggregation)])
         loss = loss + s.gamma_attn * ld
@@ -199,6 +213,7 @@ def policy_update(ctx: PassContext, batch: RolloutBatch, micro_batches: list[Mic
             batch.old_logprobs.setdefault(mb.index, old.float())
         rows = result.rows if (result is not None and result.active) else None
         p_old = store.get(mb.index, device=logp.device) if (use_attention and rows is not None) else None
+        per_row = result.per_row if rows is not None else None
         distill = None
         if teacher is not None:
             distill = DistillInputs(
@@ -209,9 +224,11 @@ def policy_update(ctx: PassContext, batch: RolloutBatch, micro_batches: list[Mic
                 tp_group=teacher.tp_group)
         loss, metrics = minibatch_loss(mb, logp, old, batch.ref_logprobs.get(mb.index),
                                        rows if (use_attention or use_distill_attn) else None, p_old, norms, settings,
-                                       distill)
+                                       distill, per_row)
         if diagnostics is not None and rows is not None and has_diagnostic_sequences(batch, mb):
-            metrics.update(attention_diagnostics(rows.detach(), mb, *diagnostics, diagnostic_sequences(batch, mb)))
+            with torch.no_grad():
+                metrics.update(attention_diagnostics(rows.detach(), mb, *diagnostics, diagnostic_sequences(batch, mb),
+                                                     per_row))
         return loss, metrics
 
     zero_grads(ctx.model, optimizer)

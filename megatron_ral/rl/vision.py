@@ -3,6 +3,8 @@
 The vision tower is frozen, so the features of a prompt's images/videos are the same for the old pass,
 the reference pass, every update and all G responses: the first pipeline stage encodes the step's
 prompts once (one tower call for the images, one for the videos) and splits the result per prompt.
+Under context parallelism the ranks of a CP group hold the same prompts: each encodes a share of the
+frames and the features are all-gathered (``Qwen25VLModel.encode_vision(split_over_cp=True)``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def encode_prompts_vision(model, prompts: list[PromptInput]) -> list[VisionEmbed
     vision = concat_vision(prompts)
     if vision["pixel_values"] is None and vision["pixel_values_videos"] is None:
         return [None] * len(prompts)
-    feats = model.encode_vision(**vision)
+    feats = model.encode_vision(**vision, split_over_cp=True)
     img_counts = [int((p.input_ids == model.image_token_id).sum()) for p in prompts]
     vid_counts = [int((p.input_ids == model.video_token_id).sum()) for p in prompts]
     images, videos = _split(feats.image, img_counts), _split(feats.video, vid_counts)

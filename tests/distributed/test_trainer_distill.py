@@ -2,7 +2,7 @@
 (the ``small`` preset: 4 layers to 3, 4x the width, twice the heads, tied embeddings).
 
 * the same rollouts and the same distillation metrics at TP=2 (the teacher converted from its HF directory,
-  its weights on the host between passes) and at PP=2 (student split 2+1, teacher split 3+1 on the same two stages) as at TP=1, three steps;
+  its weights on the host between passes), at DP=2 and at PP=2 (student split 2+1, teacher split 3+1 on the same two stages) as at TP=1, three steps;
 * over those three steps the attention JSD to the teacher falls;
 * a teacher of another vocabulary or another merge size is refused at start-up with one line (exit 2);
 * a run stopped by SIGTERM and resumed gives the uninterrupted run's metrics bit for bit.
@@ -61,7 +61,7 @@ def _assert_same(ref: list[dict], got: list[dict], label: str) -> None:
             assert math.isclose(a[k], b[k], rel_tol=rel, abs_tol=tol), f"{label} step {a['step']} {k}: {a[k]} vs {b[k]}"
 
 
-def test_distillation_metrics_at_tp2_and_pp2_equal_tp1_and_the_jsd_to_the_teacher_falls(assets):
+def test_distillation_metrics_at_tp2_dp2_and_pp2_equal_tp1_and_the_jsd_to_the_teacher_falls(assets):
     ref = _run(assets, "tp1", 1, [])
     for row in ref:
         assert all(k in row and math.isfinite(row[k]) for k in DISTILL_KEYS), sorted(row)
@@ -74,6 +74,7 @@ def test_distillation_metrics_at_tp2_and_pp2_equal_tp1_and_the_jsd_to_the_teache
                                   "algorithm.teacher_load=", f"algorithm.teacher_hf_path={assets['teacher']['hf']}"])
     _assert_same(ref, tp2, "TP=2 (teacher from HF, on the host)")
     assert (assets["root"] / "tp2" / "teacher_mcore" / ".converted_from.json").is_file()
+    _assert_same(ref, _run(assets, "dp2", 2, []), "DP=2")
     _assert_same(ref, _run(assets, "pp2", 2, ["parallel.pipeline_model_parallel_size=2",
                                               "parallel.pipeline_layer_split=[2,1]",
                                               "algorithm.teacher_pipeline_layer_split=[3,1]"]), "PP=2")

@@ -6,7 +6,10 @@ from pathlib import Path
 
 import pytest
 
+import yaml
+
 from megatron_ral.config import ModelDims, load_config, validate
+from megatron_ral.data.geometry import video_frame_max_pixels
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "examples" / "configs"
@@ -18,7 +21,7 @@ def test_every_example_config_is_covered():
     assert {p.name for p in CONFIGS.glob("*.yaml")} == {
         "quickstart_sft.yaml", "quickstart_ral.yaml", "qwen25vl_7b_sft.yaml", "qwen25vl_7b_grpo_video.yaml",
         "qwen25vl_7b_ral_video.yaml", "qwen25vl_7b_ral_zero_video.yaml", "quickstart_distill.yaml",
-        "qwen25vl_7b_ral_distill_32b.yaml"}
+        "qwen25vl_7b_ral_distill_32b.yaml", "qwen25vl_7b_ral_video_cp.yaml"}
 
 
 @pytest.mark.parametrize("name", ["quickstart_sft.yaml", "quickstart_ral.yaml", "quickstart_distill.yaml"])
@@ -61,6 +64,39 @@ def test_7b_configs_decode_with_every_data_worker_on_the_gpu(name):
     assert d.num_workers == 4 and d.dali_gpu_workers == d.num_workers
     per_rank = cfg.training.prompts_per_step // (8 // cfg.parallel.tensor_model_parallel_size)
     assert per_rank == 32 and per_rank % d.dali_gpu_workers == 0   # each worker decodes 8 videos a step
+
+
+def _video_tokens(d) -> int:
+    """LM tokens of a video sampled at data.max_frames: the per-frame cap after the shared total-pixel budget,
+    in 28x28 cells, times the temporal steps (2 frames each)."""
+    cap = video_frame_max_pixels(d.max_frames, d.video_min_pixels, d.video_max_pixels, d.video_total_pixels)
+    return d.max_frames // 2 * int(cap) // (28 * 28)
+
+
+@pytest.mark.parametrize("name", ["qwen25vl_7b_sft.yaml", "qwen25vl_7b_grpo_video.yaml", "qwen25vl_7b_ral_video.yaml",
+                                  "qwen25vl_7b_ral_zero_video.yaml"])
+def test_7b_configs_sample_128_frames_of_128_cells(name):
+    """The paper's video budget, and the total-pixel budget does not shrink the frames below it."""
+    d = load_config(CONFIGS / name).data
+    assert (d.fps, d.max_frames, d.video_min_pixels, d.video_max_pixels) == (1.0, 128, 128 * 28 * 28, 128 * 28 * 28)
+    assert (d.image_min_pixels, d.image_max_pixels) == (128 * 28 * 28, 5120 * 28 * 28)
+    assert _video_tokens(d) == 64 * 128
+
+
+def test_7b_context_parallel_config():
+    """512 frames of 128 cells (32768 vision tokens) over TP=4 x CP=2 on 8 GPUs and 16; packing set explicitly."""
+    name = "qwen25vl_7b_ral_video_cp.yaml"
+    cfg = validate(load_config(CONFIGS / name), world_size=8, dims=QWEN25VL_7B)
+    p, d, a = cfg.parallel, cfg.data, cfg.algorithm
+    assert (p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size) == (4, 1, 2)
+    assert d.max_frames == 512 and d.fps == 1.0 and d.video_max_pixels == 128 * 28 * 28
+    assert _video_tokens(d) == 256 * 128
+    assert yaml.safe_load((CONFIGS / name).read_text())["training"]["packing"] in ("none", "sequences")
+    dp = 8 // (p.tensor_model_parallel_size * p.context_parallel_size)
+    assert d.num_workers == d.dali_gpu_workers == 4 and (cfg.training.prompts_per_step // dp) % d.dali_gpu_workers == 0
+    assert a.name == "ral" and a.rollouts_per_prompt == 8 and a.kl_beta == 0.04 and a.lambda_attn == 1.0
+    assert cfg.optimizer.lr == 1e-5 and a.updates_per_rollout >= 2
+    validate(load_config(CONFIGS / name), world_size=16, dims=QWEN25VL_7B)
 
 
 def _teacher_32b(tmp_path) -> str:

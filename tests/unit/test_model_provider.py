@@ -68,8 +68,6 @@ def test_bad_configs_fail_clearly(tmp_path):
         load_hf_config(str(tmp_path))
     with pytest.raises(ValueError, match="must divide"):
         transformer_config_from_hf(RELEASED_7B, ParallelConfig(tensor_model_parallel_size=8))
-    with pytest.raises(ValueError, match="context_parallel_size"):
-        transformer_config_from_hf(RELEASED_7B, ParallelConfig(context_parallel_size=2))
     with pytest.raises(ValueError, match="sum to num_layers"):
         pipeline_layout([2, 2], 3, 2)
 
@@ -196,6 +194,14 @@ def test_default_dtype_is_bf16_with_cuda_and_fp32_without(monkeypatch):
     assert default_dtype() == torch.float32
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert default_dtype() == torch.bfloat16
+
+
+def test_context_parallel_config():
+    """CP is accepted; cp_comm_type reaches the TransformerConfig (Transformer Engine reads it) only under CP."""
+    cfg = transformer_config_from_hf(RELEASED_7B, ParallelConfig(context_parallel_size=2, cp_comm_type="a2a"))
+    assert cfg.context_parallel_size == 2 and cfg.cp_comm_type == "a2a"
+    assert transformer_config_from_hf(RELEASED_7B, ParallelConfig(context_parallel_size=2)).cp_comm_type is None
+    assert transformer_config_from_hf(RELEASED_7B, ParallelConfig(cp_comm_type="a2a")).cp_comm_type is None
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

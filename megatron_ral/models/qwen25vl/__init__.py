@@ -5,6 +5,7 @@
     layer_specs  local (torch) and Transformer-Engine layer specs; last-layer core attention slot
     attention_layout  training layouts as data (plain, packed sequences, shared-prompt groups; CP split)
     core_attention    the local spec's core attention for plain, packed and context-parallel input
+    context_parallel  a CP rank's share of a sequence and the collectives that join the shares
     capture      core attention with a capture hook (post-RoPE Q/K of the last layer)
     provider     HF config.json -> TransformerConfig -> Qwen25VLModel of this pipeline stage
     model        Qwen25VLModel (vision_model + language_model GPTModel)

@@ -44,6 +44,7 @@ from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_ral.models.qwen25vl.attention_layout import AttentionLayout
+from megatron_ral.models.qwen25vl.context_parallel import gather_sequence_cp  # noqa: F401 - re-exported
 from megatron_ral.models.qwen25vl.sdpa_attention import SDPADotProductAttention
 
 DEFAULT_QUERY_BLOCK = 512
@@ -60,40 +61,6 @@ class LayoutParams(PackedSeqParams):
 
     qkv_format: str = "sbhd"
     layout: AttentionLayout | None = None
-
-
-# ---------------------------------------------------------------------------- CP all-gather of K/V
-def _load_balanced_order(parts: list[torch.Tensor]) -> torch.Tensor:
-    """Global order of the per-rank shares [chunk i, chunk 2C-1-i] (concatenated along dim 0)."""
-    halves = [p.chunk(2, dim=0) for p in parts]
-    return torch.cat([h[0] for h in halves] + [h[1] for h in reversed(halves)], dim=0)
-
-
-class _GatherSequence(torch.autograd.Function):
-    """All-gather a CP-split tensor (sequence on dim 0) into global token order; backward reduce-scatter."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
-        size = dist.get_world_size(group)
-        x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(size)]
-        dist.all_gather(parts, x, group=group)
-        ctx.group, ctx.size, ctx.rank = group, size, dist.get_rank(group)
-        return _load_balanced_order(parts)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        chunks = grad.contiguous().chunk(2 * ctx.size, dim=0)
-        shares = [torch.cat([chunks[r], chunks[2 * ctx.size - 1 - r]], dim=0).contiguous() for r in range(ctx.size)]
-        out = torch.empty_like(shares[ctx.rank])
-        dist.reduce_scatter(out, shares, group=ctx.group)
-        return out, None
-
-
-def gather_sequence_cp(x: torch.Tensor, group) -> torch.Tensor:
-    """The whole stream of a tensor split over ``group`` by the load-balanced scheme (dim 0 = sequence),
-    differentiable: the gradient of every token goes back, summed over the group, to the rank holding it."""
-    return _GatherSequence.apply(x, group)
 
 
 # ---------------------------------------------------------------------------- query blocks

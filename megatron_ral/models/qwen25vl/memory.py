@@ -5,8 +5,7 @@
     per_token = layer_activation_bytes(shape, tp=2, dtype_bytes=2)
 
 Parameters follow megatron-core's local layer spec (the Transformer Engine spec fuses the two norms into
-``linear_qkv`` / ``linear_fc1`` under other names, with the same sizes; the local spec's torch norms keep fp32
-weights in a 16-bit model), in the model's ``named_parameters`` order; the vision tower is the transformers tower (frozen, whole on every rank of
+``linear_qkv`` / ``linear_fc1`` under other names, with the same sizes; every parameter in the model dtype), in the model's ``named_parameters`` order; the vision tower is the transformers tower (frozen, whole on every rank of
 the first pipeline stage).
 
 Activations per token and layer: what autograd keeps for the backward of one decoder layer, counted from
@@ -197,7 +196,7 @@ class ParamEntry:
     numel: int
     trainable: bool = True
     shared_embedding: bool = False  # tied embedding split over pipeline stages (own DDP bucket)
-    norm: bool = False  # an RMSNorm weight (fp32 under the local spec whatever the model dtype)
+    norm: bool = False  # an RMSNorm weight (the model dtype, like every parameter)
 
 
 def stage_layer_counts(num_layers: int, pp: int, split: list[int] | None = None) -> list[int]:

@@ -6,6 +6,14 @@ Parameter names (see contracts): ``vision_model.*`` = HF ``visual.*`` (first pip
 Pipeline parallelism: every stage gets the same batch (input_ids, grids, ...) so that each stage
 computes the M-RoPE position ids itself; the first stage embeds tokens and vision features, later
 stages take the previous stage's hidden states through :meth:`set_input_tensor`.
+
+Context parallelism (``context_parallel_size = C``, training and scoring forwards): every CP rank gets the
+same batch; the sequence is right-padded to a multiple of 2C, the vision tower's work is split over the CP
+group (features all-gathered), and each rank embeds only its share of the tokens (megatron's load-balanced
+split, ``context_parallel.CPShare``) and runs the decoder on it with the GLOBAL M-RoPE position ids
+(megatron's rotary embedding slices them per CP rank the same way); the core attention all-gathers K/V.
+The per-token loss is computed by each rank at the positions it holds and summed over the CP group
+(``context_parallel.reduce_from_cp``). Generation (``inference_context``) never splits.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_ral.models.qwen25vl.context_parallel import CPShare, cp_padded_length, reduce_from_cp
 from megatron_ral.models.qwen25vl.hf_config import LMArchitecture, padded_vocab_size
 from megatron_ral.models.qwen25vl.rope_index import RopeIndexConfig, get_rope_index
 from megatron_ral.models.qwen25vl.vision import (
@@ -27,6 +36,7 @@ from megatron_ral.models.qwen25vl.vision import (
     build_vision_tower,
     encode_vision,
     merge_vision_embeddings,
+    select_vision_features,
 )
 
 
@@ -158,23 +168,38 @@ class Qwen25VLModel(MegatronModule):
         image_grid_thw: torch.Tensor | None = None,
         pixel_values_videos: torch.Tensor | None = None,
         video_grid_thw: torch.Tensor | None = None,
+        split_over_cp: bool = False,
     ) -> VisionEmbeddings:
-        """Vision features of a batch (first pipeline stage only); reusable across responses."""
+        """Vision features of a batch (first pipeline stage only); reusable across responses.
+
+        ``split_over_cp``: every rank of this rank's context-parallel group holds the same batch; each encodes a
+        share of the frames and the features are all-gathered (the same features, a C-th of the tower's work)."""
         if self.vision_model is None:
             raise RuntimeError("encode_vision is only available on the first pipeline stage")
-        return encode_vision(self.vision_model, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        group = None
+        if split_over_cp and self.config.context_parallel_size > 1:
+            group = parallel_state.get_context_parallel_group()
+        return encode_vision(self.vision_model, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+                             group=group)
 
     def embed(
-        self, input_ids: torch.Tensor, vision_embeddings: VisionEmbeddings | None, check_placeholders: bool = True
+        self, input_ids: torch.Tensor, vision_embeddings: VisionEmbeddings | None, check_placeholders: bool = True,
+        token_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(S, B, H) decoder input: token embeddings with vision features merged in.
 
         Without vision embeddings, placeholder tokens are an error unless ``check_placeholders`` is
-        False (decode steps, where a sampled token id is only text)."""
-        emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)
+        False (decode steps, where a sampled token id is only text). ``token_index`` (context parallelism):
+        embed only the tokens at these positions of ``input_ids`` (the vision features of the whole batch are
+        given; the rows of those positions are merged), giving (len(token_index), B, H)."""
+        ids = input_ids if token_index is None else input_ids.index_select(1, token_index.to(input_ids.device))
+        emb = self.language_model.embedding(input_ids=ids, position_ids=None)
         if vision_embeddings is not None:
+            if token_index is not None:
+                vision_embeddings = select_vision_features(vision_embeddings, input_ids, token_index,
+                                                           self.image_token_id, self.video_token_id)
             emb = merge_vision_embeddings(
-                emb, input_ids, vision_embeddings.to(device=emb.device, dtype=emb.dtype),
+                emb, ids, vision_embeddings.to(device=emb.device, dtype=emb.dtype),
                 self.image_token_id, self.video_token_id,
             )
         elif check_placeholders:
@@ -201,12 +226,50 @@ class Qwen25VLModel(MegatronModule):
     def output_logits(self, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Vocab-parallel logits (B, R, V/TP) of the decoder output ``hidden`` (S, B, H) at positions
         ``index`` (B, R): GPTModel's output layer (tied weights included) on the selected rows only."""
-        lm = self.language_model
         idx = index.to(hidden.device).transpose(0, 1)  # (R, B)
         rows = hidden.gather(0, idx[..., None].expand(-1, -1, hidden.shape[-1]))  # (R, B, H)
+        return self._output_layer(rows).transpose(0, 1).contiguous()  # (B, R, V/TP)
+
+    def _output_layer(self, rows: torch.Tensor) -> torch.Tensor:
+        """GPTModel's output layer (tied weights included) on hidden rows (R, B, H): logits (R, B, V/TP)."""
+        lm = self.language_model
         weight = lm.shared_embedding_or_output_weight() if lm.share_embeddings_and_output_weights else None
         logits, _ = lm.output_layer(rows, weight=weight, runtime_gather_output=False)
-        return logits.transpose(0, 1).contiguous()  # (B, R, V/TP)
+        return logits
+
+    @staticmethod
+    def _token_loss(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
+                    keep_input: bool = False) -> torch.Tensor:
+        """Per-token -log softmax(logits / T)[label] of vocab-parallel logits (padded vocabulary masked already);
+        ``keep_input``: leave ``logits`` untouched (megatron's cross-entropy shifts its input in place)."""
+        scaled = logits.float()
+        if temperature != 1.0:
+            scaled = scaled / temperature
+        elif keep_input and scaled is logits:
+            scaled = scaled.clone()
+        return tensor_parallel.vocab_parallel_cross_entropy(scaled, labels)
+
+    def _cp_token_loss(self, hidden: torch.Tensor, labels: torch.Tensor, loss_index: torch.Tensor, share: CPShare,
+                       temperature: float, return_logits: bool = False):
+        """Per-token loss (B, R) at the global positions ``loss_index`` from this CP rank's decoder output
+        ``hidden`` (S/C, B, H): each rank computes the output layer and the loss at the positions it holds, the
+        (B, R) tensors are summed over the CP group (gradient: identity, see ``context_parallel``). With
+        ``return_logits`` also the (B, R, V/TP) logits, put together the same way (every CP rank holds them all,
+        as at CP = 1; the all-reduce moves B x R x V/TP values)."""
+        index = loss_index.to(hidden.device).long()
+        local = share.local_index(index)
+        owned = local >= 0
+        b_idx, r_idx = owned.nonzero(as_tuple=True)
+        rows = hidden[local[owned], b_idx]  # (n, H)
+        targets = labels.to(hidden.device).gather(1, index)[owned]
+        logits = self.mask_padded_vocab(self._output_layer(rows[:, None]))  # (n, 1, V/TP)
+        loss = self._token_loss(logits, targets[:, None], temperature, keep_input=return_logits)[:, 0]
+        full = torch.zeros(index.shape, dtype=loss.dtype, device=loss.device).index_put((b_idx, r_idx), loss)
+        token_loss = reduce_from_cp(full, share.group)
+        if not return_logits:
+            return token_loss
+        every = logits.new_zeros(*index.shape, logits.shape[-1]).index_put((b_idx, r_idx), logits[:, 0])
+        return token_loss, reduce_from_cp(every, share.group)
 
     def mask_padded_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         """Set the logits of padded vocabulary entries (index >= vocab_size) to the dtype minimum."""
@@ -234,7 +297,7 @@ class Qwen25VLModel(MegatronModule):
                              f"(b={layout.batch_size}, L={layout.length})")
         if position_ids is None:
             position_ids = layout.position_ids
-        if layout.kind == "none" and self.config.context_parallel_size == 1:
+        if layout.kind == "none" and (self.config.context_parallel_size == 1 or self.backend == "te"):
             return position_ids, None
         if self.backend == "te":
             raise ValueError(f"a {layout.kind!r} attention layout needs the local layer spec (model.layer_spec: "
@@ -289,6 +352,13 @@ class Qwen25VLModel(MegatronModule):
         vocabulary entries masked, *not* divided by ``temperature`` (a consumer scales them itself, as the
         distillation losses do with the same temperature); they keep the graph, so a loss on them
         back-propagates like the per-token loss.
+
+        Context parallelism (CP = C > 1, no ``inference_context``): every CP rank passes the whole batch
+        (right padding or a layout; a left-padded mask is refused); a sequence whose length is not a multiple
+        of 2C is right-padded to one (a layout must be built with ``pad_to_multiple=2C``). With ``labels`` the
+        per-token loss (B, R) (or (B, S) without ``loss_index``) is the whole one on every CP rank (each rank
+        computes its own positions, summed over the group). Without labels the logits are this rank's share
+        (B, S'/C, V): the tokens ``context_parallel.CPShare.current(S').indices()`` of the padded length S'.
         """
         if layout is not None:
             position_ids, packed_seq_params = self._layout_inputs(
@@ -315,13 +385,24 @@ class Qwen25VLModel(MegatronModule):
                 "None for causal attention, right-pad instead of masking, or use the local layer spec"
             )
 
+        share = None
+        if self.config.context_parallel_size > 1 and inference_context is None:
+            if attention_mask is not None:
+                raise ValueError(
+                    "context parallelism needs right-padded batches (causal attention) or an attention layout: "
+                    "left/inner padding and explicit attention masks are not split over CP ranks")
+            if labels is not None and loss_index is None:  # the loss of every position, computed where it is held
+                loss_index = torch.arange(labels.shape[1], device=labels.device).expand(labels.shape[0], -1)
+            share, input_ids, position_ids, labels = self._cp_inputs(input_ids, position_ids, labels, layout)
+
         decoder_input = None
         if self.pre_process:
             if vision_embeddings is None and (pixel_values is not None or pixel_values_videos is not None):
                 vision_embeddings = self.encode_vision(
-                    pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
+                    pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, split_over_cp=share is not None
                 )
-            decoder_input = self.embed(input_ids, vision_embeddings, check_placeholders=inference_context is None)
+            decoder_input = self.embed(input_ids, vision_embeddings, check_placeholders=inference_context is None,
+                                       token_index=None if share is None else share.indices(input_ids.device))
 
         selective = loss_index is not None and labels is not None and self.post_process
         if selective and self.config.sequence_parallel:
@@ -340,6 +421,8 @@ class Qwen25VLModel(MegatronModule):
             )
         if not self.post_process:
             return output
+        if selective and share is not None:
+            return self._cp_token_loss(output, labels, loss_index, share, temperature, return_logits)
         if selective:
             output = self.output_logits(output, loss_index)
             if not labels_at_index:
@@ -347,13 +430,30 @@ class Qwen25VLModel(MegatronModule):
             elif tuple(labels.shape) != tuple(loss_index.shape):
                 raise ValueError(f"labels_at_index: labels {tuple(labels.shape)} must have loss_index's shape "
                                  f"{tuple(loss_index.shape)}")
-        logits = self.mask_padded_vocab(output)
         if labels is None:
-            return logits
-        scaled = logits.float()
-        if temperature != 1.0:
-            scaled = scaled / temperature
-        elif return_logits and scaled is logits:
-            scaled = scaled.clone()  # megatron's cross-entropy shifts its input in place
-        token_loss = tensor_parallel.vocab_parallel_cross_entropy(scaled, labels)
+            return self.mask_padded_vocab(output)
+        logits = self.mask_padded_vocab(output)
+        token_loss = self._token_loss(logits, labels, temperature, keep_input=return_logits)
         return (token_loss, logits) if return_logits else token_loss
+
+    def _cp_inputs(self, input_ids, position_ids, labels, layout):
+        """(CPShare, input_ids, position_ids, labels) of a context-parallel forward: the stream right-padded to a
+        multiple of 2 * CP (pad tokens after every real token: causal attention never shows them to one)."""
+        cp = self.config.context_parallel_size
+        length = int(position_ids.shape[-1])
+        padded = cp_padded_length(length, cp)
+        if padded != length:
+            if layout is not None:
+                raise ValueError(f"an attention layout of {length} tokens does not split over {cp} context-parallel "
+                                 f"ranks: build it with pad_to_multiple={2 * cp}")
+            extra = padded - length
+            if input_ids is not None:
+                input_ids = torch.nn.functional.pad(input_ids, (0, extra), value=self._text_pad_id())
+            position_ids = torch.nn.functional.pad(position_ids, (0, extra), value=0)
+            if labels is not None:
+                labels = torch.nn.functional.pad(labels, (0, extra), value=0)
+        return CPShare.current(padded), input_ids, position_ids, labels
+
+    def _text_pad_id(self) -> int:
+        """A token id that is not an image/video placeholder (for the tail padding of a CP split)."""
+        return next(i for i in range(3) if i not in (self.image_token_id, self.video_token_id))

@@ -69,7 +69,9 @@ def transformer_config_from_hf(
     """Megatron TransformerConfig of the Qwen2.5-VL language model.
 
     ``parallel``: a ParallelConfig (tensor/pipeline/context parallel sizes, sequence_parallel,
-    pipeline_layer_split); None means a single rank. ``dtype``: parameter dtype (default bf16 on GPU,
+    pipeline_layer_split, cp_comm_type); None means a single rank. Context parallelism: the model splits each
+    training sequence over the CP ranks (model.py); Transformer Engine's attention runs its own CP kernel
+    (``cp_comm_type``), the local spec's ``LocalCoreAttention`` all-gathers K/V. ``dtype``: parameter dtype (default bf16 on GPU,
     fp32 on CPU). ``overrides`` are passed to TransformerConfig last (e.g. recompute settings).
     """
     hf_config = load_hf_config(hf_config)
@@ -82,11 +84,7 @@ def transformer_config_from_hf(
     cp = getattr(parallel, "context_parallel_size", 1) if parallel is not None else 1
     sp = bool(getattr(parallel, "sequence_parallel", False)) if parallel is not None else False
     split = getattr(parallel, "pipeline_layer_split", None) if parallel is not None else None
-    if cp != 1:
-        raise ValueError(
-            "context_parallel_size > 1 is not supported by the Qwen2.5-VL model (vision features are "
-            "merged over the whole sequence); use tensor/pipeline parallelism"
-        )
+    cp_comm_type = getattr(parallel, "cp_comm_type", None) if parallel is not None else None
     if arch.num_attention_heads % tp or arch.num_query_groups % tp:
         raise ValueError(
             f"tensor_model_parallel_size={tp} must divide the attention heads ({arch.num_attention_heads}) "
@@ -131,6 +129,8 @@ def transformer_config_from_hf(
         variable_seq_lengths=True,
         moe_token_dispatcher_type="alltoall",
     )
+    if cp > 1 and cp_comm_type is not None:
+        kwargs["cp_comm_type"] = cp_comm_type  # read by Transformer Engine's attention only
     if split is not None:
         kwargs["pipeline_model_parallel_layout"] = pipeline_layout(split, arch.num_layers, pp)
     for name in _ROPE_FUSIONS:
@@ -220,6 +220,12 @@ def build_model(
     config_overrides.setdefault("attention_backend", AttnBackend[attention_backend])
     config = transformer_config_from_hf(hf_config, parallel, dtype=dtype, **config_overrides)
     backend = resolve_backend(backend)
+    if config.context_parallel_size > 1 and config.cp_comm_type is not None and backend != "te":
+        import warnings
+
+        warnings.warn(f"parallel.cp_comm_type={config.cp_comm_type!r} is ignored by the local layer spec (its core "
+                      "attention all-gathers K and V over the context-parallel group); it selects Transformer "
+                      "Engine's context-parallel kernel", stacklevel=2)
     if config.sequence_parallel and backend != "te":
         raise ValueError("sequence_parallel needs the Transformer Engine layer spec (megatron's torch norms refuse it)")
     if pre_process is None:

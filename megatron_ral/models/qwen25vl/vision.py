@@ -4,7 +4,8 @@ The tower is transformers' own ``Qwen2_5_VisionTransformerPretrainedModel`` buil
 ``vision_config`` (so its parameter names are HF's ``visual.*`` names). It is frozen, replicated
 over tensor-parallel ranks and lives on the first pipeline stage only.
 
-Features are computed once per prompt (:func:`encode_vision`) and can be reused for the G responses
+Features are computed once per prompt (:func:`encode_vision`; under context parallelism each CP rank encodes
+a share of the frames and the features are all-gathered) and can be reused for the G responses
 of that prompt (:func:`repeat_vision_embeddings`), then scattered into the token embeddings in
 place of the ``<|image_pad|>`` / ``<|video_pad|>`` tokens (:func:`merge_vision_embeddings`).
 """
@@ -72,6 +73,69 @@ def _run_tower(tower, pixels: torch.Tensor, grid_thw: torch.Tensor) -> torch.Ten
     return out.pooler_output if hasattr(out, "pooler_output") else out
 
 
+def split_vision_work(grid_thw: torch.Tensor, parts: int) -> list[list[tuple[int, int, int]]]:
+    """The tower's work cut into ``parts`` contiguous shares of near-equal patch count.
+
+    The unit of work is one temporal step of one image/video (``h * w`` patches): the tower attends within a
+    temporal step only (its window attention and its full-attention blocks are per frame pair), so encoding
+    steps ``[t0, t1)`` of an item as an item of their own gives exactly those steps' features. Share c is a list
+    of pieces ``(item, t0, t1)`` in processor order; the shares are consecutive (share c + 1 starts where share
+    c ends), so each holds one contiguous range of pixel rows and of feature rows. A share may be empty."""
+    units = [(i, t, int(h) * int(w)) for i, (tt, h, w) in enumerate(grid_thw.tolist()) for t in range(int(tt))]
+    total = sum(c for _, _, c in units)
+    shares: list[list[tuple[int, int, int]]] = [[] for _ in range(parts)]
+    done = 0
+    for item, t, cost in units:
+        # the share whose cost interval [c * total / parts, (c + 1) * total / parts) holds this unit's midpoint
+        share = min(parts - 1, int((2 * done + cost) * parts // (2 * total))) if total else 0
+        pieces = shares[share]
+        if pieces and pieces[-1][0] == item and pieces[-1][2] == t:
+            pieces[-1] = (item, pieces[-1][1], t + 1)
+        else:
+            pieces.append((item, t, t + 1))
+        done += cost
+    return shares
+
+
+def _encode_share(tower, pixels: torch.Tensor, grid_thw: torch.Tensor, pieces: list[tuple[int, int, int]],
+                  merge: int, out_dim: int) -> torch.Tensor:
+    """Features of the pieces ``(item, t0, t1)`` (one contiguous range of pixel rows) of a batch."""
+    param = next(tower.parameters())
+    if not pieces:
+        return torch.zeros(0, out_dim, dtype=param.dtype, device=param.device)
+    patches = (grid_thw[:, 0] * grid_thw[:, 1] * grid_thw[:, 2]).tolist()
+    starts = [0]
+    for n in patches:
+        starts.append(starts[-1] + n)
+    grids, first, last = [], None, None
+    for item, t0, t1 in pieces:
+        _, h, w = (int(v) for v in grid_thw[item].tolist())
+        lo, hi = starts[item] + t0 * h * w, starts[item] + t1 * h * w
+        first = lo if first is None else first
+        last = hi
+        grids.append([t1 - t0, h, w])
+    sub = torch.tensor(grids, dtype=grid_thw.dtype)
+    return _run_tower(tower, pixels[first:last], sub)
+
+
+def _run_tower_split(tower, pixels: torch.Tensor, grid_thw: torch.Tensor, group) -> torch.Tensor:
+    """The tower's features of a batch, each rank of ``group`` encoding one share (:func:`split_vision_work`),
+    all-gathered in processor order on every rank."""
+    import torch.distributed as dist
+
+    from megatron_ral.models.qwen25vl.context_parallel import all_gather_rows
+
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    merge = int(getattr(tower, "spatial_merge_size", tower.config.spatial_merge_size))
+    out_dim = int(tower.config.out_hidden_size)
+    grid_thw = grid_thw.cpu()
+    shares = split_vision_work(grid_thw, size)
+    rows = [sum((t1 - t0) * int(grid_thw[i, 1]) * int(grid_thw[i, 2]) // merge**2 for i, t0, t1 in share)
+            for share in shares]
+    local = _encode_share(tower, pixels, grid_thw, shares[rank], merge, out_dim)
+    return all_gather_rows(local, rows, group)
+
+
 @torch.no_grad()
 def encode_vision(
     tower,
@@ -79,17 +143,29 @@ def encode_vision(
     image_grid_thw: torch.Tensor | None = None,
     pixel_values_videos: torch.Tensor | None = None,
     video_grid_thw: torch.Tensor | None = None,
+    group=None,
 ) -> VisionEmbeddings:
-    """Run the frozen tower on the images and on the videos of a batch (one call each)."""
+    """Run the frozen tower on the images and on the videos of a batch (one call each).
+
+    ``group`` (a process group whose ranks all hold this same batch, e.g. the context-parallel group): each
+    rank encodes a share of the temporal steps (:func:`split_vision_work`) and the features are all-gathered,
+    equal to the unsplit ones; None or a group of one: the whole batch here."""
+    import torch.distributed as dist
+
+    split = group is not None and dist.is_initialized() and dist.get_world_size(group) > 1
+
+    def run(pixels, grid):
+        return _run_tower_split(tower, pixels, grid, group) if split else _run_tower(tower, pixels, grid)
+
     out = VisionEmbeddings()
     if pixel_values is not None:
         if image_grid_thw is None:
             raise ValueError("pixel_values given without image_grid_thw")
-        out.image = _run_tower(tower, pixel_values, image_grid_thw)
+        out.image = run(pixel_values, image_grid_thw)
     if pixel_values_videos is not None:
         if video_grid_thw is None:
             raise ValueError("pixel_values_videos given without video_grid_thw")
-        out.video = _run_tower(tower, pixel_values_videos, video_grid_thw)
+        out.video = run(pixel_values_videos, video_grid_thw)
     return out
 
 
@@ -151,3 +227,30 @@ def merge_vision_embeddings(
             continue
         out = out.masked_scatter(mask.unsqueeze(-1).to(out.device), features.to(out.dtype))
     return out.transpose(0, 1).contiguous()
+
+
+def select_vision_features(
+    embeds: VisionEmbeddings, input_ids: torch.Tensor, token_index: torch.Tensor, image_token_id: int,
+    video_token_id: int,
+) -> VisionEmbeddings:
+    """The feature rows of the placeholder tokens at positions ``token_index`` (a context-parallel rank's
+    share of the sequence), in the order :func:`merge_vision_embeddings` fills ``input_ids[:, token_index]``.
+
+    ``embeds`` holds the features of every placeholder of ``input_ids`` (B, S), row-major."""
+
+    def pick(features, token_id, name):
+        mask = input_ids == token_id
+        n_tokens = int(mask.sum())
+        n_feat = 0 if features is None else features.shape[0]
+        if n_tokens != n_feat:
+            raise ValueError(f"{name}: {n_tokens} placeholder tokens in input_ids but {n_feat} feature rows")
+        if features is None:
+            return None
+        order = (mask.reshape(-1).long().cumsum(0) - 1).reshape(mask.shape)  # feature row of each placeholder
+        idx = token_index.to(mask.device)
+        rows = order[:, idx][mask[:, idx]]
+        return features.index_select(0, rows.to(features.device))
+
+    return VisionEmbeddings(image=pick(embeds.image, image_token_id, "image"),
+                            video=pick(embeds.video, video_token_id, "video"))
+
