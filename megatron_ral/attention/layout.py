@@ -80,7 +80,8 @@ class RowLayout:
         if self.stream_index is not None:
             si = self.stream_index
             if si.dim() != 2 or si.shape[0] != self.row_index.shape[0]:
-                raise ValueError(f"stream_index must be [B, T] with B = {self.row_index.shape[0]}, got {tuple(si.shape)}")
+                raise ValueError(f"stream_index must be [B, T] with B = {self.row_index.shape[0]}, "
+                                 f"got {tuple(si.shape)}")
             if si.numel() and (int(si.min()) < 0 or int(si.max()) >= num_keys):
                 raise ValueError(f"stream_index values must lie in [0, {num_keys}) (the stream's length); got "
                                  f"[{int(si.min())}, {int(si.max())}]")

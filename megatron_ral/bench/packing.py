@@ -5,24 +5,29 @@ One rollout batch (P prompts x G responses), its training passes as the trainer 
 updates (one per mini-batch: forward with the attention capture, the GRPO + k3 KL + RAL loss, backward, an
 optimizer step), for ``none`` (right-padded micro-batches of ``--micro-batch-size`` sequences), packed
 ``sequences`` and shared-prompt ``groups`` (streams of at most ``--max-tokens`` tokens). Each packing runs in
-a fresh process: wall time, CPU time (the passes' parts in CPU seconds), peak resident memory of the passes above the memory before them (the
-kernel's VmHWM, reset before the passes), token positions computed (padding included, summed over the old
-and reference passes and the two updates, which together cover the batch once), the padding share of ``none``, and the LM head apart: the rows it computes and its measured
-seconds (output projection forward + backward; the cross-entropy after it excluded).
+a fresh process. Reported: wall time and CPU time of the passes (their parts in CPU seconds: on a shared
+machine wall time is mostly other processes'), peak resident memory of the passes above the memory before
+them (the kernel's VmHWM, reset before the passes), token positions computed (padding included, summed
+over the old and reference passes and the two updates, which together cover the batch once), the padding
+share of ``none``, and apart the costs packing does not shrink: the LM head (the rows it computes and its
+CPU seconds, output projection forward + backward; the cross-entropy after it excluded), the attention
+rows' forward (``capture_fwd_s``) and the update losses' forward over them (``loss_fwd_s``: GRPO, KL, the
+JSD to p_old over the counted rows, p_old recomputed from the "qk" store).
 
 Cases (lengths seeded):
 
-``spread``     prompts of 256..4096 vision tokens (log-spaced, images and videos alternating) + 64 text
-               tokens; G responses of 32..1024 tokens drawn like sampled rollouts (log-normal around 240
-               tokens, clipped at 1024 = max_new_tokens). Goal: ``sequences`` <= 0.6 x ``none`` when padding
-               is >= 50 % of the padded tokens.
-``shared_2k``  prompts of 2048 tokens (1984 vision + 64 text), G responses of 128..512 tokens (uniform).
-               Goal: ``groups`` <= 0.35 x ``none``.
+``spread``     prompts of 256..4096 vision tokens (log-spaced, in random order, images and videos alternating)
+               + 64 text tokens; G responses of 32..1024 tokens drawn like sampled rollouts (log-normal around 240
+               tokens, clipped at 1024 = max_new_tokens); 6 prompts, ``none`` in micro-batches of a whole
+               mini-batch (24 sequences of 3 prompts: 52 % padding). Goal: ``sequences`` <= 0.6 x ``none`` when
+               padding is >= 50 % of the padded tokens.
+``shared_2k``  4 prompts of 2048 tokens (1984 vision + 64 text), G responses of 128..512 tokens (uniform);
+               ``none`` in micro-batches of one group (8 sequences). Goal: ``groups`` <= 0.35 x ``none``.
 
 The model is a tiny-width Qwen2.5-VL (the "tiny" preset: GQA 2:1, ``--layers`` layers, width ``--width``)
 whose vocabulary keeps the 7B ratio of vocabulary to width (152064 / 3584): the tiny presets' 152k
-vocabulary would make the LM head at the response positions, which packing does not shrink, nearly all of a
-pass. Vision features are random tensors of the right shape (the frozen tower runs once per prompt outside
+vocabulary would make the LM head at the response positions (which packing shrinks only by the padding of
+shorter responses) nearly all of a pass. Vision features are random tensors of the right shape (the frozen tower runs once per prompt outside
 the passes, the same for every packing). fp32 on CPU, ``--threads`` torch threads.
 """
 
@@ -42,7 +47,8 @@ from megatron_ral.cli.entry import prog_name, run_main
 VOCAB_PER_WIDTH = 152064 / 3584  # Qwen2.5-VL-7B
 CASES = ("spread", "shared_2k")
 PACKINGS = ("none", "sequences", "groups")
-DEFAULT_MBS = {"spread": 16, "shared_2k": 8}
+DEFAULT_MBS = {"spread": 24, "shared_2k": 8}     # spread: a padded micro-batch is a whole mini-batch (3 groups)
+DEFAULT_PROMPTS = {"spread": 6, "shared_2k": 4}
 TEXT_BEFORE, TEXT_AFTER = 48, 16
 
 
@@ -62,6 +68,7 @@ def case_lengths(case: str, prompts: int, group_size: int, seed: int) -> tuple[l
     gen = torch.Generator().manual_seed(seed)
     if case == "spread":
         vision = [int(round(256 * 16 ** (i / max(prompts - 1, 1)))) // 2 * 2 for i in range(prompts)]
+        vision = [vision[i] for i in torch.randperm(prompts, generator=gen).tolist()]  # in the loader's (any) order
         logn = torch.randn(prompts, group_size, generator=gen, dtype=torch.float64) * 0.8 + math.log(240)
         responses = logn.exp().round().clamp(32, 1024).long().tolist()
     elif case == "shared_2k":
@@ -318,33 +325,36 @@ def main(argv=None) -> int:
     p = ToolParser(prog=prog_name("packing.py"), description=__doc__)
     p.add_argument("--case", choices=CASES + ("all",), default="all", help="batch shape (module docstring)")
     p.add_argument("--packing", nargs="+", choices=PACKINGS, default=list(PACKINGS), help="packings to run")
-    p.add_argument("--prompts", type=int, default=4, help="prompts in the rollout batch")
+    p.add_argument("--prompts", type=int, default=None, help="prompts in the rollout batch (default: 6 for spread, "
+                   "4 for shared_2k)")
     p.add_argument("--group-size", type=int, default=8, help="responses per prompt (G)")
     p.add_argument("--width", type=int, default=64, help="LM hidden size (vocabulary = width x 152064 / 3584)")
     p.add_argument("--layers", type=int, default=3, help="LM decoder layers")
     p.add_argument("--max-tokens", type=int, default=8192, help="token budget of a packed stream")
     p.add_argument("--micro-batch-size", type=int, default=None,
-                   help="sequences per padded micro-batch of 'none' (default: 16 for spread, 8 for shared_2k)")
+                   help="sequences per padded micro-batch of 'none' (default: 24 for spread, 8 for shared_2k)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of each measured process")
     p.add_argument("--seed", type=int, default=0, help="lengths, tokens and weights seed")
     add_json(p, "the measurements")
     a = p.parse_args(argv)
-    for flag in ("prompts", "group_size", "width", "layers", "max_tokens", "threads"):
+    for flag in ("group_size", "width", "layers", "max_tokens", "threads"):
         check.at_least(getattr(a, flag), 1, f"--{flag.replace('_', '-')}")
     check.at_least(a.group_size, 2, "--group-size")
-    if a.micro_batch_size is not None:
-        check.at_least(a.micro_batch_size, 1, "--micro-batch-size")
+    for flag in ("prompts", "micro_batch_size"):
+        if getattr(a, flag) is not None:
+            check.at_least(getattr(a, flag), 1, f"--{flag.replace('_', '-')}")
     vocab = int(round(a.width * VOCAB_PER_WIDTH / 8)) * 8
     rows = []
     for case in (CASES if a.case == "all" else (a.case,)):
-        args = {"prompts": a.prompts, "group_size": a.group_size, "width": a.width, "vocab": vocab,
+        args = {"prompts": a.prompts or DEFAULT_PROMPTS[case], "group_size": a.group_size, "width": a.width,
+                "vocab": vocab,
                 "layers": a.layers, "max_tokens": a.max_tokens, "threads": a.threads, "seed": a.seed,
                 "micro_batch_size": a.micro_batch_size or DEFAULT_MBS[case]}
         for packing in a.packing:
             print(f"{case} / {packing} ...", file=sys.stderr, flush=True)
             rows.append(_run_child(case, packing, args))
     summary = summarise(rows)
-    result = {"width": a.width, "vocab": vocab, "layers": a.layers, "prompts": a.prompts, "group_size": a.group_size,
+    result = {"width": a.width, "vocab": vocab, "layers": a.layers, "group_size": a.group_size,
               "max_tokens": a.max_tokens, "threads": a.threads, "rows": rows, "summary": summary}
     print(json.dumps(result) if a.json else _table(rows, summary))
     return 0

@@ -119,7 +119,8 @@ class MicroBatch:
             return values
         n = self.packed.loss_index.shape[1]
         if values.dim() < 2 or tuple(values.shape[:2]) != (1, n):
-            raise ValueError(f"expected values at the {n} packed loss positions [1, {n}, ...], got {tuple(values.shape)}")
+            raise ValueError(f"expected values at the {n} packed loss positions [1, {n}, ...], "
+                             f"got {tuple(values.shape)}")
         b, r = torch.nonzero(self.response_mask, as_tuple=True)  # row-major: the order of the loss positions
         out = values.new_zeros(tuple(self.response_mask.shape) + tuple(values.shape[2:]))
         return out.index_put((b.to(values.device), r.to(values.device)), values[0])

@@ -64,7 +64,8 @@ class PackingSettings:
         if self.kind not in ("sequences", "groups"):
             raise ValueError(f"packing kind must be 'sequences' or 'groups', got {self.kind!r}")
         if self.max_tokens < 1 or self.pad_to_multiple < 1:
-            raise ValueError(f"max_tokens and pad_to_multiple must be >= 1, got {self.max_tokens}, {self.pad_to_multiple}")
+            raise ValueError(f"max_tokens and pad_to_multiple must be >= 1, got {self.max_tokens}, "
+                             f"{self.pad_to_multiple}")
 
 
 def resolve_packing(packing: str, algorithm: str, backend: str, context_parallel_size: int = 1) -> str:

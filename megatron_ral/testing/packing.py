@@ -152,7 +152,8 @@ def compare_results(ref: dict, got: dict, label: str, tol: float = 1e-5) -> dict
                 d = (a.double() - b.double()).abs().max().item()
                 worst[name] = max(worst[name], d)
                 assert d <= tol, f"{label} {name} {key}: max |diff| {d}"
-    assert abs(ref["loss"] - got["loss"]) <= tol * max(1.0, abs(ref["loss"])), f"{label} loss {got['loss']} vs {ref['loss']}"
+    assert abs(ref["loss"] - got["loss"]) <= tol * max(1.0, abs(ref["loss"])), \
+        f"{label} loss {got['loss']} vs {ref['loss']}"
     assert set(ref["grads"]) == set(got["grads"]) and ref["grads"], f"{label}: gradients of other parameters"
     for name, a in ref["grads"].items():
         scale = a.abs().max().item()

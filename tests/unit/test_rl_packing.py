@@ -78,7 +78,8 @@ def test_packed_sequences_by_hand():
     assert mb.forward_shape == (1, 24) and mb.token_positions == 24 and mb.num_tokens == 8
     assert mb.vision_rows == [0, 0, 1, 1]
     # per-sequence tensors keep the padded layout's meaning
-    assert mb.response_mask.tolist() == [[True, True, False], [True, False, False], [True, True, True], [True, True, False]]
+    assert mb.response_mask.tolist() == [[True, True, False], [True, False, False], [True, True, True],
+                                         [True, True, False]]
     assert mb.input_ids[2].tolist() == p1 + [100, 101, 102] and mb.advantages.tolist() == [0.0, 1.0, 2.0, 3.0]
     assert mb.layout.row_index[2].tolist() == [5, 6, 7]
     assert mb.layout.stream_index[2, :8].tolist() == list(range(9, 17))
@@ -228,7 +229,8 @@ def test_p_old_stores_of_a_packed_stream_give_its_rows(model):
         assert result.qk.k.shape[:2] == (mb.packed.length, 1)  # the stream's keys, each once
         return None, {}
 
-    ctx = PassContext(model=[model], vision=encode_prompts_vision(model, batch.prompts), capture=AttentionCapture(model))
+    ctx = PassContext(model=[model], vision=encode_prompts_vision(model, batch.prompts),
+                      capture=AttentionCapture(model))
     run_pass(ctx, mbs, consume, forward_only=True,
              capture_kwargs=lambda mb: {"grad": False, "keep_rows": True, "keep_qk": True})
     for mb in mbs:
