@@ -255,9 +255,6 @@ class TrainingConfig:
     max_consecutive_skips: a step whose loss or gradient is not finite is skipped (no update); this many
         skipped steps in a row stop the run with an error (the last good checkpoint is kept).
     run_dir: metrics.jsonl, wandb / TensorBoard files and (by default) checkpoints go here.
-    packing: how the training passes lay out their sequences: "none" (right-padded micro-batches), "sequences"
-        (whole sequences packed in one stream) or "groups" (a prompt shared by its G responses). Under context
-        parallelism (parallel.context_parallel_size > 1) "none" and "sequences" are supported, "groups" is not.
     """
 
     seed: int = 1234
@@ -273,7 +270,6 @@ class TrainingConfig:
     max_eval_records: Optional[int] = None
     max_consecutive_skips: int = 3
     run_dir: str = "runs/default"
-    packing: str = "none"
 
 
 @dataclass

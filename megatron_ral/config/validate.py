@@ -12,7 +12,6 @@ from megatron_ral.config.schema import Config
 ALGORITHMS = ("sft", "grpo", "ral", "ral_distill")
 RL_ALGORITHMS = ("grpo", "ral", "ral_distill")
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
-PACKINGS = ("none", "sequences", "groups")
 CP_COMM_TYPES = (None, "p2p", "all_gather", "a2a", "a2a+p2p")  # Transformer Engine's context-parallel kernels
 
 
@@ -259,11 +258,6 @@ def validate(cfg: Config, world_size: int | None = None, dims: ModelDims | None 
     _check(t.eval_interval >= 0, "training.eval_interval", "must be >= 0 (0 = no evaluation during training)")
     _check(t.max_eval_records is None or t.max_eval_records >= 1, "training.max_eval_records", "must be >= 1 or null")
     _check(t.max_consecutive_skips >= 1, "training.max_consecutive_skips", "must be >= 1")
-    _one_of(t.packing, PACKINGS, "training.packing")
-    if cp > 1:
-        _check(t.packing != "groups", "training.packing",
-               f"'groups' (shared-prompt streams) is not supported under context parallelism "
-               f"(parallel.context_parallel_size={cp}); use 'none' or 'sequences'")
     if world_size is not None:
         dp = world_size // (tp * pp * cp) if world_size % (tp * pp * cp) == 0 else None
         if dp:
