@@ -75,3 +75,20 @@ def test_sft_packed_sequences_give_the_metrics_of_none(assets):
         assert a["loss/sft"] > 0
         for k in ("loss/sft", "train/grad_norm"):
             assert math.isclose(a[k], b[k], rel_tol=1e-5), f"SFT step {a['step']} {k}: {a[k]} vs {b[k]}"
+
+
+def test_distillation_packed_gives_the_metrics_of_none(assets):
+    """RAL + distillation (the teacher pass over the same packed micro-batches: its rows and GKD targets) with
+    shared-prompt groups and packed sequences gives the padded run's metrics."""
+    teacher = tf.make_assets(assets["root"], "small", seed=3)
+    distill = ["algorithm.name=ral_distill", "algorithm.gkd_mu=0.2", "algorithm.gamma_attn=5.0",
+               f"algorithm.teacher_load={teacher['mcore']}"]
+    ref = _run(assets, "distill_none", distill + ["training.packing=none", "training.micro_batch_size=3"])
+    for name, packing, budget in (("distill_groups", "groups", 200), ("distill_sequences", "sequences", 300)):
+        got = _run(assets, name, distill + [f"training.packing={packing}",
+                                            f"training.max_tokens_per_micro_batch={budget}"])
+        _assert_same(ref, got, name)
+        for a, b in zip(ref, got):
+            assert a["distill/gkd"] > 0.1 and a["distill/attn_jsd_teacher"] > 1e-3
+            for k in ("distill/gkd", "distill/attn_jsd_teacher", "loss/gkd", "loss/distill_attn"):
+                assert math.isclose(a[k], b[k], rel_tol=1e-5), f"{name} step {a['step']} {k}: {a[k]} vs {b[k]}"
