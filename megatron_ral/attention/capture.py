@@ -363,7 +363,8 @@ class AttentionCapture:
         size = dist.get_world_size(self.cp_group)
         share = CPShare(size, dist.get_rank(self.cp_group), self.cp_group, key.shape[0] * size)
         keys = gather_sequence_cp(key, self.cp_group)
-        layout = pad_keys(layout, share.length)
+        if layout.stream_index is None:  # (a packed stream's layout is over its samples' own keys)
+            layout = pad_keys(layout, share.length)
         layout.validate(share.length)
         q_rows, rows, compact = dealt_rows(query, layout, share)  # layout where it is (the host, for the trainer)
         return q_rows, keys, compact, rows

@@ -58,13 +58,20 @@ class CPRows:
 
 def dealt_rows(query: Tensor, layout: RowLayout, share: CPShare) -> tuple[Tensor, CPRows, RowLayout]:
     """(the query rows this CP rank computes [R_c, B, H, d], the CPRows, the compact layout) of ``layout`` (a
-    layout over the global key sequence of ``share.length`` keys) from this rank's queries ``query``
-    [L / C, B, H, d]: see the module docstring (rows c, c + C, ... of each sample on CP rank c)."""
+    layout over the global key sequence of ``share.length`` keys, or the samples of a packed stream of that
+    length) from this rank's queries ``query`` [L / C, B, H, d]: see the module docstring (rows c, c + C, ...
+    of each sample on CP rank c)."""
     batch, num_rows = layout.row_index.shape
     row_valid = layout.row_valid if layout.row_valid is not None else torch.ones_like(layout.row_index, dtype=torch.bool)
-    local = share.local_index(layout.row_index.long().clamp(0, share.length - 1))
+    if layout.stream_index is None:  # rows at key positions of each batch entry
+        local = share.local_index(layout.row_index.long().clamp(0, share.length - 1))
+        mine = gather_rows(query, RowLayout(row_index=local.clamp_min(0).to(query.device)))  # [R, B, H, d]
+    else:  # a packed stream (one batch entry): rows of the samples at stream positions
+        si = layout.stream_index.long()
+        local = share.local_index(si.gather(1, layout.row_index.long().clamp(0, si.shape[1] - 1)))
+        at = local.clamp_min(0).t().reshape(-1).to(query.device)
+        mine = query[:, 0].index_select(0, at).view(num_rows, batch, *query.shape[2:])
     owned = (local >= 0) & row_valid.to(local.device)
-    mine = gather_rows(query, RowLayout(row_index=local.clamp_min(0).to(query.device)))  # [R, B, H, d]
     mine = torch.where(owned.t().to(query.device)[:, :, None, None], mine, torch.zeros_like(mine))
     every = share_over_cp(mine, share.group)  # each row from the rank holding its token
     width = max(-(-num_rows // share.size), 1)
@@ -74,7 +81,7 @@ def dealt_rows(query: Tensor, layout: RowLayout, share: CPShare) -> tuple[Tensor
     valid = valid & (row_valid.to(local.device).gather(1, index) if num_rows else valid)
     q_rows = gather_rows(every, RowLayout(row_index=index.to(query.device)))
     compact = RowLayout(row_index=layout.row_index.gather(1, index), row_valid=valid,
-                        key_valid=layout.key_valid, segment_ids=layout.segment_ids)
+                        key_valid=layout.key_valid, segment_ids=layout.segment_ids, stream_index=layout.stream_index)
     return q_rows, CPRows(index=index, valid=valid, num_rows=num_rows, group=share.group), compact
 
 

@@ -108,11 +108,6 @@ def _check_packing(cfg: Config) -> None:
         _check(cfg.model.layer_spec != "te", "training.packing",
                f"{t.packing!r} needs the local layer spec (model.layer_spec: local or auto without Transformer "
                "Engine); the Transformer Engine spec does not read packed layouts: use training.packing: none there")
-    if t.packing == "sequences":
-        _check(cfg.parallel.context_parallel_size == 1, "training.packing",
-               "'sequences' under context parallelism (parallel.context_parallel_size > 1) is not wired into the "
-               "trainer yet (the model and the core attention take packed streams under CP; the trainer's packed "
-               "micro-batches do not split over CP ranks): use none")
     if t.packing == "groups":
         _check(cfg.algorithm.name != "sft", "training.packing",
                "'groups' shares a prompt across its G responses; SFT has one target per prompt: use sequences or none")

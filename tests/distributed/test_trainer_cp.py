@@ -30,11 +30,14 @@ def _run(root, assets, name: str, world: int, overrides: list[str]) -> list[dict
     return run_distributed(tf.run_training, world, str(cfg), overrides, timeout=900)[0]
 
 
-def test_ral_steps_at_cp2_match_cp1(tmp_path_factory):
+@pytest.mark.parametrize("packing", ["none", "sequences"])
+def test_ral_steps_at_cp2_match_cp1(tmp_path_factory, packing):
+    """CP=1 with padded micro-batches against CP=2 with padded micro-batches or packed streams (the streams'
+    tails padded to a multiple of 2C)."""
     root = tmp_path_factory.mktemp("trainer_cp")
     assets = tf.make_assets(root, "tiny")
-    ref = _run(root, assets, "cp1", 1, [])
-    got = _run(root, assets, "cp2", 2, ["parallel.context_parallel_size=2"])
+    ref = _run(root, assets, "cp1", 1, ["training.packing=none"])
+    got = _run(root, assets, "cp2", 2, ["parallel.context_parallel_size=2", f"training.packing={packing}"])
     assert len(ref) == len(got) == 2
     for a, b in zip(ref, got):
         for k in SAME_ROLLOUT:

@@ -25,14 +25,13 @@ def test_defaults_are_valid():
 
 
 def test_context_parallel_layouts_validate():
-    for packing in ("none", "auto"):
+    for packing in ("none", "auto", "sequences"):
         cfg = validate(load_config(None, ["parallel.context_parallel_size=2", f"training.packing={packing}",
                                           "parallel.cp_comm_type=a2a"]), dims=DIMS, world_size=8)
         assert cfg.parallel.context_parallel_size == 2 and cfg.training.packing == packing
-    for packing in ("sequences", "groups"):  # packed trainer micro-batches are not split over CP ranks yet
-        with pytest.raises(ConfigError, match="training.packing"):
-            validate(load_config(None, ["parallel.context_parallel_size=2", f"training.packing={packing}"]),
-                     dims=DIMS, world_size=8)
+    with pytest.raises(ConfigError, match="training.packing"):  # shared-prompt streams are not split over CP
+        validate(load_config(None, ["parallel.context_parallel_size=2", "training.packing=groups"]),
+                 dims=DIMS, world_size=8)
     validate(load_config(None, ["training.packing=groups"]), dims=DIMS, world_size=8)  # groups without CP
 
 

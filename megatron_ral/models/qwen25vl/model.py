@@ -250,10 +250,11 @@ class Qwen25VLModel(MegatronModule):
         return tensor_parallel.vocab_parallel_cross_entropy(scaled, labels)
 
     def _cp_token_loss(self, hidden: torch.Tensor, labels: torch.Tensor, loss_index: torch.Tensor, share: CPShare,
-                       temperature: float, return_logits: bool = False):
+                       temperature: float, return_logits: bool = False, labels_at_index: bool = False):
         """Per-token loss (B, R) at the global positions ``loss_index`` from this CP rank's decoder output
         ``hidden`` (S/C, B, H): each rank computes the output layer and the loss at the positions it holds, the
-        (B, R) tensors are summed over the CP group (gradient: identity, see ``context_parallel``). With
+        (B, R) tensors are summed over the CP group (gradient: identity, see ``context_parallel``). ``labels``
+        (B, S) or, with ``labels_at_index``, the targets at ``loss_index`` (B, R). With
         ``return_logits`` also the (B, R, V/TP) logits, put together the same way (every CP rank holds them all,
         as at CP = 1; the all-reduce moves B x R x V/TP values)."""
         index = loss_index.to(hidden.device).long()
@@ -261,7 +262,10 @@ class Qwen25VLModel(MegatronModule):
         owned = local >= 0
         b_idx, r_idx = owned.nonzero(as_tuple=True)
         rows = hidden[local[owned], b_idx]  # (n, H)
-        targets = labels.to(hidden.device).gather(1, index)[owned]
+        if labels_at_index and tuple(labels.shape) != tuple(index.shape):
+            raise ValueError(f"labels_at_index: labels {tuple(labels.shape)} must have loss_index's shape "
+                             f"{tuple(index.shape)}")
+        targets = (labels.to(hidden.device) if labels_at_index else labels.to(hidden.device).gather(1, index))[owned]
         logits = self.mask_padded_vocab(self._output_layer(rows[:, None]))  # (n, 1, V/TP)
         loss = self._token_loss(logits, targets[:, None], temperature, keep_input=return_logits)[:, 0]
         full = torch.zeros(index.shape, dtype=loss.dtype, device=loss.device).index_put((b_idx, r_idx), loss)
@@ -393,7 +397,8 @@ class Qwen25VLModel(MegatronModule):
                     "left/inner padding and explicit attention masks are not split over CP ranks")
             if labels is not None and loss_index is None:  # the loss of every position, computed where it is held
                 loss_index = torch.arange(labels.shape[1], device=labels.device).expand(labels.shape[0], -1)
-            share, input_ids, position_ids, labels = self._cp_inputs(input_ids, position_ids, labels, layout)
+            share, input_ids, position_ids, padded_labels = self._cp_inputs(input_ids, position_ids, labels, layout)
+            labels = labels if labels_at_index else padded_labels
 
         decoder_input = None
         if self.pre_process:
@@ -422,7 +427,7 @@ class Qwen25VLModel(MegatronModule):
         if not self.post_process:
             return output
         if selective and share is not None:
-            return self._cp_token_loss(output, labels, loss_index, share, temperature, return_logits)
+            return self._cp_token_loss(output, labels, loss_index, share, temperature, return_logits, labels_at_index)
         if selective:
             output = self.output_logits(output, loss_index)
             if not labels_at_index:
