@@ -40,6 +40,10 @@ TOOLS = {
     "config": (["-m", "megatron_ral.config"], "python -m megatron_ral.config", {}),
     "train": (["-m", "megatron_ral.train"], "megatron-ral-train", {}),
     "evaluate": (["tools/evaluate.py"], "evaluate.py", {"--ckpt": "{mc}", "--data": "{records_json}"}),
+    "export_hf": (["tools/export_hf.py"], "export_hf.py", {"--run": "{mc}", "--out": "{out}"}),
+    "plan_memory": (["tools/plan_memory.py"], "plan_memory.py", {"--student": "7b"}),
+    "visualize_attention": (["tools/visualize_attention.py"], "visualize_attention.py",
+                            {"--ckpt": "{mc}", "--sample": "{records_json}", "--out": "{out}"}),
 }
 # a trainer invocation that passes every check (the rows change one thing)
 TRAIN_OK = ["model.load={mc}", "data.train_files=[{records_json}]", "training.run_dir={out}"]
@@ -145,6 +149,11 @@ CASES = {
     "config-sequence-parallel-on-cpu": C("config", {}, "config error: parallel.sequence_parallel: needs CUDA and Transformer Engine", ["parallel.sequence_parallel=true", "parallel.tensor_model_parallel_size=2"]),
     "config-override-syntax": C("config", {}, "config error: algorithm.lambda_attn: override must look like section.key=value", ["algorithm.lambda_attn"]),
     # evaluate
+    "export-run-missing": C("export_hf", {"--run": "/nonexistent/run"}, "--run /nonexistent/run: no such directory"),
+    "plan-student-unknown": C("plan_memory", {"--student": "nosuch"},
+                              "--student: nosuch: neither a preset (3b, 7b, 32b) nor an HF directory / config.json file"),
+    "visualize-ckpt-missing": C("visualize_attention", {"--ckpt": "/nonexistent/ck"},
+                                "--ckpt /nonexistent/ck: no such directory"),
     "evaluate-ckpt-missing": C("evaluate", {"--ckpt": "/nonexistent/ckpt"}, "--ckpt /nonexistent/ckpt: no such directory"),
     "evaluate-hf-dir": C("evaluate", {"--ckpt": "{hf}"}, "--ckpt {hf}: a Hugging Face checkpoint (*.safetensors), not a Megatron one"),
     "evaluate-data-missing": C("evaluate", {"--data": "/nonexistent/test.json"}, "--data /nonexistent/test.json: no such file"),
