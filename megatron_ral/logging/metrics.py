@@ -24,6 +24,17 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _drop_import_telemetry() -> None:
+    """Remove wandb's import hooks: they report which libraries the process imports (telemetry this project does
+    not send) and talk to wandb's service on every such import; once SLURM's SIGTERM has ended that service, a
+    later import (transformers while a checkpoint is saved) would raise inside the trainer."""
+    try:
+        from wandb.sdk.lib.import_hooks import unregister_all_post_import_hooks
+    except ImportError:
+        return
+    unregister_all_post_import_hooks()
+
+
 class MetricsSink:
     """``log(step, {"reward/total": ..., ...})`` to every configured sink; ``close()`` at the end."""
 
@@ -52,11 +63,13 @@ class MetricsSink:
             return None
         os.environ.setdefault("WANDB_SILENT", "true")
         try:
-            return wandb.init(project=cfg.wandb_project, name=cfg.run_name or None, mode=mode,
-                              dir=str(self.run_dir), config=dict(run_config or {}), reinit=True)
+            run = wandb.init(project=cfg.wandb_project, name=cfg.run_name or None, mode=mode,
+                             dir=str(self.run_dir), config=dict(run_config or {}), reinit=True)
         except Exception as e:  # noqa: BLE001 - a logging sink must not stop training
             log.warning("wandb could not start (%s); metrics go to metrics.jsonl only", e)
             return None
+        _drop_import_telemetry()
+        return run
 
     def _start_tensorboard(self):
         try:
