@@ -56,10 +56,10 @@ def watched_training(config: str, overrides: list[str]) -> dict:
     seen = {"steps": [], "update_sums": [], "logp_gap": [], "decode_reads": []}
     current: dict = {}
 
-    def rl_step(ctx, loader_batch, step):
+    def rl_step(ctx, loader_batch, step, **kwargs):
         before = Counter(counter.by_site)
         current.update(updates=0, decode=0)
-        out = orig_rl_step(ctx, loader_batch, step)
+        out = orig_rl_step(ctx, loader_batch, step, **kwargs)
         seen["steps"].append({"step": step, "sites": dict(counter.by_site - before), "decode_steps": current["decode"],
                               "updates": current["updates"]})
         return out
