@@ -49,7 +49,8 @@ def eager_peak_estimate_bytes(spec: CaseSpec) -> int:
     return 4 * spec.heads * spec.num_rows * spec.num_keys * 4
 
 
-def _mem_status() -> dict[str, int]:
+def mem_status() -> dict[str, int]:
+    """This process's resident set and its peak (bytes) from /proc/self/status."""
     out = {}
     with open("/proc/self/status") as f:
         for line in f:
@@ -59,7 +60,8 @@ def _mem_status() -> dict[str, int]:
     return out
 
 
-def _reset_peak() -> bool:
+def reset_peak() -> bool:
+    """Reset the kernel's peak-RSS counter (False where the kernel refuses: the peak is then since start)."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -105,8 +107,8 @@ def measure_case(spec: CaseSpec) -> dict:
     q, k, layout, grad = _inputs(spec)
     fwd_times, total_times, cpu_times = [], [], []
     peak = None
-    exact_peak = _reset_peak()
-    base = _mem_status()["VmRSS"]
+    exact_peak = reset_peak()
+    base = mem_status()["VmRSS"]
     for i in range(max(1, spec.repeats)):
         q.grad = k.grad = None
         c0 = time.process_time()
@@ -118,7 +120,7 @@ def measure_case(spec: CaseSpec) -> dict:
         cpu_times.append(time.process_time() - c0)
         del p
         if i == 0:
-            peak = _mem_status()["VmHWM"] - base
+            peak = mem_status()["VmHWM"] - base
         fwd_times.append(t1 - t0)
         total_times.append(t2 - t0)
     return {

@@ -28,6 +28,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
+from megatron_ral.bench.attention_capture import mem_status, reset_peak
 from megatron_ral.cli.arguments import ToolParser
 from megatron_ral.cli.entry import prog_name, run_main
 
@@ -56,25 +57,6 @@ def _allocator_follows_tensors() -> None:
     libc.mallopt(-1, 0)      # M_TRIM_THRESHOLD
 
 
-def _mem() -> dict[str, int]:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                key, val = line.split(":")
-                out[key] = int(val.split()[0]) * 1024
-    return out
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _rank_case(spec_json: str) -> dict:
     """One rank of one case (runs in a process of :func:`megatron_ral.testing.spawn.run_distributed`)."""
     import torch
@@ -83,7 +65,11 @@ def _rank_case(spec_json: str) -> dict:
     spec = CaseSpec(**json.loads(spec_json))
     torch.set_num_threads(spec.threads)
 
-    from megatron_ral.attention.capture import AttentionCapture, CaptureConfig, response_layout
+    from megatron_ral.attention.capture import (
+        AttentionCapture,
+        CaptureConfig,
+        response_layout,
+    )
     from megatron_ral.attention.old_policy import OldPolicyConfig, make_old_policy_store
     from megatron_ral.attention.policy import ChunkConfig
     from megatron_ral.config.schema import ParallelConfig
@@ -140,12 +126,12 @@ def _rank_case(spec_json: str) -> dict:
     store = make_old_policy_store(OldPolicyConfig(mode="qk"))
     old_pass(batch, layout, store)
     torch.distributed.barrier()
-    exact = _reset_peak()
-    base = _mem()["VmRSS"]
+    exact = reset_peak()
+    base = mem_status()["VmRSS"]
     t0 = time.perf_counter()
     loss = update(batch, layout, store)
     seconds = time.perf_counter() - t0
-    peak = _mem()["VmHWM"]
+    peak = mem_status()["VmHWM"]
     torch.distributed.barrier()
     return {"rank": info.rank, "update_s": seconds, "peak_extra_bytes": peak - base, "peak_rss_bytes": peak,
             "baseline_rss_bytes": base, "store_bytes": store.nbytes(), "loss": loss,
