@@ -40,6 +40,7 @@ import subprocess
 import sys
 import time
 
+from megatron_ral.bench.attention_capture import reset_peak
 from megatron_ral.cli import input_checks as check
 from megatron_ral.cli.arguments import ToolParser, add_json
 from megatron_ral.cli.entry import prog_name, run_main
@@ -129,15 +130,6 @@ def _rss() -> tuple[int, int]:
     return fields["VmRSS"], fields["VmHWM"]
 
 
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:  # "5": reset the peak resident set size (Linux >= 4.0)
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 class _LMHeadTimer:
     """Seconds spent in the LM head's output projection (forward, and backward through autograd hooks on its
     output and input), and the rows it computed."""
@@ -187,7 +179,11 @@ def run_passes(case: str, packing: str, args: dict) -> dict:
     from megatron_ral.rl.packing import PackingSettings, plan_step_micro_batches
     from megatron_ral.rl.passes import old_pass
     from megatron_ral.rl.schedule import PassContext, run_pass
-    from megatron_ral.rl.update import LossSettings, minibatch_loss, minibatch_normalisers
+    from megatron_ral.rl.update import (
+        LossSettings,
+        minibatch_loss,
+        minibatch_normalisers,
+    )
     from megatron_ral.testing.models import TOKEN_IDS, hf_state_dict, tiny_hf_config
 
     initialize(ParallelConfig(), seed=args["seed"])
@@ -231,7 +227,7 @@ def run_passes(case: str, packing: str, args: dict) -> dict:
         return out, {}
 
     base, _ = _rss()
-    peak_reset = _reset_peak_rss()
+    peak_reset = reset_peak()
     wall0, cpu0 = time.perf_counter(), time.process_time()
     phases = {}
     t = CLOCK()
