@@ -4,9 +4,12 @@ Per run (one arm, one seed): held-out accuracy (the trainer's greedy ``eval/accu
 evaluation, per task from ``eval/accuracy_by_source/*``), the reward curve, the held-out curve, the mean
 ``attn/vision_mass`` (attention mass of the response rows on vision tokens; logged by arms that capture
 attention), and the equal-compute figures: rollout steps, optimizer steps (steps x updates per rollout batch),
-generated tokens (sum over steps of ``response/length_mean`` x prompts per step x G) and wall time. Per arm:
-mean and sample standard deviation over seeds. ``base`` is the SFT run's evaluation before its first step,
-``sft`` its last.
+generated tokens (sum over steps of ``response/length_mean`` x prompts per step x G) and wall time; the
+gradient-norm diagnostic (``diag/grad_ratio/<term>``, logged every ``logging.term_grad_norm_interval``
+steps: each extra loss term's gradient norm over the policy term's, weight included) averaged over the
+steps that logged it; for distillation arms the teacher's share (``perf/teacher_s``), reported apart from
+the equal-compute figures. Per arm: mean and sample standard deviation over seeds. ``base`` is the SFT
+run's evaluation before its first step, ``sft`` its last.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ def _evals(rows: list[dict]) -> list[dict]:
     return [r for r in rows if "eval/accuracy" in r]
 
 
-def _per_task(row: dict) -> dict[str, float]:
+def per_task(row: dict) -> dict[str, float]:
     return {k[len(SOURCE_PREFIX):].split("/")[-1]: v for k, v in row.items() if k.startswith(SOURCE_PREFIX)}
 
 
@@ -49,8 +52,8 @@ def sft_run_figures(rows: list[dict]) -> dict[str, dict]:
     if len(evals) < 2 or evals[0]["step"] != 0:
         raise ValueError("the SFT run needs evaluations at start and end (training.eval_at_start, eval_at_end)")
     base, last = evals[0], evals[-1]
-    return {"base": {"accuracy": base["eval/accuracy"], "format": base.get("eval/format"), "per_task": _per_task(base)},
-            "sft": {"accuracy": last["eval/accuracy"], "format": last.get("eval/format"), "per_task": _per_task(last),
+    return {"base": {"accuracy": base["eval/accuracy"], "format": base.get("eval/format"), "per_task": per_task(base)},
+            "sft": {"accuracy": last["eval/accuracy"], "format": last.get("eval/format"), "per_task": per_task(last),
                     "optimizer_steps": max(r["step"] for r in rows)}}
 
 
@@ -70,10 +73,19 @@ def rl_run_figures(rows: list[dict], *, prompts_per_step: int, group_size: int, 
     la = _mean([abs(r["loss/attn"]) for r in steps if "loss/attn" in r])
     lp = _mean([abs(r["loss/policy"]) for r in steps if "loss/policy" in r])
     skipped = sum(r.get("train/skipped_updates", 0.0) for r in steps)
+    grad = {f"grad_ratio_{t}": _mean([r[f"diag/grad_ratio/{t}"] for r in steps if f"diag/grad_ratio/{t}" in r])
+            for t in GRAD_TERMS}
+    grad["grad_norm_policy"] = _mean([r["diag/grad_norm/policy"] for r in steps if "diag/grad_norm/policy" in r])
+    grad["diagnostic_steps"] = sum(1 for r in steps if "diag/grad_norm/policy" in r)
+    teacher_s = [r["perf/teacher_s"] for r in steps if "perf/teacher_s" in r]
     return {
+        **grad,
+        "teacher_seconds": sum(teacher_s) if teacher_s else None,
+        "distill_gkd": _mean([r.get("distill/gkd") for r in steps]),
+        "distill_attn_jsd_teacher": _mean([r.get("distill/attn_jsd_teacher") for r in steps]),
         "accuracy": evals[-1]["eval/accuracy"],
         "format": evals[-1].get("eval/format"),
-        "per_task": _per_task(evals[-1]),
+        "per_task": per_task(evals[-1]),
         "reward_curve": [(r["step"], r["reward/total"]) for r in steps],
         "heldout_curve": curve,
         "reward_mean_last_quarter": _mean([r["reward/total"] for r in steps[-max(1, len(steps) // 4):]]),
@@ -90,13 +102,29 @@ def rl_run_figures(rows: list[dict], *, prompts_per_step: int, group_size: int, 
     }
 
 
+def band(curves: list[list[tuple[float, float]]]) -> list[tuple[float, float, float]]:
+    """(x, mean, sample std) over seeds at the x values every curve has (for ``plots.plot_bands``)."""
+    common = sorted(set.intersection(*[{x for x, _ in c} for c in curves])) if curves else []
+    out = []
+    for x in common:
+        m, s = mean_std([dict(c)[x] for c in curves])
+        out.append((x, m, s))
+    return out
+
+
 def _mean(values) -> float | None:
     vals = [v for v in values if v is not None]
     return sum(vals) / len(vals) if vals else None
 
 
+GRAD_TERMS = ("attn", "gkd", "distill_attn")
 SUMMARY_KEYS = ("accuracy", "format", "vision_mass", "loss_ratio", "attn_jsd_old", "generated_tokens",
-                "optimizer_steps", "rollout_steps", "wall_seconds", "reward_mean_last_quarter")
+                "optimizer_steps", "rollout_steps", "wall_seconds", "reward_mean_last_quarter", "grad_ratio_attn",
+                "grad_ratio_gkd", "grad_ratio_distill_attn", "grad_norm_policy", "teacher_seconds",
+                "distill_attn_jsd_teacher")
+# optional columns of the table: (summary key, header), shown when some arm has the figure
+OPTIONAL_COLUMNS = (("grad_ratio_attn", "grad attn/policy"), ("grad_ratio_gkd", "grad gkd/policy"),
+                    ("grad_ratio_distill_attn", "grad attn-to-teacher/policy"), ("attn_jsd_old", "jsd_old"))
 
 
 def aggregate(runs: dict[str, dict[int, dict]]) -> dict[str, dict]:
@@ -130,14 +158,15 @@ def _cell(pair, digits: int = 3) -> str:
 def markdown_table(summary: dict[str, dict], arms: list[str]) -> str:
     """The results table: one row per arm, mean ± std over seeds."""
     tasks = sorted({t for a in arms for t in summary[a].get("per_task", {})})
-    head = (["arm", "seeds", "held-out acc"] + [f"acc {t}" for t in tasks]
-            + ["format", "vision mass", "attn/policy loss", "jsd_old", "gen tokens", "opt steps", "wall s"])
+    optional = [(k, h) for k, h in OPTIONAL_COLUMNS if any(summary[a].get(k) for a in arms)]
+    head = (["arm", "seeds", "held-out acc"] + [f"acc {t}" for t in tasks] + ["format", "vision mass"]
+            + [h for _, h in optional] + ["gen tokens", "opt steps", "wall s"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for a in arms:
         r = summary[a]
         cells = [a, str(r["seeds"]), _cell(r.get("accuracy"))]
         cells += [_cell(r["per_task"].get(t)) for t in tasks]
-        cells += [_cell(r.get(k)) for k in ("format", "vision_mass", "loss_ratio", "attn_jsd_old",
+        cells += [_cell(r.get(k)) for k in ("format", "vision_mass", *[k for k, _ in optional],
                                              "generated_tokens", "optimizer_steps", "wall_seconds")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

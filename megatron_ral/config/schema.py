@@ -291,7 +291,11 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     """wandb_mode: "offline" (default, never touches the network), "online" or "disabled"; the WANDB_MODE
-    environment variable, when set, wins. tensorboard: also write TensorBoard scalars."""
+    environment variable, when set, wins. tensorboard: also write TensorBoard scalars.
+    term_grad_norm_interval: on every N-th RL step, before its last update, one extra forward/backward per
+    active loss term (policy, lambda_attn x attention, mu x GKD, gamma_attn x attention distillation) gives
+    ``diag/grad_norm/<term>`` and ``diag/grad_ratio/<term>`` (over the policy term's); the update is the
+    same as without it. Not with fp16 (its loss scaler); ignored by SFT."""
 
     wandb_project: str = "megatron_ral"
     wandb_mode: str = "offline"
@@ -299,6 +303,7 @@ class LoggingConfig:
     tensorboard: bool = False
     log_interval: int = 1
     progress: bool = True
+    term_grad_norm_interval: int = 0   # RL: every N steps, each loss term's gradient norm alone (diag/*); 0 never
 
 
 @dataclass

@@ -286,4 +286,7 @@ def validate(cfg: Config, world_size: int | None = None, dims: ModelDims | None 
     lg = cfg.logging
     _one_of(lg.wandb_mode, ("offline", "online", "disabled"), "logging.wandb_mode")
     _check(lg.log_interval >= 1, "logging.log_interval", "must be >= 1")
+    _check(lg.term_grad_norm_interval >= 0, "logging.term_grad_norm_interval", "must be >= 0 (0: never)")
+    _check(lg.term_grad_norm_interval == 0 or cfg.model.dtype != "fp16", "logging.term_grad_norm_interval",
+           "is not available with model.dtype fp16 (the diagnostic would move the loss scaler); use bf16 or fp32")
     return cfg

@@ -3,6 +3,8 @@
     plot_curves(path, {"ral": rows, ...})            training curves from metrics.jsonl rows (one line per run)
     plot_frame_bars(path, masses, labels, ...)       attention mass per video frame, bars over time
     plot_patch_overlays(path, frames, heats, ...)    a heatmap over the image patches on each frame
+    plot_bands(path, [(title, {label: [(x, mean, std)]})])   mean lines with a ±std band (runs over seeds)
+    plot_bars(path, title, {label: (mean, std)})     one bar per label with a ±std whisker
 
 Used by tools/visualize_attention.py, the quickstart's ``curves.png`` and the comparison experiment's
 pictures. matplotlib (the ``[plot]`` extra) is imported on first use with the Agg backend (no display);
@@ -133,3 +135,48 @@ def plot_patch_overlays(path: str | os.PathLike, frames: Sequence, heats: Sequen
 
 
 __all__ = ["CURVES", "DPI", "plot_curves", "plot_frame_bars", "plot_patch_overlays", "size_px"]
+
+
+def plot_bands(path: str | os.PathLike, panels: Sequence[tuple[str, Mapping[str, Sequence[tuple]]]],
+               xlabel: str = "step") -> Path:
+    """Side-by-side panels, each (title, {label: [(x, mean, std), ...]}): the mean as a line, mean ± std as
+    a band (e.g. one arm's runs over seeds); 6 x 4 inches per panel."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(6 * max(1, len(panels)), 4), squeeze=False)
+    for ax, (title, series) in zip(axes.flat, panels):
+        for label, pts in series.items():
+            if not pts:
+                continue
+            xs, ms, ss = zip(*pts)
+            (line,) = ax.plot(xs, ms, label=label, marker="o" if len(xs) < 20 else None, markersize=3)
+            ax.fill_between(xs, [m - s for m, s in zip(ms, ss)], [m + s for m, s in zip(ms, ss)],
+                            color=line.get_color(), alpha=0.2)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        if any(series.values()):
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_bars(path: str | os.PathLike, title: str, values: Mapping[str, tuple[float, float] | None]) -> Path:
+    """One bar per label at its mean with a ±std whisker; a label whose value is None is drawn empty
+    (marked "n/a"). 1.2 inches per bar + 2, by 4 inches."""
+    plt = _pyplot()
+    labels = list(values)
+    fig, ax = plt.subplots(figsize=(1.2 * max(len(labels), 3) + 2, 4))
+    xs = list(range(len(labels)))
+    means = [values[k][0] if values[k] is not None else 0.0 for k in labels]
+    stds = [values[k][1] if values[k] is not None else 0.0 for k in labels]
+    colors = [f"C{i % 10}" for i in xs]
+    ax.bar(xs, means, yerr=stds, capsize=4, color=colors)
+    for x, k in zip(xs, labels):
+        if values[k] is None:
+            ax.text(x, 0, "n/a", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(xs)
+    ax.set_xticklabels(labels, rotation=30 if len(labels) > 5 else 0, fontsize=8)
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -29,7 +29,7 @@ from megatron_ral.rl.passes import old_pass, reference_pass
 from megatron_ral.rl.rollout import RolloutSettings, generate_rollouts, global_prompt_keys, prompts_of
 from megatron_ral.rl.schedule import PassContext
 from megatron_ral.rl.teacher_phase import TeacherPhase, TeacherSetup
-from megatron_ral.rl.update import LossSettings, minibatch_normalisers, policy_update
+from megatron_ral.rl.update import LossSettings, minibatch_normalisers, policy_update, term_grad_norms
 from megatron_ral.rl.vision import encode_prompts_vision
 
 
@@ -63,6 +63,7 @@ class RLContext:
     cp_group: object = None             # context-parallel group (None at CP = 1): generators sharing the prompts
     rollout_owner: bool = True          # model-parallel rank 0 of its data-parallel group
     loss_owner: bool = True             # tensor-parallel (and context-parallel) rank 0 of the last pipeline stage
+    term_grad_interval: int = 0         # every this many steps: each loss term's gradient norm alone (0: never)
 
 
 @dataclass
@@ -117,6 +118,17 @@ def loss_scale_metrics(optimizer, loss_scale_skips: int, loss_scale: float) -> d
     if not uses_loss_scaling(optimizer):
         return {}
     return {"train/loss_scale": float(loss_scale), "train/loss_scale_skips": float(loss_scale_skips)}
+
+
+def term_grad_metrics(norms: dict[str, float]) -> dict:
+    """``diag/grad_norm/<term>`` for each active loss term and ``diag/grad_ratio/<term>`` = its norm over
+    the policy term's (how strongly each extra term pulls against the policy gradient, weight included)."""
+    out = {f"diag/grad_norm/{t}": v for t, v in norms.items()}
+    policy = norms.get("policy", float("nan"))
+    for t, v in norms.items():
+        if t != "policy":
+            out[f"diag/grad_ratio/{t}"] = v / policy if policy > 0 else float("nan")
+    return out
 
 
 def _more(next_batch: Callable[[], Batch] | None) -> Batch:
@@ -178,13 +190,22 @@ def rl_step(ctx: RLContext, loader_batch: Batch, step: int,
     teacher_before_updates = timer.seconds["teacher"]
     with timer("update"):
         update = 0
+        diagnose = ctx.term_grad_interval > 0 and step % ctx.term_grad_interval == 0
         for _epoch in range(ctx.epochs_per_rollout):
             for mbs in batch.minibatches():
+                targets = teacher.targets(mbs) if teacher is not None else None
+                if diagnose and update == ctx.updates_per_rollout - 1:
+                    # the last update of the step: after the others moved the weights (the attention term's
+                    # gradient is zero by construction on the first one)
+                    with timer("term_grads"):
+                        term_norms = term_grad_norms(passes, batch, mbs, ctx.optimizer, ctx.loss,
+                                                     norms[mbs[0].minibatch], store, use_old_logprobs=need_old,
+                                                     teacher=targets)
                 outcome, sums = policy_update(
                     passes, batch, mbs, ctx.optimizer, ctx.scheduler, ctx.loss, norms[mbs[0].minibatch], store,
                     use_old_logprobs=need_old,
                     diagnostics=None if need_old else (model.image_token_id, model.video_token_id),
-                    teacher=teacher.targets(mbs) if teacher is not None else None)
+                    teacher=targets)
                 if update == 0:  # zero by construction on the first update (theta = theta_old)
                     for key in ("attn/jsd_old", "attn/jsd_tokens"):
                         sums.sums.pop(key, None)
@@ -246,6 +267,10 @@ def rl_step(ctx: RLContext, loader_batch: Batch, step: int,
         "perf/token_positions": total.total("perf/token_positions"),  # of one pass over the batch (padding included)
         "perf/step_s": time.perf_counter() - t_step,
     })
+    if diagnose:
+        metrics.update(term_grad_metrics(term_norms))
+        metrics["perf/term_grads_s"] = timer.seconds["term_grads"]
+        metrics["perf/update_s"] -= timer.seconds["term_grads"]
     if ctx.logprob_warning is not None:
         ctx.logprob_warning.check(metrics["rollout/logprob_diff_max"], metrics["rollout/logprob_diff_mean"], step,
                                   emit=not dist.is_initialized() or dist.get_rank() == 0)

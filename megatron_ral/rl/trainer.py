@@ -138,7 +138,7 @@ def build(cfg, info) -> Run:
         teacher=teacher,
         dp_rank=dp_rank, dp_size=dp_size, dp_group=dp_group, tp_group=ps.get_tensor_model_parallel_group(),
         cp_group=ps.get_context_parallel_group() if ps.get_context_parallel_world_size() > 1 else None,
-        rollout_owner=rollout_owner, loss_owner=loss_owner,
+        rollout_owner=rollout_owner, loss_owner=loss_owner, term_grad_interval=cfg.logging.term_grad_norm_interval,
     )
     return run
 

@@ -28,9 +28,14 @@ from megatron_ral.distill.losses import gkd_per_token
 from megatron_ral.rl import losses as L
 from megatron_ral.rl.batch import MicroBatch, RolloutBatch
 from megatron_ral.rl.metrics import MetricSums
-from megatron_ral.rl.optim_step import StepOutcome, optimizer_step, zero_grads
+from megatron_ral.rl.optim_step import StepOutcome, optimizer_step, uses_loss_scaling, zero_grads
 from megatron_ral.rl.passes import attention_diagnostics, diagnostic_sequences, has_diagnostic_sequences
 from megatron_ral.rl.schedule import PassContext, run_pass
+
+
+LOSS_TERMS = ("policy", "attn", "gkd", "distill_attn")
+"""The weighted terms of the mini-batch loss, in the order they are added: the policy term (clipped
+surrogate + beta k3), lambda_attn x the RAL attention term, mu x GKD, gamma_attn x attention distillation."""
 
 
 @dataclass(frozen=True)
@@ -112,13 +117,15 @@ def minibatch_normalisers(micro_batches: list[MicroBatch], dp_group=None) -> dic
 def minibatch_loss(mb: MicroBatch, logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
                    rows: torch.Tensor | None, p_old: torch.Tensor | None, norms: dict[str, float],
                    s: LossSettings, distill: DistillInputs | None = None,
-                   per_row=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                   per_row=None, only: str | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """This micro-batch's share of the mini-batch loss, and its metric sums (detached 0-d tensors on the
     loss's device: reading them is left to the step, once, see ``MetricSums``).
 
     ``rows``: the student's attention rows p_theta (used by the RAL term with ``p_old`` and by the attention
     distillation term with ``distill.teacher_rows``). Each term is added only when its weight is > 0 and
     its inputs are given; with gkd_mu = gamma_attn = 0 the loss is the GRPO / RAL loss.
+    ``only`` (one of ``LOSS_TERMS``): return that weighted term alone as the loss (the gradient-norm
+    diagnostic, :func:`term_grad_norms`); the metrics are the same as without it.
     ``per_row`` (``CaptureResult.per_row``): maps per-row values of the captured rows to the batch's [B, R]
     (under context parallelism ``rows``, ``p_old`` and the teacher's rows are this rank's share of the rows
     and the divergences are summed over the CP group there); None: the rows are the batch's."""
@@ -135,7 +142,7 @@ def minibatch_loss(mb: MicroBatch, logp: torch.Tensor, old_logp: torch.Tensor, r
         kl = L.k3_kl(logp, ref_logp.to(dev), s.kl_clamp)
         per_token = pg + s.kl_beta * kl
         metrics["loss/kl"] = L.aggregate(kl.detach(), w, d_pol)
-    loss = L.aggregate(per_token, w, d_pol)
+    parts = {"policy": L.aggregate(per_token, w, d_pol)}
     if rows is not None and p_old is not None and s.lambda_attn > 0:
         if per_row is not None:
             # context parallelism: rows and p_old are this rank's share of the rows; per_row sums over the group
@@ -150,7 +157,7 @@ def minibatch_loss(mb: MicroBatch, logp: torch.Tensor, old_logp: torch.Tensor, r
             attn = attn_v.new_zeros(valid.shape).index_put((b_idx, r_idx), attn_v)
         wa = L.token_weights(valid, s.attn_aggregation)
         la = L.aggregate(attn, wa, norms[L.normaliser_kind(s.attn_aggregation)])
-        loss = loss + s.lambda_attn * la
+        parts["attn"] = s.lambda_attn * la
         metrics["loss/attn"] = la.detach()
         with torch.no_grad():
             if per_row is not None:
@@ -162,7 +169,7 @@ def minibatch_loss(mb: MicroBatch, logp: torch.Tensor, old_logp: torch.Tensor, r
     if distill is not None and s.gkd_mu > 0 and distill.student_logits is not None and distill.teacher is not None:
         g = gkd_per_token(distill.student_logits, distill.teacher, s.gkd, distill.tp_group).to(logp.dtype)
         lg = L.aggregate(g, w, d_pol)
-        loss = loss + s.gkd_mu * lg
+        parts["gkd"] = s.gkd_mu * lg
         metrics["loss/gkd"] = lg.detach()
         metrics["distill/gkd"] = torch.where(valid, g.detach(), torch.zeros_like(g)).sum()
         metrics["distill/gkd_tokens"] = valid.sum()
@@ -172,11 +179,19 @@ def minibatch_loss(mb: MicroBatch, logp: torch.Tensor, old_logp: torch.Tensor, r
             jt = per_row(jt)
         wa = L.token_weights(valid, s.attn_aggregation)
         ld = L.aggregate(jt, wa, norms[L.normaliser_kind(s.attn_aggregation)])
-        loss = loss + s.gamma_attn * ld
+        parts["distill_attn"] = s.gamma_attn * ld
         metrics["loss/distill_attn"] = ld.detach()
         metrics["distill/attn_jsd_teacher"] = torch.where(valid, jt.detach(), torch.zeros_like(jt)).sum()
         metrics["distill/attn_tokens"] = valid.sum()
+    loss = parts["policy"]
+    for name in LOSS_TERMS[1:]:
+        if name in parts:
+            loss = loss + parts[name]
     metrics["loss/total"] = loss.detach()
+    if only is not None:
+        if only not in LOSS_TERMS:
+            raise ValueError(f"minibatch_loss: unknown term {only!r} (known: {', '.join(LOSS_TERMS)})")
+        loss = parts[only] if only in parts else loss * 0.0
     return loss, metrics
 
 
@@ -194,23 +209,82 @@ def policy_update(ctx: PassContext, batch: RolloutBatch, micro_batches: list[Mic
     these micro-batches for the distillation terms (the student's logits at the response positions are
     then returned by its forward when gkd_mu > 0, its rows captured with gradients when gamma_attn > 0).
     """
-    use_attention = settings.lambda_attn > 0 and store is not None
-    use_gkd = teacher is not None and settings.gkd_mu > 0
-    use_distill_attn = teacher is not None and settings.gamma_attn > 0 and teacher.rows is not None
     sums = MetricSums()
+    loss_fn = _LossFn(batch, settings, norms, store, use_old_logprobs, diagnostics, teacher)
+    zero_grads(ctx.model, optimizer)
+    for model in ctx.model:
+        model.train()
+    outputs = run_pass(ctx, micro_batches, loss_fn.consume, forward_only=False, capture_kwargs=loss_fn.capture_kwargs,
+                       return_logits=loss_fn.use_gkd)
+    for m in outputs:
+        for k, v in m.items():
+            sums.add(k, v, 0.0)
+    outcome = optimizer_step(ctx.model, optimizer, scheduler, loss_finite=losses_finite(outputs))
+    return outcome, sums
 
-    def capture_kwargs(mb):
-        if use_attention or use_distill_attn:
+
+def active_terms(settings: LossSettings, store=None, teacher: TeacherTargets | None = None) -> list[str]:
+    """The terms of ``LOSS_TERMS`` that this configuration adds to the loss."""
+    fn = _LossFn(None, settings, {}, store, True, None, teacher)
+    return ["policy"] + [t for t, on in (("attn", fn.use_attention), ("gkd", fn.use_gkd),
+                                         ("distill_attn", fn.use_distill_attn)) if on]
+
+
+def term_grad_norms(ctx: PassContext, batch: RolloutBatch, micro_batches: list[MicroBatch], optimizer,
+                    settings: LossSettings, norms: dict[str, float], store=None, use_old_logprobs: bool = True,
+                    teacher: TeacherTargets | None = None) -> dict[str, float]:
+    """{term: ||grad of that weighted term alone||} at the current weights, for each active term of the
+    mini-batch loss (``LOSS_TERMS``): one forward/backward over ``micro_batches`` per term, the gradient
+    reduced over data-parallel ranks by the schedule as in an update, its norm computed by the optimizer
+    over the model-parallel group (tensor-parallel duplicates and shared embeddings counted once, as for
+    ``train/grad_norm``). A diagnostic: the gradients are zeroed afterwards, no weight, optimizer state or
+    schedule changes, the update that follows is the same as without it. Not for fp16 (the optimizer's
+    gradient preparation would move its loss scaler; the config refuses the pair)."""
+    if uses_loss_scaling(optimizer):
+        raise ValueError("term_grad_norms: not available with a loss-scaled (fp16) optimizer")
+    out: dict[str, float] = {}
+    for term in active_terms(settings, store, teacher):
+        loss_fn = _LossFn(batch, settings, norms, store, use_old_logprobs, None, teacher, only=term)
+        zero_grads(ctx.model, optimizer)
+        for model in ctx.model:
+            model.train()
+        run_pass(ctx, micro_batches, loss_fn.consume, forward_only=False, capture_kwargs=loss_fn.capture_kwargs,
+                 return_logits=loss_fn.use_gkd)
+        optimizer.prepare_grads()
+        norm = optimizer.get_grad_norm()
+        out[term] = float(norm) if norm is not None else math.nan
+    zero_grads(ctx.model, optimizer)
+    return out
+
+
+class _LossFn:
+    """The per-micro-batch loss of an update (``consume`` for ``run_pass``) and the capture it needs."""
+
+    def __init__(self, batch, settings: LossSettings, norms, store, use_old_logprobs: bool, diagnostics,
+                 teacher: TeacherTargets | None, only: str | None = None):
+        self.batch, self.settings, self.norms, self.store = batch, settings, norms, store
+        self.use_old_logprobs, self.diagnostics, self.teacher, self.only = use_old_logprobs, diagnostics, teacher, only
+        self.use_attention = settings.lambda_attn > 0 and store is not None
+        self.use_gkd = teacher is not None and settings.gkd_mu > 0
+        self.use_distill_attn = teacher is not None and settings.gamma_attn > 0 and teacher.rows is not None
+
+    def capture_kwargs(self, mb):
+        if self.use_attention or self.use_distill_attn:
             return {"grad": True}
-        return {"grad": False} if diagnostics is not None and has_diagnostic_sequences(batch, mb) else None
+        if self.diagnostics is not None and has_diagnostic_sequences(self.batch, mb):
+            return {"grad": False}
+        return None
 
-    def consume(mb, token_loss, result, logits=None):
+    def consume(self, mb, token_loss, result, logits=None):
+        batch, settings, store, teacher = self.batch, self.settings, self.store, self.teacher
+        use_attention, use_gkd, use_distill_attn = self.use_attention, self.use_gkd, self.use_distill_attn
         logp = mb.token_logprobs(token_loss)
-        if use_old_logprobs:
+        if self.use_old_logprobs:
             old = batch.old_logprobs[mb.index]
         else:
             old = logp.detach()
-            batch.old_logprobs.setdefault(mb.index, old.float())
+            if self.only is None:
+                batch.old_logprobs.setdefault(mb.index, old.float())
         rows = result.rows if (result is not None and result.active) else None
         p_old = store.get(mb.index, device=logp.device) if (use_attention and rows is not None) else None
         per_row = result.per_row if rows is not None else None
@@ -223,24 +297,14 @@ def policy_update(ctx: PassContext, batch: RolloutBatch, micro_batches: list[Mic
                 else None,
                 tp_group=teacher.tp_group)
         loss, metrics = minibatch_loss(mb, logp, old, batch.ref_logprobs.get(mb.index),
-                                       rows if (use_attention or use_distill_attn) else None, p_old, norms, settings,
-                                       distill, per_row)
+                                       rows if (use_attention or use_distill_attn) else None, p_old, self.norms,
+                                       settings, distill, per_row, only=self.only)
+        diagnostics = self.diagnostics
         if diagnostics is not None and rows is not None and has_diagnostic_sequences(batch, mb):
             with torch.no_grad():
                 metrics.update(attention_diagnostics(rows.detach(), mb, *diagnostics, diagnostic_sequences(batch, mb),
                                                      per_row))
         return loss, metrics
-
-    zero_grads(ctx.model, optimizer)
-    for model in ctx.model:
-        model.train()
-    outputs = run_pass(ctx, micro_batches, consume, forward_only=False, capture_kwargs=capture_kwargs,
-                       return_logits=use_gkd)
-    for m in outputs:
-        for k, v in m.items():
-            sums.add(k, v, 0.0)
-    outcome = optimizer_step(ctx.model, optimizer, scheduler, loss_finite=losses_finite(outputs))
-    return outcome, sums
 
 
 def losses_finite(outputs: list[dict]) -> bool:

@@ -6,7 +6,6 @@ import statistics
 import pytest
 
 from megatron_ral.bench import compare_report as R
-from megatron_ral.bench.compare_plots import band
 
 
 def _rows():
@@ -48,6 +47,36 @@ def test_aggregate_and_table_round_trip():
 
 
 def test_band_mean_and_std_at_common_steps():
-    b = band([[(0, 0.1), (5, 0.3)], [(0, 0.3), (5, 0.5), (9, 1.0)]])
+    b = R.band([[(0, 0.1), (5, 0.3)], [(0, 0.3), (5, 0.5), (9, 1.0)]])
     assert [x for x, _, _ in b] == [0, 5]
     assert b[0][1] == pytest.approx(0.2) and b[0][2] == pytest.approx(statistics.stdev([0.1, 0.3]))
+
+
+def test_lambda_sweep_stopping_rule():
+    from megatron_ral.bench.compare import SWEEP_MAX_EXTRA, next_sweep_value, parse_args
+
+    assert next_sweep_value([0.5, 1.0, 5.0], 0, 0.01) == 10.0          # powers of 10 above the largest value
+    assert next_sweep_value([0.5, 1.0, 5.0, 10.0], 1, 0.1) == 100.0
+    assert next_sweep_value([0.5, 1.0, 5.0, 10.0], 1, 0.5) is None      # the attention gradient is half the policy's
+    assert next_sweep_value([1.0, 10.0, 100.0, 1e3, 1e4], SWEEP_MAX_EXTRA, 0.01) is None   # at most four more
+    assert next_sweep_value([5.0], 0, None) is None                     # nothing measured: stop
+    s = parse_args(["--out", "x", "--lambda-attn", "0.5,1,5,..."])
+    assert s.lambda_sweep == [0.5, 1.0, 5.0] and s.sweep_continue
+    assert parse_args(["--out", "x", "--lambda-attn", "2"]).sweep_continue is False
+    for bad in ("...", "0,1", "a,b"):
+        with pytest.raises(SystemExit):
+            parse_args(["--out", "x", "--lambda-attn", bad])
+
+
+def test_table_shows_the_gradient_ratio_only_when_measured():
+    runs = {"grpo": {0: {"accuracy": 0.3}}, "ral": {0: {"accuracy": 0.4, "grad_ratio_attn": 2e-3}}}
+    table = R.parse_markdown_table(R.markdown_table(R.aggregate(runs), ["grpo", "ral"]))
+    assert table["ral"]["grad attn/policy"] == (2e-3, 0.0) and table["grpo"]["grad attn/policy"] == "–"
+    assert "grad gkd/policy" not in table["ral"]
+    rows = [{"step": 1, "reward/total": 0.1, "diag/grad_norm/policy": 2.0, "diag/grad_ratio/attn": 0.1},
+            {"step": 2, "reward/total": 0.2}, {"step": 3, "reward/total": 0.3, "diag/grad_norm/policy": 4.0,
+                                               "diag/grad_ratio/attn": 0.3, "perf/teacher_s": 1.5},
+            {"step": 3, "eval/accuracy": 0.5}]
+    f = R.rl_run_figures(rows, prompts_per_step=2, group_size=2, updates_per_rollout=1)
+    assert f["grad_ratio_attn"] == pytest.approx(0.2) and f["grad_norm_policy"] == pytest.approx(3.0)
+    assert f["diagnostic_steps"] == 2 and f["grad_ratio_gkd"] is None and f["teacher_seconds"] == 1.5
