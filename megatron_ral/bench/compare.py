@@ -71,7 +71,7 @@ class Settings:
     prompts_per_step: int = 8
     group_size: int = 4
     updates_per_rollout: int = 2
-    rl_lr: float = 5.0e-4
+    rl_lr: float = 2.0e-4
     lambda_attn: float = 1.0
     eval_points: int = 3
     grad_points: int = 4
@@ -79,7 +79,7 @@ class Settings:
     sweep_continue: bool = False
     ral_epochs2: bool = False
     nproc: int = 1
-    jobs: int = 1
+    jobs: int = 2
     answer_tokens: int = 16
     think_tokens: int | None = None
     teacher_preset: str = "small"
@@ -448,7 +448,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     p.add_argument("--think-tokens", type=int, default=None,
                    help="max_new_tokens of the think template (default: measured from the think traces)")
     p.add_argument("--nproc", type=int, default=1, choices=(1, 2), help="processes per run (2: torchrun, gloo)")
-    p.add_argument("--jobs", type=int, default=1, help="runs at once")
+    p.add_argument("--jobs", type=int, default=Settings.jobs, help="runs at once (each one process, one thread)")
     a = p.parse_args(argv)
     arms = [x.strip() for x in a.algorithms.split(",") if x.strip()]
     bad = [x for x in arms if x not in ALL_ARMS]
