@@ -248,6 +248,8 @@ class TrainingConfig:
         Every value gives the same losses and gradients (the normalisers are global); only the cost differs.
     max_tokens_per_micro_batch: token budget of a packed stream (packing "sequences" / "groups"); a single
         sequence (or a prompt with one response) longer than the budget runs alone in its stream.
+    seed: torch / megatron random state and the rollouts' sampling generators; the data order is
+        data.seed's (an SFT run, which samples nothing, repeats itself under another training.seed).
     train_steps: steps to run (0 = ``epochs`` passes over data.train_files).
     eval_interval: evaluate (greedy, data.eval_files) every N steps (0 = never during training);
         eval_at_start / eval_at_end add evaluations before the first and after the last step.
