@@ -35,6 +35,7 @@ import torch
 
 from megatron_ral.cli import input_checks as check
 from megatron_ral.cli.arguments import ToolParser
+from megatron_ral.bench.rl_step import add_step_flags, check_step_flags
 from megatron_ral.cli.entry import prog_name, run_main
 
 PHASES = ("perf/gen_s", "perf/old_pass_s", "perf/ref_pass_s", "perf/teacher_s", "perf/update_s", "perf/step_s")
@@ -221,40 +222,21 @@ def run_distill_step_benchmark(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = ToolParser(prog=prog_name("distill_step.py"), description=__doc__)
-    p.add_argument("--preset", default="small", choices=["tiny", "small"], help="the student's tiny-checkpoint preset")
-    p.add_argument("--config-json", default=None,
-                   help="HF config overrides merged into the student's preset (the teacher doubles its sizes)")
-    p.add_argument("--prompts", type=int, default=8, help="prompts per step")
-    p.add_argument("--group-size", type=int, default=8, help="responses per prompt (G)")
-    p.add_argument("--updates", type=int, default=2, help="optimizer steps per rollout batch")
-    p.add_argument("--micro-batch-size", type=int, default=8, help="sequences per micro-batch")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="response length cap")
-    p.add_argument("--max-frames", type=int, default=8, help="frames per video")
-    p.add_argument("--pixels", type=int, default=12544, help="pixels per frame / image")
-    p.add_argument("--records", type=int, default=40, help="synthetic records written")
+    add_step_flags(p, "the student's tiny-checkpoint preset",
+                   "HF config overrides merged into the student's preset (the teacher doubles its sizes)",
+                   "RAL / RAL + distillation")
     p.add_argument("--gkd-mu", type=float, default=1.0, help="algorithm.gkd_mu of the distillation run")
     p.add_argument("--gamma-attn", type=float, default=0.5, help="algorithm.gamma_attn of the distillation run")
     p.add_argument("--gkd-top-k", type=int, default=0, help="algorithm.gkd_top_k (0: exact GKD, logits per mini-batch)")
     p.add_argument("--teacher-placement", default="device", choices=["device", "host"],
                    help="algorithm.teacher_placement")
-    p.add_argument("--steps", type=int, default=3, help="measured steps per variant")
-    p.add_argument("--warmup", type=int, default=1, help="unmeasured steps per variant")
-    p.add_argument("--repeats", type=int, default=1,
-                   help="runs of the RAL / RAL + distillation pair, in alternating order; medians over all of them")
-    p.add_argument("--seed", type=int, default=0, help="weights, data and sampling seed")
     args = p.parse_args(argv)
-    args.config_json = check.json_text(args.config_json, "--config-json") if args.config_json else None
-    for flag in ("prompts", "group_size", "updates", "micro_batch_size", "max_new_tokens", "records", "steps",
-                 "repeats"):
-        check.at_least(getattr(args, flag), 1, f"--{flag.replace('_', '-')}")
-    check.at_least(args.max_frames, 2, "--max-frames")
-    check.at_least(args.warmup, 0, "--warmup")
+    check_step_flags(args)
     check.at_least(args.gkd_top_k, 0, "--gkd-top-k")
     if args.gkd_mu < 0 or args.gamma_attn < 0 or args.gkd_mu + args.gamma_attn <= 0:
         from megatron_ral.errors import UsageError
 
         raise UsageError("--gkd-mu / --gamma-attn: must be >= 0, and one of them > 0")
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     print(json.dumps(run_distill_step_benchmark(args)))
     return 0
 

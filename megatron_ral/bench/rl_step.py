@@ -125,11 +125,11 @@ def run_rl_step_benchmark(args) -> dict:
 
 # --- the command (tools/bench/rl_step.py) ---------------------------------
 
-def main(argv: list[str] | None = None) -> int:
-    p = ToolParser(prog=prog_name("rl_step.py"), description=__doc__)
-    p.add_argument("--preset", default="small", choices=["tiny", "small"], help="tiny-checkpoint preset")
-    p.add_argument("--config-json", default=None,
-                   help="HF config overrides merged into the preset, e.g. 7B proportions")
+def add_step_flags(p, preset_help: str, config_help: str, variants: str) -> None:
+    """The flags the step benchmarks share (``rl_step``, ``distill_step``): workload, model and repetition;
+    ``variants`` names what one repeat runs (for the help texts)."""
+    p.add_argument("--preset", default="small", choices=["tiny", "small"], help=preset_help)
+    p.add_argument("--config-json", default=None, help=config_help)
     p.add_argument("--prompts", type=int, default=8, help="prompts per step")
     p.add_argument("--group-size", type=int, default=8, help="responses per prompt (G)")
     p.add_argument("--updates", type=int, default=2, help="optimizer steps per rollout batch")
@@ -138,12 +138,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-frames", type=int, default=8, help="frames per video")
     p.add_argument("--pixels", type=int, default=12544, help="pixels per frame / image")
     p.add_argument("--records", type=int, default=40, help="synthetic records written")
-    p.add_argument("--steps", type=int, default=3, help="measured steps per algorithm")
-    p.add_argument("--warmup", type=int, default=1, help="unmeasured steps per algorithm")
+    p.add_argument("--steps", type=int, default=3, help=f"measured steps per {variants.split('/')[0].strip()} run")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured steps per run")
     p.add_argument("--repeats", type=int, default=1,
-                   help="runs of the GRPO/RAL pair, in alternating order; medians over all of them")
+                   help=f"runs of the {variants} pair, in alternating order; medians over all of them")
     p.add_argument("--seed", type=int, default=0, help="weights, data and sampling seed")
-    args = p.parse_args(argv)
+
+
+def check_step_flags(args) -> None:
+    """One-line errors for the shared flags (``add_step_flags``); the thread count from OMP_NUM_THREADS."""
     args.config_json = check.json_text(args.config_json, "--config-json") if args.config_json else None
     for flag in ("prompts", "group_size", "updates", "micro_batch_size", "max_new_tokens", "records", "steps",
                  "repeats"):
@@ -151,6 +154,14 @@ def main(argv: list[str] | None = None) -> int:
     check.at_least(args.max_frames, 2, "--max-frames")  # a video is at least one temporal patch of 2 frames
     check.at_least(args.warmup, 0, "--warmup")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = ToolParser(prog=prog_name("rl_step.py"), description=__doc__)
+    add_step_flags(p, "tiny-checkpoint preset", "HF config overrides merged into the preset, e.g. 7B proportions",
+                   "GRPO / RAL")
+    args = p.parse_args(argv)
+    check_step_flags(args)
     print(json.dumps(run_rl_step_benchmark(args)))
     return 0
 

@@ -13,8 +13,6 @@ converted are counted by reason (``--json`` lists them). The conversion itself i
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
 from megatron_ral.cli import input_checks as check

@@ -147,7 +147,7 @@ ROWS = [
 
 def render(plan: MemoryPlan) -> str:
     """The plan as a table: one row per item, one column per pipeline stage, GiB."""
-    lay, w, s, seq = plan.layout, plan.workload, plan.settings, plan.sequence
+    lay, w, seq = plan.layout, plan.workload, plan.sequence
     head = (f"{plan.student}" + (f" + teacher {plan.teacher}" if plan.teacher else "") +
             f": TP {lay.tp} x PP {lay.pp} x CP {lay.cp} x DP {lay.dp} = {lay.world} GPUs of "
             f"{plan.gpu_bytes / GIB:g} GiB ({plan.usable_bytes / GIB:g} usable)")

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from megatron_ral.config.schema import ParallelConfig
-from megatron_ral.testing.models import make_prompt, tiny_hf_config
+from megatron_ral.testing.models import make_prompt
 from megatron_ral.testing.spawn import run_distributed
 
 pytestmark = pytest.mark.distributed

@@ -3,7 +3,6 @@ and a distributed checkpoint saved at one layout loads at another with identical
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch

@@ -57,7 +57,7 @@ def test_sigterm_saves_and_resume_is_bit_exact(assets):
 
     done = subprocess.run(tf.train_command(cfg), env=tf.subprocess_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert f"resumed from" in done.stderr
+    assert "resumed from" in done.stderr
     resumed = _comparable(tf.read_metrics(run_dir))
     assert sorted(resumed) == [1, 2, 3, 4, 5]
     for step in range(1, 6):

@@ -7,7 +7,6 @@ second invocation reruns nothing."""
 import contextlib
 import io
 import json
-from pathlib import Path
 
 import pytest
 

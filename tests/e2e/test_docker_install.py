@@ -83,7 +83,7 @@ def test_plan_detected_from_this_environment():
     assert f"torch {version('torch')} (kept)" in out.stdout
     if torch.version.cuda:
         major = torch.version.cuda.split(".")[0]
-        assert f"(from torch.version.cuda)" in out.stdout
+        assert "(from torch.version.cuda)" in out.stdout
         assert any(i.startswith(f"nvidia-dali-cuda{major}0==") for i in _installs(out.stdout))
     assert re.search(r"keep: \d+ packages", out.stdout)
 
