@@ -65,7 +65,7 @@ class Settings:
     out: str
     seeds: list[int]
     arms: list[str]
-    steps: int = 20
+    steps: int = 40
     records: int = 300
     sft_epochs: int = 8
     prompts_per_step: int = 8
@@ -83,7 +83,7 @@ class Settings:
     answer_tokens: int = 16
     think_tokens: int | None = None
     teacher_preset: str = "small"
-    teacher_sft_epochs: int = 4
+    teacher_sft_epochs: int = 8
     gkd_mu: float = 1.0
     gamma_attn: float = 1.0
 
@@ -474,13 +474,42 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
                     teacher_sft_epochs=a.teacher_sft_epochs, gkd_mu=a.gkd_mu, gamma_attn=a.gamma_attn)
 
 
+# settings that change what a finished run holds; the others (which arms, seeds, extra rows, jobs) may differ
+# between invocations on one directory
+RUN_SETTINGS = ("steps", "records", "sft_epochs", "prompts_per_step", "group_size", "updates_per_rollout", "rl_lr",
+                "lambda_attn", "eval_points", "grad_points", "nproc", "answer_tokens", "think_tokens",
+                "teacher_preset", "teacher_sft_epochs", "gkd_mu", "gamma_attn")
+
+
+def check_same_settings(s: Settings) -> None:
+    """A directory's finished runs are reused, so they must have been made with these settings: the first
+    invocation writes DIR/settings.json, a later one with other run settings is refused (one line)."""
+    path = Path(s.out) / "settings.json"
+    mine = {k: getattr(s, k) for k in RUN_SETTINGS}
+    if path.exists():
+        theirs = json.loads(path.read_text())
+        for k in RUN_SETTINGS:
+            if k == "think_tokens" and (mine[k] is None or theirs.get(k) is None):
+                continue  # measured from the data once: the recorded value stands
+            if k in theirs and theirs[k] != mine[k]:
+                from megatron_ral.errors import UsageError
+
+                raise UsageError(f"--{k.replace('_', '-')}: {s.out} holds runs made with {theirs[k]!r}, not "
+                                 f"{mine[k]!r}; use another --out (finished runs are reused, so settings cannot mix)")
+        if s.think_tokens is None:
+            s.think_tokens = theirs.get("think_tokens")
+    path.write_text(json.dumps({k: getattr(s, k) for k in RUN_SETTINGS}, indent=1) + "\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     s = parse_args(argv)
     Path(s.out).mkdir(parents=True, exist_ok=True)
+    check_same_settings(s)
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, _stop_children)
     meta = run_all(s)
+    check_same_settings(s)   # records the measured think length
     results = collect(s, meta)
     write_outputs(s, results)
     print((Path(s.out) / "results.md").read_text())
@@ -488,4 +517,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cli() -> None:
-    sys.exit(main())
+    """``python tools/experiments/compare_algorithms.py``; a bad flag exits 2 with one line."""
+    from megatron_ral.cli.entry import run_main
+
+    run_main("compare_algorithms.py", main)

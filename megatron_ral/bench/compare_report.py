@@ -148,8 +148,10 @@ def _cell(pair, digits: int = 3) -> str:
     if pair is None or pair[0] is None or (isinstance(pair[0], float) and math.isnan(pair[0])):
         return "–"
     m, s = pair
-    if abs(m) >= 1000:
+    if abs(m) >= 100:
         return f"{m:.0f} ± {s:.0f}"
+    if abs(m) >= 10:
+        return f"{m:.1f} ± {s:.1f}"
     if m != 0 and abs(m) < 1e-2:
         return f"{m:.2e} ± {s:.1e}"
     return f"{m:.{digits}f} ± {s:.{digits}f}"

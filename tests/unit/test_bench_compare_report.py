@@ -80,3 +80,19 @@ def test_table_shows_the_gradient_ratio_only_when_measured():
     f = R.rl_run_figures(rows, prompts_per_step=2, group_size=2, updates_per_rollout=1)
     assert f["grad_ratio_attn"] == pytest.approx(0.2) and f["grad_norm_policy"] == pytest.approx(3.0)
     assert f["diagnostic_steps"] == 2 and f["grad_ratio_gkd"] is None and f["teacher_seconds"] == 1.5
+
+
+def test_a_directory_refuses_runs_of_other_settings(tmp_path):
+    from megatron_ral.bench.compare import check_same_settings, parse_args
+    from megatron_ral.errors import UsageError
+
+    out = str(tmp_path / "cmp")
+    (tmp_path / "cmp").mkdir()
+    first = parse_args(["--out", out, "--steps", "4"])
+    first.think_tokens = 50                         # as measured by the first invocation
+    check_same_settings(first)
+    again = parse_args(["--out", out, "--steps", "4", "--seeds", "5", "--lambda-attn", "5,...", "--jobs", "1"])
+    check_same_settings(again)                      # more seeds, extra rows, jobs: the runs stay valid
+    assert again.think_tokens == 50
+    with pytest.raises(UsageError, match="--steps: .* holds runs made with 4, not 6"):
+        check_same_settings(parse_args(["--out", out, "--steps", "6"]))
