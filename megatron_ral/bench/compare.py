@@ -200,8 +200,9 @@ def teacher_job(s: Settings) -> dict:
     return _once(s, "teacher", 0, _train_cmd(s, "quickstart_sft.yaml", ov))
 
 
-def lambda_arm(lam: float) -> str:
-    return f"ral_lam{lam:g}"
+def lambda_arm(s: Settings, lam: float) -> str:
+    """The arm of the sweep's value ``lam``: the ``ral`` arm itself at its own lambda_attn (the same run)."""
+    return "ral" if lam == s.lambda_attn and "ral" in s.arms else f"ral_lam{lam:g}"
 
 
 def rl_arms(s: Settings, sweep: list[float] | None = None) -> dict[str, dict]:
@@ -228,7 +229,8 @@ def rl_arms(s: Settings, sweep: list[float] | None = None) -> dict[str, dict]:
         arms["ral_epochs2"] = {"template": "think", "ov": {**ral, "algorithm.updates_per_rollout": s.updates_per_rollout,
                                                            "algorithm.epochs_per_rollout": s.updates_per_rollout}}
     for lam in (s.lambda_sweep if sweep is None else sweep):
-        arms[lambda_arm(lam)] = {"template": "think", "ov": {**ral, "algorithm.lambda_attn": lam, **common}}
+        if lambda_arm(s, lam) != "ral":
+            arms[lambda_arm(s, lam)] = {"template": "think", "ov": {**ral, "algorithm.lambda_attn": lam, **common}}
     return arms
 
 
@@ -255,7 +257,7 @@ def sweep_ratio(s: Settings, lam: float) -> float | None:
     seeds and diagnostic steps (None when no run logged it)."""
     vals = []
     for seed in s.seeds:
-        rows = report.read_metrics(run_dir(s, lambda_arm(lam), seed))
+        rows = report.read_metrics(run_dir(s, lambda_arm(s, lam), seed))
         vals += [r["diag/grad_ratio/attn"] for r in rows if "diag/grad_ratio/attn" in r]
     return sum(vals) / len(vals) if vals else None
 
@@ -299,8 +301,8 @@ def run_all(s: Settings) -> dict:
             sweep.append(nxt)
             print(f"[compare] lambda sweep: attention/policy gradient {ratio:.3g} < {SWEEP_TARGET} at "
                   f"lambda_attn {max(sweep[:-1]):g}: next {sweep[-1]:g}", flush=True)
-            arm = lambda_arm(sweep[-1])
-            spec = rl_arms(s, [sweep[-1]])[arm]
+            arm = lambda_arm(s, sweep[-1])
+            spec = rl_arms(s, [sweep[-1]]).get(arm) or rl_arms(s, [])["ral"]
             list(pool.map(lambda seed: rl_job(s, arm, spec, seed), s.seeds))
     arms = rl_arms(s, sweep)
     return {"prepare": prep, "rl_arms": {a: v["template"] for a, v in arms.items()}, "sft_templates": sft_templates,
