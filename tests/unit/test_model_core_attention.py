@@ -138,8 +138,10 @@ def test_a_response_does_not_see_another_response():
 
 
 def test_masked_path_keeps_no_mask_or_scores_for_backward():
-    """Between forward and backward only Q, K and V are held (each block is recomputed in backward)."""
-    from megatron_ral.models.qwen25vl.core_attention import LayoutParams
+    """Between forward and backward only Q, K and V are held (each masked block is recomputed in backward),
+    plus, where the log-sum-exp parts run (CPU), the output and its log-sum-exp: O(tokens), never a mask or
+    scores of O(tokens x keys)."""
+    from megatron_ral.models.qwen25vl.core_attention import LayoutParams, lse_parts_available
 
     layout = AttentionLayout.shared_prompt_groups([(40, [9, 7, 8])], pad_to_multiple=8)
     s = layout.length
@@ -154,7 +156,10 @@ def test_masked_path_keeps_no_mask_or_scores_for_backward():
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = _module(_config(), query_block=16)(q, k, v, None, packed_seq_params=LayoutParams(layout=layout))
-    assert sorted(saved) == sorted([q.numel(), k.numel(), v.numel()])
+    held = [q.numel(), k.numel(), v.numel()]
+    if lse_parts_available("cpu"):
+        held += [q.numel(), q.numel() // DIM]  # output [1, h, s, d] and log-sum-exp [1, h, s]
+    assert sorted(saved) == sorted(held)
     out.sum().backward()
     assert q.grad is not None and k.grad is not None
 
@@ -246,3 +251,36 @@ def test_cp_indices_are_megatrons_load_balanced_split():
     layout = AttentionLayout.packed_sequences([3, 3], pad_to_multiple=4)
     x = torch.arange(8).view(1, 8)
     assert layout.split_for_cp(x, 1, 2, 1).tolist() == [[2, 3, 4, 5]]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 2e-2)])
+def test_cpu_response_blocks_run_as_lse_parts_equal_to_the_masked_blocks(dtype, tol):
+    """On CPU a response's blocks run as log-sum-exp parts (prompt, earlier tokens, own causal square); the
+    same blocks with their masks give the same output and gradients (the float64 test above holds both
+    against the dense reference)."""
+    import dataclasses
+
+    from megatron_ral.models.qwen25vl.core_attention import _BlockedAttention, query_blocks
+
+    layout = AttentionLayout.shared_prompt_groups([(24, [9, 3, 14]), (11, [5, 6])], pad_to_multiple=8)
+    blocks = query_blocks(layout, 1, 0, 4, "cpu")
+    parts = [blk.parts for blk in blocks if blk.parts is not None]
+    assert len(parts) == sum(-(-r // 4) for r in (9, 3, 14, 5, 6))  # every response block, none else
+    seen = {p for ps in parts for p in ps}
+    # the third response [36, 50) of the first group: its prompt, its earlier tokens, its own causal square
+    assert {(0, 24, False), (36, 40, False), (40, 44, True)} <= seen
+    masked = [dataclasses.replace(blk, parts=None) for blk in blocks]
+    gen = torch.Generator().manual_seed(5)
+    s = layout.length
+    q = torch.randn(1, HEADS, s, DIM, generator=gen).to(dtype)
+    k = torch.randn(1, GROUPS, s, DIM, generator=gen).to(dtype)
+    v = torch.randn(1, GROUPS, s, DIM, generator=gen).to(dtype)
+    w = torch.randn(1, HEADS, s, DIM, generator=gen).to(dtype)
+    results = []
+    for bl in (blocks, masked):
+        qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
+        out = _BlockedAttention.apply(qq, kk, vv, bl, 1.0 / math.sqrt(DIM))
+        (out.float() * w.float()).sum().backward()
+        results.append((out.detach().float(), qq.grad.float(), kk.grad.float(), vv.grad.float()))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)

@@ -29,6 +29,12 @@ sequence, a group's prompt, the tail padding) is one block of plain causal atten
 blocks over their prompt and their own keys. The backward recomputes each block's forward (so no block's
 mask or scores are kept between forward and backward); this costs one extra attention forward on these
 paths, not on the plain one.
+
+On CPU without CP, a block whose queries all share one rule (a response's block: its prompt, its earlier
+tokens, its own causal square) runs as up to three unmasked / causal parts through torch's fused CPU kernel,
+merged by log-sum-exp (out = sum_p exp(lse_p - lse) out_p); the output and log-sum-exp are kept, and the
+backward runs each part's kernel backward with the merged ones (no recomputation, no mask). Same values as
+the masked form to rounding (tested in float64); elsewhere (GPU local spec, CP) the masked blocks run.
 """
 
 from __future__ import annotations
@@ -74,6 +80,7 @@ class _Block:
     keys: tuple[int, int] | torch.Tensor  # one key range [lo, hi) or the global key indices read
     causal: bool = False           # plain causal attention of the queries over keys [lo, hi), the same tokens
     mask: torch.Tensor | None = None  # the block's bool mask, kept with the layout when small (else rebuilt)
+    parts: tuple | None = None     # ((lo, hi, causal), ...): the visible keys as unmasked / causal ranges
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -128,12 +135,89 @@ def query_blocks(layout: AttentionLayout, cp_size: int, cp_rank: int, block: int
                                  causal_start=dev_vis[0][a:b], prefix_start=dev_vis[1][a:b],
                                  prefix_end=dev_vis[2][a:b], keys=keys))
     blocks.sort(key=lambda blk: blk.q.start)
+    if cp_size == 1 and lse_parts_available(device):
+        blocks = [dataclasses.replace(blk, parts=_parts(blk, causal_l, p_start_l, p_end_l)) if not blk.causal else blk
+                  for blk in blocks]
     # the masks depend on the layout only: built once for every layer and pass when they are small
     masked = [blk for blk in blocks if not blk.causal]
     if sum(blk.t.numel() * _num_keys(blk) for blk in masked) <= MASK_CACHE_ELEMENTS:
         blocks = [dataclasses.replace(blk, mask=_block_mask(blk)) if not blk.causal else blk for blk in blocks]
     layout._cache[key] = blocks
     return blocks
+
+
+def lse_parts_available(device: torch.device | str) -> bool:
+    """Whether the log-sum-exp parts path runs on ``device``: torch's fused CPU attention kernel that returns
+    its log-sum-exp (and takes it back in its backward). Elsewhere the masked blocks stay masked."""
+    return torch.device(device).type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def _parts(blk: _Block, causal_l: list, p_start_l: list, p_end_l: list) -> tuple | None:
+    """A block's visible keys as at most three ranges each read whole or causally, when every query of the
+    block has the same rule (one response's queries: its prompt, its earlier tokens, the block's own
+    causal square); None otherwise (the block keeps its mask)."""
+    a, b = blk.q.start, blk.q.stop  # without CP the local and global positions are the same
+    cs, ps, pe = causal_l[a], p_start_l[a], p_end_l[a]
+    if any(causal_l[t] != cs or p_start_l[t] != ps or p_end_l[t] != pe for t in (a, b - 1)) or \
+            len({(causal_l[t], p_start_l[t], p_end_l[t]) for t in range(a, b)}) != 1:
+        return None
+    if cs > a or (pe > ps and pe > cs):  # the prefix must lie before the causal run
+        return None
+    parts = []
+    if pe > ps:
+        parts.append((ps, pe, False))
+    if a > cs:
+        parts.append((cs, a, False))
+    parts.append((a, b, True))
+    return tuple(parts)
+
+
+def _expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[b, g, L, d] -> [b, heads, L, d]: query head i reads K/V head i // (heads / g), as SDPA's GQA."""
+    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
+def _reduce_kv(g: torch.Tensor, groups: int) -> torch.Tensor:
+    """The gradient of ``_expand_kv``: [b, heads, L, d] summed back to [b, groups, L, d]."""
+    b, h, n, d = g.shape
+    return g if h == groups else g.view(b, groups, h // groups, n, d).sum(2)
+
+
+def _parts_forward(q, k, v, blk: _Block, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax attention of q over the block's key parts, merged by log-sum-exp (in fp32, fp64 for fp64
+    input): out [b, h, qb, d] in q's dtype, lse [b, h, qb]."""
+    fused = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    heads = q.shape[1]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q = q.contiguous()
+    out = lse = None
+    for lo, hi, causal in blk.parts:
+        o, l = fused(q, _expand_kv(k[:, :, lo:hi], heads).contiguous(), _expand_kv(v[:, :, lo:hi], heads).contiguous(),
+                     0.0, causal, scale=scale)
+        o, l = o.to(acc), l.to(acc)
+        if out is None:
+            out, lse = o, l
+            continue
+        merged = torch.logaddexp(lse, l)
+        out = torch.exp(lse - merged)[..., None] * out + torch.exp(l - merged)[..., None] * o
+        lse = merged
+    return out.to(q.dtype), lse
+
+
+def _parts_backward(grad, q, k, v, out, lse, blk: _Block, scale: float, dk, dv) -> torch.Tensor:
+    """dq of a parts block; dk / dv accumulated in place. Each part's kernel backward takes the merged output
+    and log-sum-exp: its probabilities are then the merged softmax's over its keys, which is the gradient."""
+    fused_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    heads, groups = q.shape[1], k.shape[1]
+    grad, q, out, lse = grad.contiguous(), q.contiguous(), out.contiguous(), lse.contiguous()
+    dq = torch.zeros_like(q)
+    for lo, hi, causal in blk.parts:
+        gq, gk, gv = fused_bwd(grad, q, _expand_kv(k[:, :, lo:hi], heads).contiguous(),
+                               _expand_kv(v[:, :, lo:hi], heads).contiguous(), out, lse, 0.0, causal, scale=scale)
+        dq += gq
+        dk[:, :, lo:hi] += _reduce_kv(gk, groups)
+        dv[:, :, lo:hi] += _reduce_kv(gv, groups)
+    return dq
 
 
 def _num_keys(blk: _Block) -> int:
@@ -177,17 +261,34 @@ class _BlockedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, blocks, scale):
         out = torch.empty_like(q)
+        lse = None
         for blk in blocks:
+            if blk.parts is not None:
+                o, l = _parts_forward(q[:, :, blk.q], k, v, blk, scale)
+                out[:, :, blk.q] = o
+                if lse is None:
+                    lse = q.new_zeros(q.shape[:3], dtype=l.dtype)
+                lse[:, :, blk.q] = l
+                continue
             out[:, :, blk.q] = _block_attention(q[:, :, blk.q], _block_keys(k, blk), _block_keys(v, blk), blk, scale)
-        ctx.save_for_backward(q, k, v)
+        if lse is not None:  # the parts blocks keep their output and log-sum-exp: no recomputation in backward
+            ctx.save_for_backward(q, k, v, out, lse)
+        else:
+            ctx.save_for_backward(q, k, v)
         ctx.blocks, ctx.scale = blocks, scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        q, k, v = saved[:3]
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for blk in ctx.blocks:
+            if blk.parts is not None:
+                out, lse = saved[3], saved[4]
+                dq[:, :, blk.q] = _parts_backward(grad_out[:, :, blk.q], q[:, :, blk.q], k, v, out[:, :, blk.q],
+                                                  lse[:, :, blk.q], blk, ctx.scale, dk, dv)
+                continue
             with torch.enable_grad():
                 qb = q[:, :, blk.q].detach().requires_grad_(True)
                 kb = _block_keys(k, blk).detach().requires_grad_(True)
