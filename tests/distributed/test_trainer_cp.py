@@ -5,7 +5,6 @@ have sequence lengths of every parity (the model pads those that are not multipl
 
 from __future__ import annotations
 
-import math
 
 import pytest
 
@@ -13,15 +12,6 @@ import trainer_fixture as tf
 from megatron_ral.testing.spawn import run_distributed
 
 pytestmark = pytest.mark.distributed
-
-SAME_ROLLOUT = ("reward/total", "reward/accuracy", "response/length_mean")
-# as tests/distributed/test_trainer_parallel.py: relative 1e-5 of each term's scale
-TOLERANCES = (
-    ("loss/policy", 1e-5, 1e-5), ("loss/total", 1e-5, 1e-5), ("loss/kl", 1e-5, 1e-9),
-    ("loss/attn", 1e-5, 1e-9), ("attn/jsd_old", 1e-5, 1e-7), ("attn/entropy", 1e-5, 0.0),
-    ("attn/vision_mass", 1e-5, 0.0), ("train/grad_norm", 1e-5, 0.0),
-)
-
 
 def _run(root, assets, name: str, world: int, overrides: list[str]) -> list[dict]:
     cfg = tf.write_config(root / f"{name}.yaml", assets, root / name, checkpoint={"save_final": False},
@@ -38,12 +28,7 @@ def test_ral_steps_at_cp2_match_cp1(tmp_path_factory, packing):
     assets = tf.make_assets(root, "tiny")
     ref = _run(root, assets, "cp1", 1, ["training.packing=none"])
     got = _run(root, assets, "cp2", 2, ["parallel.context_parallel_size=2", f"training.packing={packing}"])
-    assert len(ref) == len(got) == 2
-    for a, b in zip(ref, got):
-        for k in SAME_ROLLOUT:
-            assert math.isclose(a[k], b[k], rel_tol=1e-12), f"step {a['step']} {k}: {a[k]} != {b[k]} (rollouts differ)"
-        for k, rel, tol in TOLERANCES:
-            assert math.isclose(a[k], b[k], rel_tol=rel, abs_tol=tol), f"step {a['step']} {k}: {a[k]} vs {b[k]}"
+    tf.assert_same_metrics(ref, got, 2)
     assert any(abs(r["loss/attn"]) > 1e-7 for r in ref), "the attention term never acted: the test would be vacuous"
     assert any(abs(r["loss/policy"]) > 1e-5 for r in ref)
 
@@ -55,12 +40,7 @@ def test_pp2_cp2_tied_embeddings_match_cp1(tmp_path_factory):
     ref = _run(root, assets, "small_cp1", 1, [])
     got = _run(root, assets, "small_pp2_cp2", 4, ["parallel.context_parallel_size=2",
                                                    "parallel.pipeline_model_parallel_size=2"])
-    assert len(ref) == len(got) == 2
-    for a, b in zip(ref, got):
-        for k in SAME_ROLLOUT:
-            assert math.isclose(a[k], b[k], rel_tol=1e-12), f"step {a['step']} {k}: {a[k]} != {b[k]} (rollouts differ)"
-        for k, rel, tol in TOLERANCES:
-            assert math.isclose(a[k], b[k], rel_tol=rel, abs_tol=tol), f"step {a['step']} {k}: {a[k]} vs {b[k]}"
+    tf.assert_same_metrics(ref, got, 2)
 
 
 def test_cp2_resume_is_bit_exact(tmp_path_factory):
@@ -107,12 +87,7 @@ def test_ral_distill_steps_at_cp2_match_cp1(tmp_path_factory):
 
     ref = run("cp1", 1, [])
     got = run("cp2", 2, ["parallel.context_parallel_size=2"])
-    assert len(ref) == len(got) == 2
-    keys = TOLERANCES + (("distill/gkd", 1e-5, 0.0), ("distill/attn_jsd_teacher", 1e-5, 0.0),
-                         ("loss/gkd", 1e-5, 0.0), ("loss/distill_attn", 1e-5, 0.0))
-    for a, b in zip(ref, got):
-        for k in SAME_ROLLOUT:
-            assert math.isclose(a[k], b[k], rel_tol=1e-12), f"step {a['step']} {k}: {a[k]} != {b[k]} (rollouts differ)"
-        for k, rel, tol in keys:
-            assert math.isclose(a[k], b[k], rel_tol=rel, abs_tol=tol), f"step {a['step']} {k}: {a[k]} vs {b[k]}"
+    keys = tf.LAYOUT_TOLERANCES + (("distill/gkd", 1e-5, 0.0), ("distill/attn_jsd_teacher", 1e-5, 0.0),
+                                   ("loss/gkd", 1e-5, 0.0), ("loss/distill_attn", 1e-5, 0.0))
+    tf.assert_same_metrics(ref, got, 2, tolerances=keys)
     assert all(r["loss/distill_attn"] > 0 and r["loss/gkd"] > 0 for r in ref)

@@ -53,12 +53,7 @@ def _run(assets, name: str, world: int, overrides: list[str], **sections) -> lis
 
 
 def _assert_same(ref: list[dict], got: list[dict], label: str) -> None:
-    assert len(ref) == len(got) == 3
-    for a, b in zip(ref, got):
-        for k in SAME_ROLLOUT:
-            assert math.isclose(a[k], b[k], rel_tol=1e-12), f"{label} step {a['step']} {k}: rollouts differ"
-        for k, rel, tol in TOLERANCES:
-            assert math.isclose(a[k], b[k], rel_tol=rel, abs_tol=tol), f"{label} step {a['step']} {k}: {a[k]} vs {b[k]}"
+    tf.assert_same_metrics(ref, got, 3, label, tolerances=TOLERANCES, same_rollout=SAME_ROLLOUT)
 
 
 def test_distillation_metrics_at_tp2_dp2_and_pp2_equal_tp1_and_the_jsd_to_the_teacher_falls(assets):

@@ -13,15 +13,6 @@ from megatron_ral.testing.spawn import run_distributed
 
 pytestmark = pytest.mark.distributed
 
-SAME_ROLLOUT = ("reward/total", "reward/accuracy", "response/length_mean")
-# as in test_trainer_parallel: (metric, relative tolerance, absolute tolerance of the terms' scale)
-TOLERANCES = (
-    ("loss/policy", 1e-5, 1e-5), ("loss/total", 1e-5, 1e-5), ("loss/kl", 1e-5, 1e-9),
-    ("loss/attn", 1e-5, 1e-9), ("attn/jsd_old", 1e-5, 1e-7), ("attn/entropy", 1e-5, 0.0),
-    ("attn/vision_mass", 1e-5, 0.0), ("train/grad_norm", 1e-5, 0.0),
-)
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("packing")
@@ -35,12 +26,7 @@ def _run(assets, name: str, overrides: list[str]) -> list[dict]:
 
 
 def _assert_same(ref: list[dict], got: list[dict], label: str) -> None:
-    assert len(ref) == len(got) == 3, (len(ref), len(got))
-    for a, b in zip(ref, got):
-        for k in SAME_ROLLOUT:
-            assert math.isclose(a[k], b[k], rel_tol=1e-12), f"{label} step {a['step']} {k}: {a[k]} != {b[k]}"
-        for k, rel, tol in TOLERANCES:
-            assert math.isclose(a[k], b[k], rel_tol=rel, abs_tol=tol), f"{label} step {a['step']} {k}: {a[k]} vs {b[k]}"
+    tf.assert_same_metrics(ref, got, 3, label)
     assert any(abs(r["loss/attn"]) > 1e-7 for r in ref), "the attention term never acted: the test would be vacuous"
 
 
