@@ -184,20 +184,22 @@ def _once(s: Settings, arm: str, seed: int, cmd: list[str]) -> dict:
     return info
 
 
+def _sft(s: Settings, arm: str, seed: int, load: Path, epochs: int, template: str, eval_at_start: bool) -> dict:
+    """One SFT run (``quickstart_sft.yaml``) from ``load``, reading the data in seed ``seed``'s order."""
+    ov = [f"model.load={load}", f"training.run_dir={run_dir(s, arm, seed)}", f"training.epochs={epochs}",
+          f"training.seed={seed}", f"data.seed={DATA_SEED + seed}",
+          f"training.eval_at_start={str(eval_at_start).lower()}", "training.eval_at_end=true"]
+    return _once(s, arm, seed, _train_cmd(s, "quickstart_sft.yaml", ov + _data_overrides(s, template)))
+
+
 def sft_job(s: Settings, seed: int, template: str) -> dict:
     arm = "sft" if template == "think" else "sft_zero"
-    ov = [f"model.load={Path(s.out) / 'mcore'}", f"training.run_dir={run_dir(s, arm, seed)}",
-          f"training.epochs={s.sft_epochs}", f"training.seed={seed}", f"data.seed={DATA_SEED + seed}",
-          "training.eval_at_start=true", "training.eval_at_end=true"] + _data_overrides(s, template)
-    return _once(s, arm, seed, _train_cmd(s, "quickstart_sft.yaml", ov))
+    return _sft(s, arm, seed, Path(s.out) / "mcore", s.sft_epochs, template, eval_at_start=True)
 
 
 def teacher_job(s: Settings) -> dict:
     """The teacher of the distillation arms: the ``small`` preset SFT'd on the think template (seed 0)."""
-    ov = [f"model.load={Path(s.out) / 'teacher_mcore'}", f"training.run_dir={run_dir(s, 'teacher', 0)}",
-          f"training.epochs={s.teacher_sft_epochs}", "training.seed=0", f"data.seed={DATA_SEED}",
-          "training.eval_at_start=false", "training.eval_at_end=true"] + _data_overrides(s, "think")
-    return _once(s, "teacher", 0, _train_cmd(s, "quickstart_sft.yaml", ov))
+    return _sft(s, "teacher", 0, Path(s.out) / "teacher_mcore", s.teacher_sft_epochs, "think", eval_at_start=False)
 
 
 def lambda_arm(s: Settings, lam: float) -> str:

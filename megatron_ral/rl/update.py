@@ -223,11 +223,15 @@ def policy_update(ctx: PassContext, batch: RolloutBatch, micro_batches: list[Mic
     return outcome, sums
 
 
+def _extra_terms(settings: LossSettings, store, teacher: TeacherTargets | None) -> tuple[bool, bool, bool]:
+    """Whether the attention, GKD and attention-distillation terms are added (weight > 0 and inputs given)."""
+    return (settings.lambda_attn > 0 and store is not None, teacher is not None and settings.gkd_mu > 0,
+            teacher is not None and settings.gamma_attn > 0 and teacher.rows is not None)
+
+
 def active_terms(settings: LossSettings, store=None, teacher: TeacherTargets | None = None) -> list[str]:
     """The terms of ``LOSS_TERMS`` that this configuration adds to the loss."""
-    fn = _LossFn(None, settings, {}, store, True, None, teacher)
-    return ["policy"] + [t for t, on in (("attn", fn.use_attention), ("gkd", fn.use_gkd),
-                                         ("distill_attn", fn.use_distill_attn)) if on]
+    return ["policy"] + [t for t, on in zip(LOSS_TERMS[1:], _extra_terms(settings, store, teacher)) if on]
 
 
 def term_grad_norms(ctx: PassContext, batch: RolloutBatch, micro_batches: list[MicroBatch], optimizer,
@@ -264,9 +268,7 @@ class _LossFn:
                  teacher: TeacherTargets | None, only: str | None = None):
         self.batch, self.settings, self.norms, self.store = batch, settings, norms, store
         self.use_old_logprobs, self.diagnostics, self.teacher, self.only = use_old_logprobs, diagnostics, teacher, only
-        self.use_attention = settings.lambda_attn > 0 and store is not None
-        self.use_gkd = teacher is not None and settings.gkd_mu > 0
-        self.use_distill_attn = teacher is not None and settings.gamma_attn > 0 and teacher.rows is not None
+        self.use_attention, self.use_gkd, self.use_distill_attn = _extra_terms(settings, store, teacher)
 
     def capture_kwargs(self, mb):
         if self.use_attention or self.use_distill_attn:

@@ -158,8 +158,7 @@ def _parts(blk: _Block, causal_l: list, p_start_l: list, p_end_l: list) -> tuple
     causal square); None otherwise (the block keeps its mask)."""
     a, b = blk.q.start, blk.q.stop  # without CP the local and global positions are the same
     cs, ps, pe = causal_l[a], p_start_l[a], p_end_l[a]
-    if any(causal_l[t] != cs or p_start_l[t] != ps or p_end_l[t] != pe for t in (a, b - 1)) or \
-            len({(causal_l[t], p_start_l[t], p_end_l[t]) for t in range(a, b)}) != 1:
+    if len({(causal_l[t], p_start_l[t], p_end_l[t]) for t in range(a, b)}) != 1:
         return None
     if cs > a or (pe > ps and pe > cs):  # the prefix must lie before the causal run
         return None
