@@ -40,7 +40,7 @@ import subprocess
 import sys
 import time
 
-from megatron_ral.bench.attention_capture import reset_peak
+from megatron_ral.bench.attention_capture import mem_status, reset_peak
 from megatron_ral.cli import input_checks as check
 from megatron_ral.cli.arguments import ToolParser, add_json
 from megatron_ral.cli.entry import prog_name, run_main
@@ -119,17 +119,6 @@ def make_batch(case: str, prompts: int, group_size: int, seed: int, image_token_
 
 
 # ---------------------------------------------------------------------------------------------- one process
-def _rss() -> tuple[int, int]:
-    """(VmRSS, VmHWM) of this process in bytes."""
-    fields = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                fields[key] = int(value.split()[0]) * 1024
-    return fields["VmRSS"], fields["VmHWM"]
-
-
 class _LMHeadTimer:
     """Seconds spent in the LM head's output projection (forward, and backward through autograd hooks on its
     output and input), and the rows it computed."""
@@ -226,7 +215,7 @@ def run_passes(case: str, packing: str, args: dict) -> dict:
                                 store.get(mb.index), norms[mb.minibatch], loss)
         return out, {}
 
-    base, _ = _rss()
+    base = mem_status()["VmRSS"]
     peak_reset = reset_peak()
     wall0, cpu0 = time.perf_counter(), time.process_time()
     phases = {}
@@ -246,7 +235,7 @@ def run_passes(case: str, packing: str, args: dict) -> dict:
         optimizer.step()
     phases["updates_s"] = CLOCK() - t
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-    _, peak = _rss()
+    peak = mem_status()["VmHWM"]
     positions = sum(mb.token_positions for mb in mbs)  # of one pass; the two updates together make one more
     real = sum(len(batch.prompts[r.prompt]) + int(batch.responses[r.prompt][r.sample].numel())
                for mb in mbs for r in mb.refs)
