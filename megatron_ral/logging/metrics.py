@@ -44,6 +44,7 @@ class MetricsSink:
         self.run_dir = Path(run_dir)
         self._jsonl = None
         self._wandb = None
+        self._wandb_started = False
         self._tb = None
         if self.rank != 0:
             return
@@ -69,6 +70,7 @@ class MetricsSink:
             log.warning("wandb could not start (%s); metrics go to metrics.jsonl only", e)
             return None
         _drop_import_telemetry()
+        self._wandb_started = True
         return run
 
     def _start_tensorboard(self):
@@ -110,6 +112,13 @@ class MetricsSink:
         if self._wandb is not None:
             self._guard_wandb("finish", self._wandb.finish)
             self._wandb = None
+        if self._wandb_started:
+            # wandb otherwise tears its service down in an atexit hook, which prints a traceback when SLURM's
+            # SIGTERM has already ended that service; here the same failure is one warning
+            import wandb
+
+            self._wandb_started = False
+            self._guard_wandb("teardown", wandb.teardown)
         if self._tb is not None:
             self._tb.close()
             self._tb = None

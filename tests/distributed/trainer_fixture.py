@@ -41,8 +41,41 @@ def assert_same_metrics(ref: list[dict], got: list[dict], steps: int, label: str
             assert math.isclose(a[k], b[k], rel_tol=rel, abs_tol=tol), f"{where}step {a['step']} {k}: {a[k]} vs {b[k]}"
 
 
+HOLD_AFTER_STEP = "RAL_TEST_HOLD_AFTER_STEP"   # with HOLD_METRICS: see _hold_for_signal
+HOLD_METRICS = "RAL_TEST_HOLD_METRICS"
+
+
+def hold_env(run_dir: Path, after_step: int) -> dict:
+    """``subprocess_env()`` for a run that a test stops with SIGTERM once ``after_step`` is in its metrics."""
+    return {**subprocess_env(), HOLD_AFTER_STEP: str(after_step), HOLD_METRICS: str(Path(run_dir) / "metrics.jsonl")}
+
+
+def _hold_for_signal() -> None:
+    """In a run started with ``hold_env``: once the metrics end at the named step, the rewards of the next
+    step wait until this process's SIGTERM handler has run (at most 120 s). A tiny step takes a fraction of a
+    second, so without the hold a signal sent "after step k" could land after the run's last step; with it the
+    signal lands inside step k+1 every time, and the run stops there. The metrics are unchanged."""
+    import signal
+    import time
+
+    after, metrics = os.environ.get(HOLD_AFTER_STEP), os.environ.get(HOLD_METRICS)
+    if not after or not metrics:
+        return
+    try:
+        steps = [json.loads(x)["step"] for x in Path(metrics).read_text().splitlines() if x.strip()]
+    except (OSError, ValueError):
+        return
+    if max(steps, default=0) != int(after):
+        return
+    flag = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)   # the trainer's PreemptionFlag
+    deadline = time.monotonic() + 120
+    while flag is not None and not flag.local and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def text_reward(response: str, record, template: str) -> float:
     """Share of the response's characters that are ASCII letters among its first 40 (in [0, 1])."""
+    _hold_for_signal()
     text = response[:40]
     return sum(c.isascii() and c.isalpha() for c in text) / max(len(text), 1)
 
