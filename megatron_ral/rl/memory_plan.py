@@ -69,10 +69,11 @@ from megatron_ral.models.qwen25vl.memory import (
 GIB = 2**30
 MIB = 2**20
 VISION_MARKERS = 2  # <|vision_start|>, <|vision_end|>
-# Tensors of R x T (fp32) the attention capture and the divergence keep for backward (measured: about 8 for
-# the JSD of the rows to p_old, tests/unit/test_memory_plan.py), and at most this many more while the capture's
-# forward runs (its workspace, bounded by CaptureConfig's workspace_bytes).
-CAPTURE_KEPT_ROWS = 8
+# Tensors of R x T (fp32) the attention capture and the divergence keep for backward: the rows, the counted rows
+# and their p_old gathered for the loss, their gradient (the fused JSD keeps no temporaries; the capture's peak
+# above a plain update measured 3.3 R x T with it, 5.1 before, tests/unit/test_memory_plan.py's case), and at
+# most this many more while the capture's forward runs (its workspace, bounded by CaptureConfig's workspace_bytes).
+CAPTURE_KEPT_ROWS = 4
 CAPTURE_WORKSPACE_ROWS = 5
 DEFAULT_WORKSPACE = 256 * MIB  # attention.policy.ChunkConfig.workspace_bytes
 REFERENCE = ("device", "host", "none")

@@ -144,27 +144,31 @@ def minibatch_loss(mb: MicroBatch, logp: torch.Tensor, old_logp: torch.Tensor, r
         metrics["loss/kl"] = L.aggregate(kl.detach(), w, d_pol)
     parts = {"policy": L.aggregate(per_token, w, d_pol)}
     if rows is not None and p_old is not None and s.lambda_attn > 0:
+        # the RAL term A_t * D(p_theta^t || p_old^t) (L.attention_loss); D is kept for the jsd_old metric
         if per_row is not None:
             # context parallelism: rows and p_old are this rank's share of the rows; per_row sums over the group
-            attn = per_row(L.attention_loss(rows, p_old.to(rows.device, rows.dtype), adv, s.attn_divergence))
+            p_v, old_v = rows, p_old.to(rows.device, rows.dtype)
+            d_v = L.attention_divergence(p_v, old_v, s.attn_divergence)
+            attn = per_row(adv.to(rows.dtype)[:, None] * d_v)
         else:
             # over the counted rows only ([N, T] of the [B, R, T] rows; padding rows carry no loss), indexed from
             # the host mask (no device read)
             b_idx, r_idx = (i.to(rows.device) for i in torch.nonzero(mb.response_mask & (mb.weight[:, None] > 0),
                                                                       as_tuple=True))
             p_v, old_v = rows[b_idx, r_idx], p_old.to(rows.device, rows.dtype)[b_idx, r_idx]
-            attn_v = L.attention_loss(p_v[None], old_v[None], adv.to(rows.dtype)[b_idx][None], s.attn_divergence)[0]
-            attn = attn_v.new_zeros(valid.shape).index_put((b_idx, r_idx), attn_v)
+            d_v = L.attention_divergence(p_v, old_v, s.attn_divergence)
+            attn = d_v.new_zeros(valid.shape).index_put((b_idx, r_idx), adv.to(rows.dtype)[b_idx] * d_v)
         wa = L.token_weights(valid, s.attn_aggregation)
         la = L.aggregate(attn, wa, norms[L.normaliser_kind(s.attn_aggregation)])
         parts["attn"] = s.lambda_attn * la
         metrics["loss/attn"] = la.detach()
         with torch.no_grad():
+            j = d_v.detach() if s.attn_divergence == "jsd" else jsd(p_v.detach(), old_v)
             if per_row is not None:
-                j = per_row(jsd(rows.detach(), p_old.to(rows.device, rows.dtype)))
+                j = per_row(j)
                 metrics["attn/jsd_old"] = torch.where(valid, j, torch.zeros_like(j)).sum()
             else:
-                metrics["attn/jsd_old"] = jsd(p_v.detach(), old_v).sum()
+                metrics["attn/jsd_old"] = j.sum()
             metrics["attn/jsd_tokens"] = valid.sum()
     if distill is not None and s.gkd_mu > 0 and distill.student_logits is not None and distill.teacher is not None:
         g = gkd_per_token(distill.student_logits, distill.teacher, s.gkd, distill.tp_group).to(logp.dtype)

@@ -133,3 +133,63 @@ def test_jsd_and_kl_keep_precision_near_equal_rows_in_float32():
         approx = fn(p.float(), q.float()).double()
         assert float(exact.min()) > 1e-5
         torch.testing.assert_close(approx, exact, rtol=rtol, atol=0.0)
+
+
+def _jsd_reference(p, q):
+    """1/2 sum [p ln(p/m) + q ln(q/m)] in float64 with torch.xlogy (0 ln 0 = 0): an independent form."""
+    p, q = p.double(), q.double()
+    m = 0.5 * (p + q)
+    return 0.5 * (torch.xlogy(p, p) - torch.xlogy(p, m) + torch.xlogy(q, q) - torch.xlogy(q, m)).sum(-1)
+
+
+def test_jsd_float32_stays_finite_where_one_probability_is_below_epsilon_times_the_other():
+    # p/q = 2e-10: d = (p - q)/(p + q) rounds to -1 in float32 and log1p(d) to -inf; a student's row against
+    # its teacher's (or a policy after a few updates) has such entries
+    p = torch.tensor([[1e-10, 1 - 1e-10], [0.5, 0.5], [3e-30, 1.0]], dtype=torch.float32)
+    q = torch.tensor([[0.5, 0.5], [1e-12, 1 - 1e-12], [1.0, 3e-30]], dtype=torch.float32)
+    v = jsd(p, q)
+    assert torch.isfinite(v).all()
+    assert torch.allclose(v.double(), _jsd_reference(p, q), rtol=1e-6, atol=0)
+    pg = p.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(jsd(pg, q).sum(), (pg,))
+    ref = 0.5 * torch.log(2 * p.double() / (p.double() + q.double()))
+    assert torch.isfinite(grad).all()
+    assert torch.allclose(grad.double(), ref, rtol=1e-6, atol=0)
+
+
+def test_jsd_blocks_of_rows_equal_one_block(monkeypatch):
+    """The fused JSD runs over blocks of rows; blocks of 8 rows give the values and both gradients of one
+    block, and equal the float64 reference (broadcast q, a mask, leading dims)."""
+    import importlib
+
+    D = importlib.import_module("megatron_ral.attention.divergence")   # the package exports a function of that name
+
+    g = torch.Generator().manual_seed(5)
+    allowed = torch.rand(3, 37, 19, generator=g) < 0.8
+    e = torch.randn(3, 37, 19, generator=g).masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(e, -1).nan_to_num()
+    q = torch.softmax(torch.randn(37, 19, generator=g), -1)           # broadcast over the leading dim
+    mask = torch.rand(3, 37, 19, generator=g) < 0.9
+
+    def run():
+        pp, qq = p.clone().requires_grad_(), q.clone().requires_grad_()
+        v = jsd(pp, qq, mask)
+        gp, gq = torch.autograd.grad((v * torch.arange(v.numel()).view(v.shape).float()).sum(), (pp, qq))
+        return v, gp, gq
+
+    one = run()
+    monkeypatch.setitem(D._JSD_BLOCK_ENTRIES, "cpu", 1)               # 8 rows per block (the minimum)
+    blocked = run()
+    for a, b in zip(one, blocked):
+        assert torch.equal(a, b)
+    assert one[0].shape == (3, 37)
+    pm, qm = torch.where(mask, p, 0.0), torch.where(mask, q.expand_as(p), 0.0)
+    assert torch.allclose(one[0].double(), _jsd_reference(pm, qm), rtol=1e-5, atol=1e-7)
+    # float64 autograd of the reference form gives the same gradients (where p, q > 0; 0 where masked)
+    pr, qr = p.double().requires_grad_(), q.double().requires_grad_()
+    ref = _jsd_reference(torch.where(mask, pr, 0.0), torch.where(mask, qr.expand_as(pr), 0.0))
+    gpr, gqr = torch.autograd.grad((ref * torch.arange(ref.numel()).view(ref.shape).double()).sum(), (pr, qr))
+    live = mask & (p > 0)
+    assert torch.allclose(one[1][live].double(), gpr[live], rtol=1e-4, atol=1e-5)
+    assert float(one[1][~mask].abs().max()) == 0.0
+    assert torch.allclose(one[2].double(), gqr, rtol=1e-4, atol=1e-4)
