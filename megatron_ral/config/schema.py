@@ -243,8 +243,10 @@ class TrainingConfig:
         sees only itself and keeps its own M-RoPE positions) or "groups" (RL: a prompt and its responses in one
         stream, [prompt, r_1, ..., r_G]: each response sees its prompt and itself, the prompt runs once per
         group; a group over the budget is split into sub-streams that each carry the prompt). "auto" (default):
-        "groups" for RL, "sequences" for SFT, "none" under the Transformer Engine layer spec (its THD path is
-        not wired) and under context parallelism (set it explicitly there; "groups" is refused under CP).
+        "groups" for RL, "sequences" for SFT, "none" under the Transformer Engine layer spec and under context
+        parallelism (set it explicitly there; "groups" is refused under CP). Under the Transformer Engine spec
+        "sequences" runs TE's THD path (opt in: never run in CI) and "groups" is refused (no TE mask for a prompt
+        shared by its responses); neither packed value with TE and CP.
         Every value gives the same losses and gradients (the normalisers are global); only the cost differs.
     max_tokens_per_micro_batch: token budget of a packed stream (packing "sequences" / "groups"); a single
         sequence (or a prompt with one response) longer than the budget runs alone in its stream.

@@ -98,16 +98,21 @@ PACKINGS = ("auto", "none", "sequences", "groups")
 
 
 def _check_packing(cfg: Config) -> None:
-    """training.packing and its budget; a packed layout needs the local layer spec and, for "groups", an RL
-    algorithm (G responses share a prompt) and no context parallelism."""
+    """training.packing and its budget; "groups" needs the local layer spec, an RL algorithm (G responses share a
+    prompt) and no context parallelism; "sequences" under the Transformer Engine spec (its THD path) no context
+    parallelism."""
     t = cfg.training
     _one_of(t.packing, PACKINGS, "training.packing")
     _check(t.max_tokens_per_micro_batch >= 1, "training.max_tokens_per_micro_batch",
            f"must be >= 1, got {t.max_tokens_per_micro_batch}")
-    if t.packing in ("sequences", "groups"):
+    if t.packing == "groups":
         _check(cfg.model.layer_spec != "te", "training.packing",
-               f"{t.packing!r} needs the local layer spec (model.layer_spec: local or auto without Transformer "
-               "Engine); the Transformer Engine spec does not read packed layouts: use training.packing: none there")
+               "'groups' needs the local layer spec (model.layer_spec: local or auto without Transformer Engine): "
+               "Transformer Engine has no attention mask for responses that share a prompt; use sequences there")
+    if t.packing == "sequences" and cfg.model.layer_spec == "te":
+        _check(cfg.parallel.context_parallel_size == 1, "training.packing",
+               "'sequences' under the Transformer Engine spec with context parallelism is not supported (TE splits "
+               "packed input per sequence, the trainer the whole stream): use none, or model.layer_spec: local")
     if t.packing == "groups":
         _check(cfg.algorithm.name != "sft", "training.packing",
                "'groups' shares a prompt across its G responses; SFT has one target per prompt: use sequences or none")

@@ -70,22 +70,26 @@ class PackingSettings:
 
 def resolve_packing(packing: str, algorithm: str, backend: str, context_parallel_size: int = 1) -> str:
     """``training.packing`` for this run: "auto" = "groups" for RL, "sequences" for SFT, "none" under the
-    Transformer Engine layer spec and under context parallelism; an explicit packed value under TE is an
-    error (its layers do not read the layout)."""
+    Transformer Engine layer spec (its THD path serves an explicit "sequences": opt in, it never ran in CI) and
+    under context parallelism. Errors: "groups" under TE (no mask for responses that share a prompt), a packed
+    value under TE with context parallelism (TE splits packed input per sequence)."""
     if packing == "auto":
         if backend == "te" or context_parallel_size > 1:
             return "none"
         return "sequences" if algorithm == "sft" else "groups"
     if packing not in PACKINGS:
         raise ValueError(f"training.packing must be one of auto, {', '.join(PACKINGS)}; got {packing!r}")
-    if packing != "none" and backend == "te":
-        raise ValueError(f"training.packing: {packing!r} needs the local layer spec; this model was built with "
-                         "Transformer Engine's (model.layer_spec: auto found it): set model.layer_spec: local or "
-                         "training.packing: none")
+    if packing == "groups" and backend == "te":
+        raise ValueError("training.packing: 'groups' needs the local layer spec; this model was built with Transformer "
+                         "Engine's (model.layer_spec: auto found it), which has no mask for responses that share a "
+                         "prompt: set training.packing: sequences or none, or model.layer_spec: local")
+    if packing != "none" and backend == "te" and context_parallel_size > 1:
+        raise ValueError(f"training.packing: {packing!r} under the Transformer Engine layer spec with context "
+                         "parallelism is not supported (TE splits packed input per sequence, the trainer the whole "
+                         "stream): set training.packing: none or model.layer_spec: local")
     return packing
 
 
-# ---------------------------------------------------------------------------------------------- packing
 def balanced_bins(sizes: list[int], budget: int) -> list[list[int]]:
     """Indices of ``sizes`` in bins of total size <= ``budget`` (an item above the budget alone in its bin).
 

@@ -165,10 +165,16 @@ def test_the_layout_matters(model):
 
 def test_layout_refusals(model, monkeypatch):
     _, packed, layout, _ = _packed_sequences_case(model)
-    with monkeypatch.context() as m:  # the check under the TE spec's name (its layers would not read the layout)
+    _, grouped, _, _ = _groups_case(model)
+    with monkeypatch.context() as m:  # the checks under the TE spec's name (its layers read 'sequences' only)
         m.setattr(model, "backend", "te")
         with pytest.raises(ValueError, match="needs the local layer spec"):
-            model(**packed)
+            model(**grouped)
+        positions, params = model._layout_inputs(layout, packed["input_ids"], None, None, None)
+        assert params.layout is layout and torch.equal(positions, layout.position_ids)
+        m.setattr(model.config, "context_parallel_size", 2)
+        with pytest.raises(ValueError, match="with context parallelism needs the local layer spec"):
+            model._layout_inputs(layout, packed["input_ids"], None, None, None)
     with pytest.raises(ValueError, match="attention_mask=None"):
         model(**packed, attention_mask=torch.ones_like(packed["input_ids"]))
     with pytest.raises(ValueError, match="do not hold the layout's stream"):

@@ -61,8 +61,11 @@ def test_resolve_packing():
     assert resolve_packing("auto", "ral", "te") == "none"
     assert resolve_packing("auto", "grpo", "local", context_parallel_size=2) == "none"
     assert resolve_packing("sequences", "ral", "local") == "sequences"
+    assert resolve_packing("sequences", "ral", "te") == "sequences"   # TE's THD path
     with pytest.raises(ValueError, match="local layer spec"):
         resolve_packing("groups", "ral", "te")
+    with pytest.raises(ValueError, match="context parallelism"):
+        resolve_packing("sequences", "sft", "te", context_parallel_size=2)
 
 
 def test_packed_sequences_by_hand():

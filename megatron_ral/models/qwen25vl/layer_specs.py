@@ -75,7 +75,13 @@ def qwen2_layer_spec(backend: Literal["local", "te"], local_attention: str = "sd
             get_gpt_layer_with_transformer_engine_spec,
         )
 
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
+        from megatron_ral.models.qwen25vl.te_core_attention import te_layout_core_attention
+
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
+        te_core = spec.submodules.self_attention.submodules.core_attention   # TE's DotProductAttention
+        if isinstance(te_core, ModuleSpec):
+            return with_core_attention(spec, dataclasses.replace(te_core, module=te_layout_core_attention(te_core.module)))
+        return with_core_attention(spec, te_layout_core_attention(te_core))
     spec = get_gpt_layer_local_spec(qk_layernorm=False, normalization="RMSNorm")
     if local_attention not in LOCAL_ATTENTION:
         raise ValueError(f"local_attention must be one of {LOCAL_ATTENTION}, got {local_attention!r}")

@@ -301,11 +301,13 @@ class Qwen25VLModel(MegatronModule):
                              f"(b={layout.batch_size}, L={layout.length})")
         if position_ids is None:
             position_ids = layout.position_ids
-        if layout.kind == "none" and (self.config.context_parallel_size == 1 or self.backend == "te"):
+        cp = self.config.context_parallel_size
+        if layout.kind == "none" and (cp == 1 or self.backend == "te"):
             return position_ids, None
-        if self.backend == "te":
-            raise ValueError(f"a {layout.kind!r} attention layout needs the local layer spec (model.layer_spec: "
-                             "local); the Transformer Engine spec does not read it")
+        if self.backend == "te" and (layout.kind != "sequences" or cp > 1):
+            raise ValueError(f"a {layout.kind!r} attention layout{' with context parallelism' if cp > 1 else ''} needs "
+                             "the local layer spec (model.layer_spec: local); the Transformer Engine spec reads "
+                             "'sequences' layouts only, without context parallelism (te_core_attention)")
         return position_ids, LayoutParams(layout=layout)
 
     def forward(
