@@ -105,15 +105,14 @@ def _check_packing(cfg: Config) -> None:
     _one_of(t.packing, PACKINGS, "training.packing")
     _check(t.max_tokens_per_micro_batch >= 1, "training.max_tokens_per_micro_batch",
            f"must be >= 1, got {t.max_tokens_per_micro_batch}")
-    if t.packing == "groups":
-        _check(cfg.model.layer_spec != "te", "training.packing",
-               "'groups' needs the local layer spec (model.layer_spec: local or auto without Transformer Engine): "
-               "Transformer Engine has no attention mask for responses that share a prompt; use sequences there")
     if t.packing == "sequences" and cfg.model.layer_spec == "te":
         _check(cfg.parallel.context_parallel_size == 1, "training.packing",
                "'sequences' under the Transformer Engine spec with context parallelism is not supported (TE splits "
                "packed input per sequence, the trainer the whole stream): use none, or model.layer_spec: local")
     if t.packing == "groups":
+        _check(cfg.model.layer_spec != "te", "training.packing",
+               "'groups' needs the local layer spec (model.layer_spec: local or auto without Transformer Engine): "
+               "Transformer Engine has no attention mask for responses that share a prompt; use sequences there")
         _check(cfg.algorithm.name != "sft", "training.packing",
                "'groups' shares a prompt across its G responses; SFT has one target per prompt: use sequences or none")
         _check(cfg.parallel.context_parallel_size == 1, "training.packing",

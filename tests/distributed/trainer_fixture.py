@@ -46,7 +46,8 @@ HOLD_METRICS = "RAL_TEST_HOLD_METRICS"
 
 
 def hold_env(run_dir: Path, after_step: int) -> dict:
-    """``subprocess_env()`` for a run that a test stops with SIGTERM once ``after_step`` is in its metrics."""
+    """``subprocess_env()`` for a run that a test stops with SIGTERM once ``after_step`` is in its metrics
+    (scripts/slurm/ci_check.sh sets the same two variables for its SLURM job)."""
     return {**subprocess_env(), HOLD_AFTER_STEP: str(after_step), HOLD_METRICS: str(Path(run_dir) / "metrics.jsonl")}
 
 

@@ -79,9 +79,7 @@ def qwen2_layer_spec(backend: Literal["local", "te"], local_attention: str = "sd
 
         spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
         te_core = spec.submodules.self_attention.submodules.core_attention   # TE's DotProductAttention
-        if isinstance(te_core, ModuleSpec):
-            return with_core_attention(spec, dataclasses.replace(te_core, module=te_layout_core_attention(te_core.module)))
-        return with_core_attention(spec, te_layout_core_attention(te_core))
+        return with_core_attention(spec, _subclassed(te_core, te_layout_core_attention))
     spec = get_gpt_layer_local_spec(qk_layernorm=False, normalization="RMSNorm")
     if local_attention not in LOCAL_ATTENTION:
         raise ValueError(f"local_attention must be one of {LOCAL_ATTENTION}, got {local_attention!r}")
@@ -102,6 +100,14 @@ def final_norm_spec(backend: Literal["local", "te"]):
     return WrappedTorchNorm
 
 
+def _subclassed(core, factory):
+    """A core-attention entry of a spec (a class or a ModuleSpec of one) with its class replaced by
+    ``factory(class)``, e.g. :func:`capture_core_attention`."""
+    if isinstance(core, ModuleSpec):
+        return dataclasses.replace(core, module=factory(core.module))
+    return factory(core)
+
+
 def with_core_attention(layer_spec: ModuleSpec, core_attention) -> ModuleSpec:
     """A copy of ``layer_spec`` whose self-attention uses ``core_attention``."""
     spec = copy.deepcopy(layer_spec)
@@ -119,10 +125,7 @@ def decoder_layer_specs(
     specs = [base] * config.num_layers
     if last_layer_core_attention == "capture":
         plain = base.submodules.self_attention.submodules.core_attention
-        if isinstance(plain, ModuleSpec):
-            last_layer_core_attention = dataclasses.replace(plain, module=capture_core_attention(plain.module))
-        else:
-            last_layer_core_attention = capture_core_attention(plain)
+        last_layer_core_attention = _subclassed(plain, capture_core_attention)
     if last_layer_core_attention is not None:
         specs[-1] = with_core_attention(base, last_layer_core_attention)
     return specs

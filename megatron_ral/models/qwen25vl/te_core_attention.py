@@ -17,9 +17,9 @@ causal sequence, across the packed sequences' borders; this subclass translates 
 Under TE's context parallelism, THD input is split per sequence (each sequence in 2C chunks), while the trainer
 splits the whole stream; packed input with CP > 1 is refused here and by the config.
 
-Never run in this project's CI (no CUDA, no Transformer Engine there): the translation is tested on CPU
-against the local core attention through a THD reference with TE's documented semantics
-(``tests/unit/test_model_te_core_attention.py``).
+Never run in this project's CI (no CUDA, no Transformer Engine there): the translation is tested on CPU,
+through a reference with TE's documented THD semantics as the base class, against the layout's own
+visibility rule (``tests/unit/test_model_te_core_attention.py``).
 """
 
 from __future__ import annotations
